@@ -1,0 +1,114 @@
+"""Latency, throughput and memory benchmarks.
+
+`haltdet bench --checkpoint A [--checkpoint B ...]` times every model on the same
+synthetic frames in one process, interleaving the models frame by frame so machine
+noise hits them alike, and reports each stage's median latency and the ratios against
+the first model (the baseline). Timings are wall-clock medians over frames.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STAGES = ("pillars", "encoder", "bev_head", "decode")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_stages(model, points: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """Seconds spent in each stage of one detection pass over one cloud."""
+    from haltdet.model.head import scatter_to_bev
+    from haltdet.model.pillars import PointBatch
+
+    batch = PointBatch.from_list([points]).to(device)
+    times = {}
+    _sync(device)
+    start = time.perf_counter()
+    tokens = model.pillar_net(batch)
+    _sync(device)
+    times["pillars"] = time.perf_counter() - start
+    start = time.perf_counter()
+    features = model.encoder(tokens.features, tokens.coords)
+    _sync(device)
+    times["encoder"] = time.perf_counter() - start
+    start = time.perf_counter()
+    bev = scatter_to_bev(features, tokens.coords, 1, model.grid)
+    heatmap, regression = model.head(model.bev(bev))
+    _sync(device)
+    times["bev_head"] = time.perf_counter() - start
+    start = time.perf_counter()
+    from haltdet.model.detector import DetectorOutput
+    model.decode(DetectorOutput(heatmap, regression, tokens))
+    _sync(device)
+    times["decode"] = time.perf_counter() - start
+    times["total"] = sum(times[s] for s in STAGES)
+    times["tokens"] = tokens.features.shape[0]
+    return times
+
+
+def run_benchmark(args) -> dict:
+    from haltdet.checkpoint import load_model
+    from haltdet.data.synth import simulate_frame
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    names = list(args.checkpoint)
+    models = [load_model(name, device)[0] for name in names]
+    clouds = [torch.from_numpy(simulate_frame(10_000 + i).points) for i in range(args.frames)]
+    for model in models:  # warm-up: allocator, thread pools, lazy init
+        for cloud in clouds[:args.warmup]:
+            time_stages(model, cloud, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    records = [[] for _ in models]
+    for cloud in clouds:
+        for i, model in enumerate(models):
+            records[i].append(time_stages(model, cloud, device))
+
+    report = {"device": str(device), "threads": torch.get_num_threads(), "frames": len(clouds),
+              "points_per_frame": float(np.mean([len(c) for c in clouds])), "models": []}
+    for name, rows in zip(names, records):
+        median = {k: float(np.median([r[k] for r in rows])) for k in (*STAGES, "total", "tokens")}
+        entry = {"checkpoint": str(name), "median_seconds": {k: median[k] for k in (*STAGES, "total")},
+                 "tokens": median["tokens"], "frames_per_second": 1.0 / median["total"],
+                 "encoder_share": median["encoder"] / median["total"]}
+        report["models"].append(entry)
+    base = report["models"][0]["median_seconds"]
+    for entry in report["models"]:
+        entry["ratio_to_first"] = {k: entry["median_seconds"][k] / base[k] for k in ("encoder", "total")}
+    if device.type == "cuda":
+        report["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        # Peak resident set of the whole process (Linux reports KiB), models and data included.
+        report["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    _print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"results written to {args.json}")
+    return report
+
+
+def _print_report(report: dict) -> None:
+    print(f"device {report['device']}, {report['threads']} threads, {report['frames']} frames, "
+          f"{report['points_per_frame']:.0f} points/frame; medians in ms")
+    header = f"{'checkpoint':<28}{'tokens':>8}" + "".join(f"{s:>10}" for s in (*STAGES, "total")) \
+        + f"{'fps':>7}{'enc share':>10}{'enc x':>7}{'total x':>8}"
+    print(header)
+    for m in report["models"]:
+        t = m["median_seconds"]
+        print(f"{m['checkpoint'][-28:]:<28}{m['tokens']:>8.0f}"
+              + "".join(f"{t[s] * 1000:>10.1f}" for s in (*STAGES, "total"))
+              + f"{m['frames_per_second']:>7.2f}{m['encoder_share']:>10.2f}"
+              + f"{m['ratio_to_first']['encoder']:>7.2f}{m['ratio_to_first']['total']:>8.2f}")
+    print(f"peak memory: {report['peak_memory_mb']:.0f} MB")

@@ -1,0 +1,232 @@
+"""The `haltdet` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from haltdet import CLASSES, HaltdetError
+
+DEFAULT_CHECKPOINT = "baseline"
+DEMO_SEED = 20261124  # not a seed of the training or validation splits
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HaltdetError("--device cuda: CUDA is not available on this machine")
+    return name
+
+
+def cmd_demo(args) -> None:
+    import torch
+
+    from haltdet.checkpoint import load_model
+    from haltdet.data.synth import simulate_frame
+    from haltdet.predict import detect_points
+    from haltdet.viz import draw_bev
+
+    model, config = load_model(args.checkpoint, _device(args.device))
+    gt_boxes = gt_labels = None
+    if args.input:
+        from haltdet.data.frames import load_points_file
+        points = load_points_file(args.input)
+        source = str(args.input)
+    else:
+        frame = simulate_frame(args.seed)
+        points, gt_boxes, gt_labels = frame.points, frame.boxes, frame.labels
+        keep = frame.difficulty > 0
+        gt_boxes, gt_labels = gt_boxes[keep], gt_labels[keep]
+        source = f"synthetic frame, seed {args.seed}"
+    torch.set_grad_enabled(False)
+    start = time.perf_counter()
+    detections = detect_points(model, points, args.device)
+    seconds = time.perf_counter() - start
+    keep = detections.scores >= args.min_score
+    boxes = detections.boxes[keep].numpy()
+    labels = detections.labels[keep].numpy()
+    scores = detections.scores[keep].numpy()
+    print(f"{source}: {len(points)} points; model '{config.name}'; {len(boxes)} detections with "
+          f"score >= {args.min_score} in {seconds * 1000:.0f} ms")
+    if gt_boxes is not None:
+        counts = ", ".join(f"{(gt_labels == i).sum()} {c}" for i, c in enumerate(CLASSES))
+        print(f"ground truth (boxes with points): {counts}")
+    print(f"{'class':<11}{'score':>6}{'x':>8}{'y':>8}{'z':>7}{'l':>6}{'w':>6}{'h':>6}{'yaw':>7}")
+    for box, label, score in zip(boxes, labels, scores):
+        print(f"{CLASSES[label]:<11}{score:6.2f}" + "".join(f"{v:{w}.2f}" for v, w in zip(box, (8, 8, 7, 6, 6, 6, 7))))
+    path = draw_bev(args.out, points, gt_boxes, gt_labels, boxes, labels, scores,
+                    title=f"haltdet demo: {source}; {len(boxes)} detections (score >= {args.min_score})")
+    print(f"BEV picture written to {path}")
+
+
+def cmd_synth(args) -> None:
+    from haltdet.data.synth import SensorConfig, generate_dataset
+
+    sensor = SensorConfig.preset(args.sensor)
+    path = generate_dataset(args.out, frames=args.frames, seed=args.seed, sensor=sensor,
+                            workers=args.workers, progress=not args.quiet)
+    print(f"wrote {args.frames} frames to {path}")
+
+
+def cmd_train(args) -> None:
+    from haltdet.config import load_config
+    from haltdet.train import train
+
+    config = load_config(args.config)
+    if args.max_steps:
+        config.train.max_steps = args.max_steps
+    if args.train_data:
+        config.data.train = args.train_data
+    config.validate()
+    final = train(config, args.out, resume=args.resume, device=_device(args.device),
+                  progress=not args.quiet)
+    print(f"final checkpoint: {final}")
+
+
+def cmd_eval(args) -> None:
+    from haltdet.checkpoint import load_model
+    from haltdet.evaluate import format_table, result_to_json
+    from haltdet.predict import evaluate_model
+
+    model, config = load_model(args.checkpoint, _device(args.device))
+    start = time.perf_counter()
+    result = evaluate_model(model, args.data, args.batch_size, args.device, progress=not args.quiet)
+    result["checkpoint"] = str(args.checkpoint)
+    result["data"] = str(args.data)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(result_to_json(result))
+        print(f"metrics written to {args.json}")
+
+
+def cmd_eval_boxes(args) -> None:
+    from haltdet.evaluate import evaluate_files, format_table, result_to_json
+
+    result = evaluate_files(args.gt, args.pred)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(result_to_json(result))
+
+
+def cmd_detect(args) -> None:
+    from haltdet.checkpoint import load_model
+    from haltdet.data.frames import load_points_file
+    from haltdet.predict import detect_points
+
+    model, _ = load_model(args.checkpoint, _device(args.device))
+    points = load_points_file(args.points, columns=args.columns)
+    import torch
+    with torch.no_grad():
+        detections = detect_points(model, points, args.device)
+    frame = {"frame_id": Path(args.points).stem,
+             "boxes": detections.boxes.tolist(),
+             "labels": [CLASSES[i] for i in detections.labels.tolist()],
+             "scores": detections.scores.tolist()}
+    text = json.dumps({"box_convention": "x, y, z (centre), l, w, h, yaw (ccw from +x), LiDAR frame, metres",
+                       "frames": [frame]}, indent=1)
+    if args.json:
+        Path(args.json).write_text(text)
+        print(f"{len(frame['boxes'])} detections written to {args.json}")
+    else:
+        print(text)
+
+
+def cmd_bench(args) -> None:
+    from haltdet.bench import run_benchmark
+
+    args.checkpoint = args.checkpoint or [DEFAULT_CHECKPOINT]
+    run_benchmark(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="haltdet", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="detect objects in a synthetic frame with the bundled model")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint file or bundled name")
+    p.add_argument("--seed", type=int, default=DEMO_SEED, help="seed of the synthetic frame")
+    p.add_argument("--input", help="a points file to use instead of a synthetic frame")
+    p.add_argument("--out", default="haltdet_demo.png", help="BEV picture to write")
+    p.add_argument("--min-score", type=float, default=0.3, help="score to print/draw a detection")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="generate a synthetic LiDAR dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--frames", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--sensor", default="default", help="sensor preset (default, hdl64, waymo_top, nuscenes32)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("train", help="train a detector")
+    p.add_argument("--config", required=True, help="YAML config file or preset name")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/latest.pt")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.add_argument("--train-data", help="override data.train")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="Waymo-style AP/APH of a checkpoint on a dataset")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--data", required=True, help="dataset directory")
+    p.add_argument("--json", help="write the metrics here")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("eval-boxes", help="score predicted boxes against ground truth (JSON files)")
+    p.add_argument("--gt", required=True)
+    p.add_argument("--pred", required=True)
+    p.add_argument("--json", help="write the metrics here")
+    p.set_defaults(func=cmd_eval_boxes)
+
+    p = sub.add_parser("detect", help="detect objects in a points file")
+    p.add_argument("points", help=".bin (float32 rows), .npy, .npz frame, .txt/.csv")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--columns", type=int, default=4, help="float32 columns per point in a .bin file")
+    p.add_argument("--json", help="write detections here (default: print)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("bench", help="latency, throughput and memory of models, against the first")
+    p.add_argument("--checkpoint", action="append",
+                   help="checkpoint to time; repeat to compare (ratios are against the first)")
+    p.add_argument("--frames", type=int, default=5, help="synthetic frames to time")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", help="write the results here")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except HaltdetError as err:
+        print(f"haltdet: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("haltdet: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Configuration: plain dataclasses, loaded from YAML and validated.
+
+A config file has three sections, `model`, `data` and `train`, each mapping to the
+dataclass of the same name below. Unknown keys, wrong types and impossible values are
+rejected with a `ConfigError` that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from haltdet import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    """The detector. Lengths in metres, angles in radians."""
+
+    # x_min, y_min, z_min, x_max, y_max, z_max in the LiDAR frame.
+    point_cloud_range: list[float] = field(
+        default_factory=lambda: [-61.44, -61.44, -4.0, 61.44, 61.44, 3.0])
+    pillar_size: float = 0.32
+    pfn_channels: list[int] = field(default_factory=lambda: [32, 64])
+    d_model: int = 64
+    num_heads: int = 4
+    ffn_dim: int = 128
+    num_layers: int = 6
+    window_size: int = 12  # pillars per window side; odd layers shift by half of it
+    dropout: float = 0.0
+    bev_stride: int = 2  # the dense stage and the head run at this stride
+    bev_channels: int = 64
+    bev_convs: int = 2
+    head_channels: int = 64
+    # decoding
+    score_threshold: float = 0.05
+    max_detections: int = 200
+    nms_iou: list[float] = field(default_factory=lambda: [0.2, 0.2, 0.2])  # per class
+    # targets
+    min_gaussian_radius: int = 1
+    gaussian_overlap: float = 0.1
+
+    def grid_size(self) -> tuple[int, int]:
+        """(ny, nx) pillars of the BEV grid."""
+        r = self.point_cloud_range
+        nx = round((r[3] - r[0]) / self.pillar_size)
+        ny = round((r[4] - r[1]) / self.pillar_size)
+        return ny, nx
+
+    def validate(self) -> None:
+        r = self.point_cloud_range
+        _check(len(r) == 6, "model.point_cloud_range", "needs 6 numbers")
+        _check(r[0] < r[3] and r[1] < r[4] and r[2] < r[5], "model.point_cloud_range",
+               "min must be below max on every axis")
+        _check(self.pillar_size > 0, "model.pillar_size", "must be positive")
+        ny, nx = self.grid_size()
+        for extent, n in ((r[3] - r[0], nx), (r[4] - r[1], ny)):
+            _check(abs(n * self.pillar_size - extent) < 1e-6, "model.pillar_size",
+                   f"must divide the range extent {extent} evenly")
+        _check(ny % (self.bev_stride * 2) == 0 and nx % (self.bev_stride * 2) == 0,
+               "model.bev_stride", f"grid {ny}x{nx} must be divisible by 2*bev_stride")
+        _check(self.d_model % self.num_heads == 0, "model.num_heads", "must divide d_model")
+        _check(self.d_model % 4 == 0, "model.d_model", "must be a multiple of 4")
+        _check(self.num_layers >= 1, "model.num_layers", "must be >= 1")
+        _check(self.window_size >= 2, "model.window_size", "must be >= 2")
+        _check(len(self.pfn_channels) >= 1 and all(c > 0 for c in self.pfn_channels),
+               "model.pfn_channels", "needs positive channel counts")
+        _check(self.pfn_channels[-1] == self.d_model, "model.pfn_channels",
+               "last entry must equal d_model")
+        _check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
+        _check(self.bev_stride in (1, 2, 4), "model.bev_stride", "must be 1, 2 or 4")
+        _check(len(self.nms_iou) == 3, "model.nms_iou", "needs one value per class")
+        _check(0 <= self.score_threshold < 1, "model.score_threshold", "must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    """Training/validation data and augmentation."""
+
+    train: str = "data/train"
+    val: str = "data/val"
+    num_workers: int = 1
+    # augmentation (training only)
+    rotation: float = 0.785  # uniform in [-rotation, rotation] radians about z
+    flip: bool = True  # random flips about the x and y axes
+    scale: list[float] = field(default_factory=lambda: [0.95, 1.05])
+    gt_sampling: bool = False  # paste objects from other training frames
+    gt_sampling_max: list[int] = field(default_factory=lambda: [6, 6, 6])  # per class
+
+    def validate(self) -> None:
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(0 <= self.rotation <= 3.1416, "data.rotation", "must be in [0, pi]")
+        _check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1], "data.scale",
+               "needs [low, high] with 0 < low <= high")
+        _check(len(self.gt_sampling_max) == 3, "data.gt_sampling_max", "needs one per class")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation."""
+
+    batch_size: int = 2
+    max_steps: int = 4000
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    schedule: str = "onecycle"  # onecycle | cosine
+    warmup_fraction: float = 0.1
+    grad_clip: float = 10.0
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 20
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU unless cpu_bf16)
+    cpu_bf16: bool = False  # bfloat16 autocast on CPU (AMX units make it much faster)
+    max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
+    # loss weights
+    heatmap_weight: float = 1.0
+    regression_weight: float = 0.25
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be positive")
+        _check(self.schedule in ("onecycle", "cosine"), "train.schedule",
+               "must be 'onecycle' or 'cosine'")
+        _check(0 <= self.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
+        _check(self.grad_clip > 0, "train.grad_clip", "must be positive")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.max_minutes >= 0, "train.max_minutes", "must be >= 0")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = "custom"
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{prefix}' must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in known:
+            raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, path: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{path}' must be a list, got {value!r}")
+        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{path}' must be true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{path}' must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{path}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{path}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{path}': unsupported type {hint}")
+
+
+def config_from_dict(values: dict) -> Config:
+    return _build(Config, values or {}, "").validate()
+
+
+def load_config(path_or_preset: str | Path) -> Config:
+    """Load a YAML config file, or a bundled preset by name (e.g. 'baseline')."""
+    path = Path(path_or_preset)
+    if not path.exists():
+        preset = PRESET_DIR / f"{path_or_preset}.yaml"
+        if preset.exists():
+            path = preset
+        else:
+            names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+            raise ConfigError(f"no config file '{path_or_preset}' and no preset of that name "
+                              f"(presets: {', '.join(names)})")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    config = config_from_dict(values or {})
+    if config.name == "custom":
+        config.name = path.stem
+    return config

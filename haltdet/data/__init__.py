@@ -1,0 +1,1 @@
+"""Data: the synthetic LiDAR simulator and the on-disk frame format."""

@@ -1,0 +1,220 @@
+"""Tokens -> dense BEV -> CenterPoint-style head -> boxes.
+
+The dense stage runs at `bev_stride` (default 2: 0.64 m cells) with few channels: on a
+CPU a dense BEV stage sized like SST's GPU one would cost more than the whole encoder.
+The head predicts per cell a class heatmap and a regression of the box at the cell:
+sub-cell offset (2), centre z (1), log size l, w, h (3), sin and cos of yaw (2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from haltdet.boxes import nms_bev
+
+NUM_CLASSES = 3
+REGRESSION_DIM = 8  # dx, dy, z, log l, log w, log h, sin yaw, cos yaw
+
+
+@dataclass
+class Detections:
+    """Detections of one frame: boxes (K, 7) in the project convention, scores (K,),
+    labels (K,) int64 class indices."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class HeadTargets:
+    """Training targets for a batch.
+
+    heatmap: (B, NUM_CLASSES, H, W) Gaussian peaks at object centres.
+    frame: (N,) frame index of each positive object.
+    cell: (N,) flat cell index (row * W + col) of its centre.
+    regression: (N, REGRESSION_DIM) targets at those cells.
+    """
+
+    heatmap: torch.Tensor
+    frame: torch.Tensor
+    cell: torch.Tensor
+    regression: torch.Tensor
+
+    def to(self, device) -> "HeadTargets":
+        return HeadTargets(*(t.to(device) for t in (self.heatmap, self.frame, self.cell, self.regression)))
+
+
+def scatter_to_bev(features: torch.Tensor, coords: torch.Tensor, batch_size: int,
+                   grid: tuple[int, int]) -> torch.Tensor:
+    """Tokens (T, C) at (frame, iy, ix) -> dense (B, C, ny, nx), zero where no token.
+    The result is channels-last in memory, which CPU convolutions prefer."""
+    ny, nx = grid
+    flat = (coords[:, 0] * ny + coords[:, 1]) * nx + coords[:, 2]
+    canvas = features.new_zeros(batch_size * ny * nx, features.shape[1])
+    canvas = canvas.index_copy(0, flat, features)
+    return canvas.view(batch_size, ny, nx, -1).permute(0, 3, 1, 2)
+
+
+class BEVBackbone(nn.Module):
+    """Space-to-depth to `stride` (a stride x stride convolution), then 3x3 convolutions
+    that fill the holes between tokens."""
+
+    def __init__(self, in_channels: int, channels: int, num_convs: int, stride: int):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, channels, stride, stride=stride, bias=False),
+                  nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+        for _ in range(num_convs):
+            layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, bev: torch.Tensor) -> torch.Tensor:
+        return self.net(bev)
+
+
+class CenterHead(nn.Module):
+    """A shared 3x3 convolution, then 1x1 convolutions for the heatmap and the regression
+    (lean on purpose: on a CPU every dense 3x3 convolution costs as much as the encoder)."""
+
+    def __init__(self, in_channels: int, channels: int):
+        super().__init__()
+        self.shared = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
+                                    nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        self.heatmap = nn.Conv2d(channels, NUM_CLASSES, 1)
+        self.regression = nn.Conv2d(channels, REGRESSION_DIM, 1)
+        # Start with a low foreground probability (focal-loss practice).
+        nn.init.constant_(self.heatmap.bias, -2.19)
+
+    def forward(self, bev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """bev: (B, C, H, W) -> heatmap logits (B, 3, H, W), regression (B, 8, H, W)."""
+        shared = self.shared(bev)
+        return self.heatmap(shared), self.regression(shared)
+
+
+# ---------------------------------------------------------------------------- targets
+
+def gaussian_radius(length_cells: float, width_cells: float, min_overlap: float) -> float:
+    """Largest centre error (in cells) keeping IoU >= min_overlap for a box of this BEV
+    size, the CornerNet/CenterPoint bound (smallest of its three cases)."""
+    h, w = length_cells, width_cells
+    b1 = h + w
+    c1 = w * h * (1 - min_overlap) / (1 + min_overlap)
+    r1 = (b1 + math.sqrt(b1 ** 2 - 4 * c1)) / 2
+    b2 = 2 * (h + w)
+    c2 = (1 - min_overlap) * w * h
+    r2 = (b2 + math.sqrt(b2 ** 2 - 16 * c2)) / 2
+    a3 = 4 * min_overlap
+    b3 = -2 * min_overlap * (h + w)
+    c3 = (min_overlap - 1) * w * h
+    r3 = (b3 + math.sqrt(b3 ** 2 - 4 * a3 * c3)) / 2
+    return min(r1, r2, r3)
+
+
+def build_targets(boxes: list[np.ndarray], labels: list[np.ndarray], grid: tuple[int, int],
+                  range_min: tuple[float, float], cell_size: float, min_radius: int,
+                  min_overlap: float) -> HeadTargets:
+    """Heatmap and regression targets for a batch.
+
+    boxes[i]: (M, 7) boxes of frame i that should be detected (ignored boxes removed).
+    labels[i]: (M,) class indices. grid: (H, W) cells of the head's output.
+    """
+    height, width = grid
+    heatmap = np.zeros((len(boxes), NUM_CLASSES, height, width), dtype=np.float32)
+    frames, cells, targets = [], [], []
+    for frame, (frame_boxes, frame_labels) in enumerate(zip(boxes, labels)):
+        for box, label in zip(frame_boxes, frame_labels):
+            cx = (box[0] - range_min[0]) / cell_size
+            cy = (box[1] - range_min[1]) / cell_size
+            col, row = int(math.floor(cx)), int(math.floor(cy))
+            if not (0 <= col < width and 0 <= row < height):
+                continue
+            radius = gaussian_radius(box[3] / cell_size, box[4] / cell_size, min_overlap)
+            radius = max(min_radius, int(radius))
+            _draw_gaussian(heatmap[frame, int(label)], row, col, radius)
+            frames.append(frame)
+            cells.append(row * width + col)
+            targets.append([cx - col, cy - row, box[2], math.log(box[3]), math.log(box[4]),
+                            math.log(box[5]), math.sin(box[6]), math.cos(box[6])])
+    return HeadTargets(
+        torch.from_numpy(heatmap),
+        torch.tensor(frames, dtype=torch.long),
+        torch.tensor(cells, dtype=torch.long),
+        torch.tensor(targets, dtype=torch.float32).reshape(-1, REGRESSION_DIM),
+    )
+
+
+def _draw_gaussian(channel: np.ndarray, row: int, col: int, radius: int) -> None:
+    sigma = (2 * radius + 1) / 6
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * sigma ** 2))
+    height, width = channel.shape
+    top, bottom = max(0, row - radius), min(height, row + radius + 1)
+    left, right = max(0, col - radius), min(width, col + radius + 1)
+    patch = kernel[top - row + radius:bottom - row + radius, left - col + radius:right - col + radius]
+    np.maximum(channel[top:bottom, left:right], patch, out=channel[top:bottom, left:right])
+
+
+# ---------------------------------------------------------------------------- losses
+
+def heatmap_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss, normalised by the number of peaks."""
+    prob = torch.sigmoid(logits.float()).clamp(1e-4, 1 - 1e-4)
+    positive = target.eq(1).float()
+    negative_weight = torch.pow(1 - target, 4)
+    pos_loss = torch.log(prob) * torch.pow(1 - prob, 2) * positive
+    neg_loss = torch.log(1 - prob) * torch.pow(prob, 2) * negative_weight * (1 - positive)
+    num_pos = positive.sum().clamp(min=1)
+    return -(pos_loss.sum() + neg_loss.sum()) / num_pos
+
+
+def regression_loss(regression: torch.Tensor, targets: HeadTargets) -> torch.Tensor:
+    """L1 between the regression map at object centres and the targets."""
+    if targets.cell.numel() == 0:
+        return regression.sum() * 0
+    batch, channels = regression.shape[:2]
+    flat = regression.float().permute(0, 2, 3, 1).reshape(batch, -1, channels)
+    predicted = flat[targets.frame, targets.cell]
+    return F.l1_loss(predicted, targets.regression, reduction="sum") / targets.cell.numel()
+
+
+# ---------------------------------------------------------------------------- decoding
+
+def decode(heatmap_logits: torch.Tensor, regression: torch.Tensor, range_min: tuple[float, float],
+           cell_size: float, score_threshold: float, max_detections: int,
+           nms_iou: list[float], pre_nms: int = 500) -> list[Detections]:
+    """Heatmap peaks -> boxes, with per-class rotated NMS. Deterministic."""
+    heatmap = torch.sigmoid(heatmap_logits.float())
+    regression = regression.float()
+    peaks = F.max_pool2d(heatmap, 3, stride=1, padding=1) == heatmap
+    heatmap = heatmap * peaks
+    batch, num_classes, height, width = heatmap.shape
+    results = []
+    for frame in range(batch):
+        scores, flat = heatmap[frame].reshape(-1).topk(min(pre_nms, heatmap[frame].numel()))
+        keep = scores >= score_threshold
+        scores, flat = scores[keep], flat[keep]
+        labels = flat // (height * width)
+        cell = flat % (height * width)
+        row, col = cell // width, cell % width
+        reg = regression[frame].reshape(REGRESSION_DIM, -1)[:, cell].T
+        x = range_min[0] + (col.float() + reg[:, 0]) * cell_size
+        y = range_min[1] + (row.float() + reg[:, 1]) * cell_size
+        size = reg[:, 3:6].clamp(-5, 5).exp()
+        yaw = torch.atan2(reg[:, 6], reg[:, 7])
+        boxes = torch.stack([x, y, reg[:, 2], size[:, 0], size[:, 1], size[:, 2], yaw], dim=1)
+        kept = []
+        for cls in range(num_classes):
+            index = torch.nonzero(labels == cls).flatten()
+            if index.numel():
+                kept.append(index[nms_bev(boxes[index], scores[index], nms_iou[cls])])
+        kept = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
+        kept = kept[torch.argsort(scores[kept], descending=True, stable=True)][:max_detections]
+        results.append(Detections(boxes[kept], scores[kept], labels[kept]))
+    return results

@@ -1,0 +1,47 @@
+"""Running a detector over frames, and scoring it on a dataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from haltdet.data.dataset import FrameFolder, collate
+from haltdet.evaluate import FrameBoxes, evaluate
+from haltdet.model.detector import Detector
+from haltdet.model.head import Detections
+from haltdet.model.pillars import PointBatch
+
+
+def detect_points(model: Detector, points: np.ndarray, device="cpu") -> Detections:
+    """Detect objects in one cloud: points (N, 4) float32 -> Detections on the CPU."""
+    batch = PointBatch.from_list([torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))])
+    (detections,) = model.detect(batch.to(device))
+    return Detections(detections.boxes.cpu(), detections.scores.cpu(), detections.labels.cpu())
+
+
+def predict_dataset(model: Detector, data_dir, batch_size: int = 2, device="cpu",
+                    progress: bool = True, num_workers: int = 1) -> tuple[list[FrameBoxes], list[FrameBoxes]]:
+    """Detections and ground truth for every frame of a dataset directory."""
+    dataset = FrameFolder(data_dir)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    predictions, ground_truth = [], []
+    model.eval()
+    for batch in tqdm(loader, desc="detect", unit="batch", disable=not progress, dynamic_ncols=True):
+        for frame_id, detections, boxes, labels, num_points, difficulty in zip(
+                batch.frame_ids, model.detect(batch.points.to(device)), batch.boxes, batch.labels,
+                batch.num_points, batch.difficulty):
+            predictions.append(FrameBoxes(frame_id, detections.boxes.cpu().numpy(),
+                                          detections.labels.cpu().numpy(),
+                                          scores=detections.scores.cpu().numpy()))
+            ground_truth.append(FrameBoxes(frame_id, boxes, labels, num_points=num_points,
+                                           difficulty=difficulty))
+    return predictions, ground_truth
+
+
+def evaluate_model(model: Detector, data_dir, batch_size: int = 2, device="cpu",
+                   progress: bool = True) -> dict:
+    """Waymo-style AP/APH of a model on a dataset directory."""
+    predictions, ground_truth = predict_dataset(model, data_dir, batch_size, device, progress)
+    return evaluate(ground_truth, predictions)

@@ -1,0 +1,101 @@
+"""Pillarization, targets and the whole detector."""
+
+import numpy as np
+import torch
+
+from haltdet.config import ModelConfig
+from haltdet.model.detector import Detector, DetectorOutput
+from haltdet.model.head import REGRESSION_DIM
+from haltdet.model.pillars import PillarFeatureNet, PointBatch
+
+SMALL = dict(point_cloud_range=[-19.2, -19.2, -4.0, 19.2, 19.2, 3.0], d_model=32,
+             pfn_channels=[16, 32], num_heads=4, ffn_dim=64, num_layers=2, window_size=8,
+             bev_channels=16, head_channels=16, bev_convs=1)
+
+
+def random_cloud(n: int, seed: int, extent: float = 25.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    xyz = (torch.rand(n, 3, generator=g) * 2 - 1) * torch.tensor([extent, extent, 2.0])
+    return torch.cat([xyz, torch.rand(n, 1, generator=g)], dim=1)
+
+
+def test_one_token_per_nonempty_pillar_in_range():
+    cloud = random_cloud(5000, 0)
+    net = PillarFeatureNet(SMALL["point_cloud_range"], 0.32, [16, 32])
+    tokens = net(PointBatch.from_list([cloud, cloud[:100]]))
+    for frame, points in enumerate([cloud, cloud[:100]]):
+        p = points.numpy()
+        inside = (np.abs(p[:, 0]) < 19.2) & (np.abs(p[:, 1]) < 19.2) & (p[:, 2] >= -4) & (p[:, 2] < 3)
+        cells = np.floor((p[inside, :2] + 19.2) / 0.32).astype(int)
+        expected = {(int(iy), int(ix)) for ix, iy in cells}
+        got = {(int(r[1]), int(r[2])) for r in tokens.coords if r[0] == frame}
+        assert got == expected
+    assert tokens.features.shape == (tokens.coords.shape[0], 32)
+    # tokens sorted by (frame, iy, ix)
+    keys = (tokens.coords[:, 0] * 1000 + tokens.coords[:, 1]) * 1000 + tokens.coords[:, 2]
+    assert torch.all(keys[1:] > keys[:-1])
+
+
+def test_pillar_features_ignore_point_order():
+    cloud = random_cloud(3000, 1)
+    net = PillarFeatureNet(SMALL["point_cloud_range"], 0.32, [16, 32])
+    a = net(PointBatch.from_list([cloud]))
+    b = net(PointBatch.from_list([cloud[torch.randperm(3000)]]))
+    assert torch.equal(a.coords, b.coords)
+    torch.testing.assert_close(a.features, b.features, atol=1e-5, rtol=1e-5)
+
+
+def test_targets_decode_back_to_the_boxes():
+    """Encoding boxes as targets and decoding a perfect prediction recovers the boxes."""
+    model = Detector(ModelConfig(**SMALL))
+    boxes = np.array([[3.3, -4.1, -1.0, 4.5, 1.9, 1.6, 0.3],
+                      [-10.0, 7.7, -1.2, 0.7, 0.6, 1.8, -2.0],
+                      [12.1, 12.9, -1.1, 1.8, 0.6, 1.7, 3.0]], dtype=np.float32)
+    labels = np.array([0, 1, 2])
+    targets = model.targets([boxes], [labels])
+    height, width = model.head_grid
+    heatmap = torch.full((1, 3, height, width), -10.0)
+    regression = torch.zeros(1, REGRESSION_DIM, height * width)
+    for cell, target, label in zip(targets.cell, targets.regression, labels):
+        heatmap.view(1, 3, -1)[0, label, cell] = 10.0
+        regression[0, :, cell] = target
+    output = DetectorOutput(heatmap, regression.view(1, REGRESSION_DIM, height, width), None)
+    (det,) = model.decode(output)
+    order = torch.argsort(det.labels)
+    np.testing.assert_allclose(det.boxes[order].numpy(), boxes, atol=1e-4)
+    assert det.labels[order].tolist() == [0, 1, 2]
+    # The heatmap peaks are exactly 1 at the centres and Gaussian around them.
+    assert targets.heatmap.max() == 1.0
+    assert (targets.heatmap == 1.0).sum() == 3
+
+
+def test_detector_is_deterministic_and_trains():
+    torch.manual_seed(0)
+    model = Detector(ModelConfig(**SMALL))
+    batch = PointBatch.from_list([random_cloud(4000, 2), random_cloud(3000, 3)])
+    boxes = [np.array([[1.0, 2.0, -1.0, 4.0, 2.0, 1.5, 0.5]], dtype=np.float32),
+             np.zeros((0, 7), dtype=np.float32)]
+    targets = model.targets(boxes, [np.array([0]), np.array([], dtype=np.int64)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(5):
+        loss = model.loss(model(batch), targets)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    model.eval()
+    first = model.detect(batch)
+    second = model.detect(batch)
+    for a, b in zip(first, second):
+        assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
+
+
+def test_empty_and_out_of_range_clouds_run():
+    model = Detector(ModelConfig(**SMALL)).eval()
+    far = torch.tensor([[500.0, 0.0, 0.0, 0.5]])
+    for cloud in (torch.zeros(0, 4), far):
+        (det,) = model.detect(PointBatch.from_list([cloud]))
+        assert det.boxes.shape[1] == 7 and len(det.boxes) <= model.config.max_detections
+        assert torch.isfinite(det.boxes).all() and len(det.scores) == len(det.labels) == len(det.boxes)

@@ -1,0 +1,111 @@
+"""The batched window attention equals attention computed window by window."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from haltdet.model.encoder import EncoderLayer, SparseWindowEncoder, WindowAttention, partition_windows
+
+
+def random_coords(num_tokens: int, grid: int = 60, frames: int = 2, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randperm(frames * grid * grid, generator=generator)[:num_tokens].sort().values
+    return torch.stack([keys // (grid * grid), (keys // grid) % grid, keys % grid], dim=1)
+
+
+def reference_attention(attention: WindowAttention, x, coords, window_size, shift, key_active=None):
+    """Plain per-window multi-head attention, one window at a time."""
+    channels = x.shape[1]
+    heads = attention.num_heads
+    position = partition_windows(coords, window_size, shift, channels).position
+    q_all, k_all = attention.query_key(x + position).chunk(2, dim=1)
+    v_all = attention.value(x)
+    window = torch.stack([coords[:, 0], (coords[:, 1] + shift) // window_size,
+                          (coords[:, 2] + shift) // window_size], dim=1)
+    out = torch.zeros_like(x)
+    for key in torch.unique(window, dim=0):
+        members = torch.nonzero((window == key).all(dim=1)).flatten()
+        q, k, v = (t[members].view(len(members), heads, -1).transpose(0, 1) for t in (q_all, k_all, v_all))
+        scores = q @ k.transpose(1, 2) / math.sqrt(channels // heads)
+        if key_active is not None:
+            allowed = key_active[members][None, :] | torch.eye(len(members), dtype=torch.bool)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        out[members] = (scores.softmax(-1) @ v).transpose(0, 1).reshape(len(members), channels)
+    return attention.out(out)
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+@pytest.mark.parametrize("num_tokens", [1, 40, 700])
+def test_window_attention_matches_per_window_reference(shift, num_tokens):
+    torch.manual_seed(1)
+    coords = random_coords(num_tokens)
+    x = torch.randn(num_tokens, 32)
+    attention = WindowAttention(32, 4)
+    partition = partition_windows(coords, 6, shift, 32)
+    got = attention(x, partition)
+    expected = reference_attention(attention, x, coords, 6, shift)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_keys_are_not_attended():
+    torch.manual_seed(2)
+    coords = random_coords(500)
+    x = torch.randn(500, 32)
+    active = torch.rand(500) < 0.5
+    attention = WindowAttention(32, 4)
+    partition = partition_windows(coords, 6, 0, 32)
+    got = attention(x, partition, key_active=active)
+    expected = reference_attention(attention, x, coords, 6, 0, key_active=active)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # Changing an inactive token's feature changes no other token's output.
+    inactive = torch.nonzero(~active).flatten()[0]
+    x2 = x.clone()
+    x2[inactive] += 10.0
+    got2 = attention(x2, partition, key_active=active)
+    others = torch.arange(500) != inactive
+    torch.testing.assert_close(got2[others], got[others], atol=1e-5, rtol=1e-5)
+
+
+def test_partition_covers_every_token_once_and_windows_fit_buckets():
+    coords = random_coords(2000, grid=100)
+    for shift in (0, 6):
+        partition = partition_windows(coords, 12, shift, 16)
+        gathered = torch.cat([b.gather_index[b.key_valid.flatten()] for b in partition.buckets])
+        assert sorted(gathered.tolist()) == list(range(2000))
+        for bucket in partition.buckets:
+            tokens = bucket.gather_index.view(bucket.num_windows, bucket.slots)
+            for row, valid in zip(tokens, bucket.key_valid):
+                members = row[valid]
+                keys = {(int(coords[t, 0]), int((coords[t, 1] + shift) // 12), int((coords[t, 2] + shift) // 12))
+                        for t in members}
+                assert len(keys) == 1  # one window per padded row
+
+
+def test_token_order_does_not_matter():
+    torch.manual_seed(3)
+    coords = random_coords(300)
+    x = torch.randn(300, 32)
+    encoder = SparseWindowEncoder(32, 4, 64, num_layers=2, window_size=6).eval()
+    permutation = torch.randperm(300)
+    out = encoder(x, coords)
+    out_permuted = encoder(x[permutation], coords[permutation])
+    torch.testing.assert_close(out_permuted, out[permutation], atol=1e-5, rtol=1e-5)
+
+
+def test_padding_is_masked_not_attended():
+    """A window alone in its bucket with padding: padding must not change the result."""
+    torch.manual_seed(4)
+    coords = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 1]])
+    x = torch.randn(3, 16)
+    layer = EncoderLayer(16, 2, 32, 0.0).eval()
+    partition = partition_windows(coords, 12, 0, 16)
+    assert partition.buckets[0].slots > 3
+    attention = layer.attention
+    q, k = attention.query_key(x + partition.position).chunk(2, dim=1)
+    v = attention.value(x)
+    heads = 2
+    q, k, v = (t.view(3, heads, 8).transpose(0, 1) for t in (q, k, v))
+    expected = attention.out(F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(3, 16))
+    torch.testing.assert_close(attention(x, partition), expected, atol=1e-6, rtol=1e-5)
