@@ -27,6 +27,7 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def time_stages(model, points: torch.Tensor, device: torch.device) -> dict[str, float]:
     """Seconds spent in each stage of one detection pass over one cloud."""
+    from haltdet.model.detector import DetectorOutput
     from haltdet.model.head import scatter_to_bev
     from haltdet.model.pillars import PointBatch
 
@@ -38,17 +39,16 @@ def time_stages(model, points: torch.Tensor, device: torch.device) -> dict[str, 
     _sync(device)
     times["pillars"] = time.perf_counter() - start
     start = time.perf_counter()
-    features = model.encoder(tokens.features, tokens.coords)
+    encoded = model.encoder(tokens.features, tokens.coords, 1)
     _sync(device)
     times["encoder"] = time.perf_counter() - start
     start = time.perf_counter()
-    bev = scatter_to_bev(features, tokens.coords, 1, model.grid)
+    bev = scatter_to_bev(model.bev_features(encoded), tokens.coords, 1, model.grid)
     heatmap, regression = model.head(model.bev(bev))
     _sync(device)
     times["bev_head"] = time.perf_counter() - start
     start = time.perf_counter()
-    from haltdet.model.detector import DetectorOutput
-    model.decode(DetectorOutput(heatmap, regression, tokens))
+    model.decode(DetectorOutput(heatmap, regression, tokens, encoded))
     _sync(device)
     times["decode"] = time.perf_counter() - start
     times["total"] = sum(times[s] for s in STAGES)

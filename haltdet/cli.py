@@ -28,8 +28,8 @@ def cmd_demo(args) -> None:
 
     from haltdet.checkpoint import load_model
     from haltdet.data.synth import simulate_frame
-    from haltdet.predict import detect_points
-    from haltdet.viz import draw_bev
+    from haltdet.model.pillars import PointBatch
+    from haltdet.viz import draw_bev, draw_halting
 
     model, config = load_model(args.checkpoint, _device(args.device))
     gt_boxes = gt_labels = None
@@ -39,20 +39,21 @@ def cmd_demo(args) -> None:
         source = str(args.input)
     else:
         frame = simulate_frame(args.seed)
-        points, gt_boxes, gt_labels = frame.points, frame.boxes, frame.labels
         keep = frame.difficulty > 0
-        gt_boxes, gt_labels = gt_boxes[keep], gt_labels[keep]
+        points, gt_boxes, gt_labels = frame.points, frame.boxes[keep], frame.labels[keep]
         source = f"synthetic frame, seed {args.seed}"
-    torch.set_grad_enabled(False)
+    batch = PointBatch.from_list([torch.from_numpy(points)]).to(args.device)
     start = time.perf_counter()
-    detections = detect_points(model, points, args.device)
+    with torch.no_grad():
+        output = model(batch)
+        (detections,) = model.decode(output)
     seconds = time.perf_counter() - start
     keep = detections.scores >= args.min_score
-    boxes = detections.boxes[keep].numpy()
-    labels = detections.labels[keep].numpy()
-    scores = detections.scores[keep].numpy()
-    print(f"{source}: {len(points)} points; model '{config.name}'; {len(boxes)} detections with "
-          f"score >= {args.min_score} in {seconds * 1000:.0f} ms")
+    boxes = detections.boxes[keep].cpu().numpy()
+    labels = detections.labels[keep].cpu().numpy()
+    scores = detections.scores[keep].cpu().numpy()
+    print(f"{source}: {len(points)} points, {output.tokens.coords.shape[0]} pillar tokens; model "
+          f"'{config.name}'; {len(boxes)} detections with score >= {args.min_score} in {seconds * 1000:.0f} ms")
     if gt_boxes is not None:
         counts = ", ".join(f"{(gt_labels == i).sum()} {c}" for i, c in enumerate(CLASSES))
         print(f"ground truth (boxes with points): {counts}")
@@ -62,6 +63,14 @@ def cmd_demo(args) -> None:
     path = draw_bev(args.out, points, gt_boxes, gt_labels, boxes, labels, scores,
                     title=f"haltdet demo: {source}; {len(boxes)} detections (score >= {args.min_score})")
     print(f"BEV picture written to {path}")
+    if model.halting:
+        halted_at = output.encoded.halted_at.cpu().numpy()
+        halting_path = Path(args.out).with_name(Path(args.out).stem + "_halting.png")
+        draw_halting(halting_path, output.tokens.coords.cpu().numpy(), halted_at, config.model,
+                     gt_boxes, gt_labels, boxes, labels)
+        layers = config.model.num_layers
+        print(f"tokens processed by all {layers} layers: {(halted_at == layers).mean():.1%}; "
+              f"token-layers executed: {halted_at.mean() / layers:.1%}; halting picture written to {halting_path}")
 
 
 def cmd_synth(args) -> None:
@@ -94,12 +103,25 @@ def cmd_eval(args) -> None:
     from haltdet.predict import evaluate_model
 
     model, config = load_model(args.checkpoint, _device(args.device))
+    if args.threshold or args.keep_ratio or args.max_tokens is not None:
+        if not model.halting:
+            raise HaltdetError(f"{args.checkpoint}: --threshold/--keep-ratio/--max-tokens need a "
+                               "halting model; this one has no halting stages")
+        model.set_halting(args.threshold, args.keep_ratio, args.max_tokens)
     start = time.perf_counter()
     result = evaluate_model(model, args.data, args.batch_size, args.device, progress=not args.quiet)
     result["checkpoint"] = str(args.checkpoint)
     result["data"] = str(args.data)
+    result["halting"] = {"layers": config.model.halting_layers, "thresholds": model.encoder.thresholds,
+                         "keep_ratios": model.encoder.keep_ratios, "max_tokens": model.encoder.max_tokens}
     result["seconds"] = round(time.perf_counter() - start, 1)
     print(format_table(result))
+    tokens = result.get("tokens")
+    if tokens:
+        print(f"tokens per frame {tokens['tokens']:.0f} ({tokens['foreground_tokens']:.0f} foreground); "
+              f"active per layer {[round(a) for a in tokens['active_per_layer']]}; token-layers executed "
+              f"{tokens['token_layers']:.3f} (foreground {tokens['foreground_token_layers']:.3f}, "
+              f"background {tokens['background_token_layers']:.3f})")
     if args.json:
         Path(args.json).write_text(result_to_json(result))
         print(f"metrics written to {args.json}")
@@ -184,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the metrics here")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threshold", type=float, nargs="+", help="halting threshold(s): one, or one per stage")
+    p.add_argument("--keep-ratio", type=float, nargs="+", help="keep ratio(s) per stage instead of thresholds")
+    p.add_argument("--max-tokens", type=int, help="cap on active tokens per frame at each stage (0: none)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -45,6 +45,18 @@ class ModelConfig:
     # targets
     min_gaussian_radius: int = 1
     gaussian_overlap: float = 0.1
+    # token halting (empty halting_layers: the baseline, no halting)
+    halting_layers: list[int] = field(default_factory=list)  # [2, 4]: after layers 2 and 4
+    halting_threshold: list[float] = field(default_factory=lambda: [0.5])  # one, or one per stage
+    halting_keep_ratio: list[float] = field(default_factory=list)  # per stage; overrides threshold
+    halting_max_tokens: int = 0  # per frame and stage; 0 = no cap
+    halting_scorer: str = "mlp"  # mlp (per token) | bev (token + 3x3 BEV context)
+    recycling: bool = True  # halted tokens reach the BEV map with their last feature
+    halt_stage_embedding: bool = False  # add a learned embedding of the halting stage
+
+    def stage_thresholds(self) -> list[float]:
+        t = self.halting_threshold
+        return list(t) * len(self.halting_layers) if len(t) == 1 else list(t)
 
     def grid_size(self) -> tuple[int, int]:
         """(ny, nx) pillars of the BEV grid."""
@@ -77,6 +89,17 @@ class ModelConfig:
         _check(self.bev_stride in (1, 2, 4), "model.bev_stride", "must be 1, 2 or 4")
         _check(len(self.nms_iou) == 3, "model.nms_iou", "needs one value per class")
         _check(0 <= self.score_threshold < 1, "model.score_threshold", "must be in [0, 1)")
+        stages = self.halting_layers
+        _check(all(0 < layer < self.num_layers for layer in stages) and stages == sorted(set(stages)),
+               "model.halting_layers", f"must be increasing layer counts in 1..{self.num_layers - 1}")
+        _check(len(self.halting_threshold) in (1, len(stages)) and
+               all(0 <= t <= 1 for t in self.halting_threshold), "model.halting_threshold",
+               "needs one value in [0, 1], or one per halting stage")
+        _check(len(self.halting_keep_ratio) in (0, len(stages)) and
+               all(0 < r <= 1 for r in self.halting_keep_ratio), "model.halting_keep_ratio",
+               "needs one value in (0, 1] per halting stage, or none")
+        _check(self.halting_max_tokens >= 0, "model.halting_max_tokens", "must be >= 0")
+        _check(self.halting_scorer in ("mlp", "bev"), "model.halting_scorer", "must be 'mlp' or 'bev'")
 
 
 @dataclass
@@ -121,6 +144,12 @@ class TrainConfig:
     # loss weights
     heatmap_weight: float = 1.0
     regression_weight: float = 0.25
+    # non-uniform token sparsity loss (halting models): lambda * mean(weight_i * score_i)
+    sparsity_weight: float = 0.0  # lambda
+    sparsity_uniform: bool = False  # one weight (background's) for every token: the ablation
+    sparsity_fg_weight: float = 0.0  # tokens inside (enlarged) ground-truth boxes; < 0 keeps them
+    sparsity_bg_weight: float = 1.0  # every other token
+    sparsity_margin: float = 0.5  # metres added to each box half-extent for "inside"
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -133,6 +162,8 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.max_minutes >= 0, "train.max_minutes", "must be >= 0")
+        _check(self.sparsity_weight >= 0, "train.sparsity_weight", "must be >= 0")
+        _check(self.sparsity_margin >= 0, "train.sparsity_margin", "must be >= 0")
 
 
 @dataclass

@@ -21,27 +21,46 @@ def detect_points(model: Detector, points: np.ndarray, device="cpu") -> Detectio
     return Detections(detections.boxes.cpu(), detections.scores.cpu(), detections.labels.cpu())
 
 
+@torch.no_grad()
 def predict_dataset(model: Detector, data_dir, batch_size: int = 2, device="cpu",
-                    progress: bool = True, num_workers: int = 1) -> tuple[list[FrameBoxes], list[FrameBoxes]]:
-    """Detections and ground truth for every frame of a dataset directory."""
+                    progress: bool = True, num_workers: int = 1
+                    ) -> tuple[list[FrameBoxes], list[FrameBoxes], list[dict]]:
+    """Detections, ground truth and token statistics (`Detector.token_statistics`) for
+    every frame of a dataset directory."""
     dataset = FrameFolder(data_dir)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
-    predictions, ground_truth = [], []
+    predictions, ground_truth, token_stats = [], [], []
     model.eval()
     for batch in tqdm(loader, desc="detect", unit="batch", disable=not progress, dynamic_ncols=True):
+        output = model(batch.points.to(device))
+        token_stats += model.token_statistics(output, batch.trainable()[0])
         for frame_id, detections, boxes, labels, num_points, difficulty in zip(
-                batch.frame_ids, model.detect(batch.points.to(device)), batch.boxes, batch.labels,
+                batch.frame_ids, model.decode(output), batch.boxes, batch.labels,
                 batch.num_points, batch.difficulty):
             predictions.append(FrameBoxes(frame_id, detections.boxes.cpu().numpy(),
                                           detections.labels.cpu().numpy(),
                                           scores=detections.scores.cpu().numpy()))
             ground_truth.append(FrameBoxes(frame_id, boxes, labels, num_points=num_points,
                                            difficulty=difficulty))
-    return predictions, ground_truth
+    return predictions, ground_truth, token_stats
+
+
+def summarise_tokens(token_stats: list[dict]) -> dict:
+    """Per-frame token statistics averaged over frames (NaN entries skipped)."""
+    summary = {}
+    for key in token_stats[0]:
+        values = np.array([s[key] for s in token_stats], dtype=np.float64)
+        summary[key] = (values.mean(axis=0).tolist() if values.ndim > 1
+                        else float(np.nanmean(values)) if np.isfinite(values).any() else float("nan"))
+    return summary
 
 
 def evaluate_model(model: Detector, data_dir, batch_size: int = 2, device="cpu",
                    progress: bool = True) -> dict:
-    """Waymo-style AP/APH of a model on a dataset directory."""
-    predictions, ground_truth = predict_dataset(model, data_dir, batch_size, device, progress)
-    return evaluate(ground_truth, predictions)
+    """Waymo-style AP/APH of a model on a dataset directory, with its token statistics
+    averaged per frame under "tokens"."""
+    predictions, ground_truth, token_stats = predict_dataset(model, data_dir, batch_size, device, progress)
+    result = evaluate(ground_truth, predictions)
+    if token_stats:
+        result["tokens"] = summarise_tokens(token_stats)
+    return result

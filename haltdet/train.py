@@ -195,7 +195,7 @@ def train(config: Config, out_dir: str | Path, resume: bool = False, device: str
             targets = model.targets(boxes, labels).to(device)
             with autocast_context(device, config):
                 output = ddp_model(batch.points.to(device))
-            losses = model.loss(output, targets, t.heatmap_weight, t.regression_weight)
+            losses = model.loss(output, targets, t, boxes)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

@@ -37,14 +37,14 @@ def _draw_boxes(ax, boxes: np.ndarray, labels: np.ndarray, style: str, scores=No
 def draw_bev(path: str | Path, points: np.ndarray, gt_boxes=None, gt_labels=None,
              pred_boxes=None, pred_labels=None, pred_scores=None, extent: float = 62.0,
              title: str = "", point_colours: np.ndarray | None = None,
-             colour_label: str = "height z (m)") -> Path:
+             colour_label: str = "height z (m)", point_size: float = 0.5) -> Path:
     """Write a BEV picture: points coloured by height (or by `point_colours`), ground
     truth in solid green, predictions dashed in their class colour with a heading tick."""
     fig, ax = plt.subplots(figsize=(10, 10), dpi=120)
     ax.set_facecolor("black")
     keep = (np.abs(points[:, 0]) < extent) & (np.abs(points[:, 1]) < extent)
     colours = points[keep, 2] if point_colours is None else point_colours[keep]
-    scatter = ax.scatter(points[keep, 0], points[keep, 1], c=colours, s=0.3, cmap="viridis",
+    scatter = ax.scatter(points[keep, 0], points[keep, 1], c=colours, s=point_size, cmap="viridis",
                          linewidths=0)
     fig.colorbar(scatter, ax=ax, fraction=0.03, pad=0.01, label=colour_label)
     if gt_boxes is not None:
@@ -65,3 +65,21 @@ def draw_bev(path: str | Path, points: np.ndarray, gt_boxes=None, gt_labels=None
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def draw_halting(path: str | Path, pillar_coords: np.ndarray, halted_at: np.ndarray, model_config,
+                 gt_boxes=None, gt_labels=None, pred_boxes=None, pred_labels=None,
+                 extent: float = 62.0) -> Path:
+    """BEV picture of the pillars coloured by the number of encoder layers that processed
+    them (the layer at which they halted), with the boxes on top.
+
+    pillar_coords: (T, 3) (frame, iy, ix) of frame 0's tokens; halted_at: (T,).
+    """
+    r, s = model_config.point_cloud_range, model_config.pillar_size
+    centres = np.stack([r[0] + (pillar_coords[:, 2] + 0.5) * s, r[1] + (pillar_coords[:, 1] + 0.5) * s,
+                        np.zeros(len(pillar_coords))], axis=1)
+    layers = model_config.num_layers
+    return draw_bev(path, centres, gt_boxes, gt_labels, pred_boxes, pred_labels, extent=extent,
+                    point_colours=halted_at.astype(np.float64), colour_label=f"layers processed (of {layers})",
+                    title=f"pillars by the layer at which they halted (halting after layers "
+                          f"{model_config.halting_layers}; {layers} = never halted)", point_size=1.5)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from haltdet.config import ModelConfig
-from haltdet.model.encoder import SparseWindowEncoder
+from haltdet.boxes import points_in_boxes
+from haltdet.model.encoder import EncoderOutput, SparseWindowEncoder
 from haltdet.model.head import (BEVBackbone, CenterHead, Detections, HeadTargets, build_targets,
                                 decode, heatmap_focal_loss, regression_loss, scatter_to_bev)
 from haltdet.model.pillars import PillarFeatureNet, PointBatch, Tokens
@@ -20,12 +21,14 @@ class DetectorOutput:
     """Raw outputs of a forward pass.
 
     heatmap: (B, 3, H, W) class logits; regression: (B, 8, H, W);
-    tokens: the encoder's output tokens (features after the last layer).
+    tokens: the pillar tokens entering the encoder (coords give each token's pillar);
+    encoded: the encoder's output (features, layer at which each token halted, scores).
     """
 
     heatmap: torch.Tensor
     regression: torch.Tensor
     tokens: Tokens
+    encoded: EncoderOutput | None = None
 
 
 class Detector(nn.Module):
@@ -37,7 +40,13 @@ class Detector(nn.Module):
         self.pillar_net = PillarFeatureNet(config.point_cloud_range, config.pillar_size,
                                            config.pfn_channels)
         self.encoder = SparseWindowEncoder(config.d_model, config.num_heads, config.ffn_dim,
-                                           config.num_layers, config.window_size, config.dropout)
+                                           config.num_layers, config.window_size, config.dropout,
+                                           config.halting_layers, config.halting_scorer, self.grid)
+        self.set_halting(config.stage_thresholds(), config.halting_keep_ratio or None,
+                         config.halting_max_tokens)
+        # Embedding of the stage at which a token halted (last row: never halted).
+        self.stage_embedding = (nn.Embedding(len(config.halting_layers) + 1, config.d_model)
+                                if config.halt_stage_embedding and config.halting_layers else None)
         self.bev = BEVBackbone(config.d_model, config.bev_channels, config.bev_convs,
                                config.bev_stride)
         self.head = CenterHead(config.bev_channels, config.head_channels)
@@ -58,25 +67,109 @@ class Detector(nn.Module):
         r = self.config.point_cloud_range
         return r[0], r[1]
 
-    def forward(self, batch: PointBatch) -> DetectorOutput:
+    @property
+    def halting(self) -> bool:
+        return bool(self.config.halting_layers)
+
+    def set_halting(self, thresholds: list[float] | None = None, keep_ratios: list[float] | None = None,
+                    max_tokens: int | None = None) -> None:
+        """Change the halting decision knobs (per stage) without retraining."""
+        stages = len(self.config.halting_layers)
+        if thresholds is not None:
+            self.encoder.thresholds = list(thresholds) * stages if len(thresholds) == 1 else list(thresholds)
+        if keep_ratios is not None:
+            self.encoder.keep_ratios = (list(keep_ratios) * stages if len(keep_ratios) == 1
+                                        else list(keep_ratios)) or None
+        if max_tokens is not None:
+            self.encoder.max_tokens = max_tokens
+
+    def bev_features(self, encoded: EncoderOutput) -> torch.Tensor:
+        """The feature each token contributes to the BEV map: with recycling every token's
+        most recent feature (optionally plus its halting-stage embedding), without it only
+        the tokens still active after the last layer."""
+        features = encoded.features
+        if self.halting:
+            if self.stage_embedding is not None:
+                stage = torch.bucketize(encoded.halted_at, torch.tensor(
+                    self.config.halting_layers, device=features.device), right=True)
+                features = features + self.stage_embedding(stage).to(features.dtype)
+            if not self.config.recycling:
+                features = features * encoded.gate.to(features.dtype)[:, None]
+        return features
+
+    def forward(self, batch: PointBatch, masked: bool | None = None) -> DetectorOutput:
+        """masked: use the masked (training) halting pass; default: in training mode."""
         tokens = self.pillar_net(batch)
-        features = self.encoder(tokens.features, tokens.coords)
-        encoded = Tokens(features, tokens.coords, tokens.batch_size)
-        bev = scatter_to_bev(features, tokens.coords, batch.batch_size, self.grid)
+        encoded = self.encoder(tokens.features, tokens.coords, batch.batch_size, masked)
+        bev = scatter_to_bev(self.bev_features(encoded), tokens.coords, batch.batch_size, self.grid)
         heatmap, regression = self.head(self.bev(bev))
-        return DetectorOutput(heatmap, regression, encoded)
+        return DetectorOutput(heatmap, regression, tokens, encoded)
 
     def targets(self, boxes: list[np.ndarray], labels: list[np.ndarray]) -> HeadTargets:
         """Targets for frames' boxes (ignored boxes already removed)."""
         return build_targets(boxes, labels, self.head_grid, self.range_min, self.cell_size,
                              self.config.min_gaussian_radius, self.config.gaussian_overlap)
 
-    def loss(self, output: DetectorOutput, targets: HeadTargets, heatmap_weight: float = 1.0,
-             regression_weight: float = 0.25) -> dict[str, torch.Tensor]:
+    def loss(self, output: DetectorOutput, targets: HeadTargets, train=None,
+             boxes: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+        """Detection loss, plus lambda * the token sparsity loss for halting models.
+
+        train: a TrainConfig (loss weights); boxes: the frames' ground-truth boxes, which
+        make the sparsity loss non-uniform.
+        """
+        from haltdet.config import TrainConfig
+
+        train = train or TrainConfig()
         heatmap = heatmap_focal_loss(output.heatmap, targets.heatmap)
         regression = regression_loss(output.regression, targets)
-        total = heatmap_weight * heatmap + regression_weight * regression
-        return {"loss": total, "heatmap": heatmap.detach(), "regression": regression.detach()}
+        total = train.heatmap_weight * heatmap + train.regression_weight * regression
+        losses = {"heatmap": heatmap.detach(), "regression": regression.detach()}
+        if self.halting and train.sparsity_weight > 0:
+            sparsity = self.sparsity_loss(output, train, boxes)
+            total = total + train.sparsity_weight * sparsity
+            losses["sparsity"] = sparsity.detach()
+        if self.halting:
+            losses["kept_fraction"] = output.encoded.gate.detach().mean()
+        return {"loss": total, **losses}
+
+    def tokens_in_boxes(self, tokens: Tokens, boxes: list[np.ndarray], margin: float = 0.0) -> torch.Tensor:
+        """(T,) bool: the token's pillar centre lies inside a box of its frame (in BEV, the
+        box enlarged by `margin` metres on every side)."""
+        inside = torch.zeros(tokens.coords.shape[0], dtype=torch.bool)
+        coords = tokens.coords.cpu()
+        r, s = self.config.point_cloud_range, self.config.pillar_size
+        centres = torch.stack([r[0] + (coords[:, 2].float() + 0.5) * s,
+                               r[1] + (coords[:, 1].float() + 0.5) * s,
+                               torch.zeros(coords.shape[0])], dim=1)
+        for frame, frame_boxes in enumerate(boxes):
+            if len(frame_boxes) == 0:
+                continue
+            index = torch.nonzero(coords[:, 0] == frame).flatten()
+            flat_boxes = torch.as_tensor(np.asarray(frame_boxes), dtype=torch.float32).clone()
+            flat_boxes[:, 2], flat_boxes[:, 5] = 0.0, 1e6  # ignore height
+            inside[index] = points_in_boxes(centres[index], flat_boxes, margin=margin).any(0)
+        return inside.to(tokens.coords.device)
+
+    def token_weights(self, tokens: Tokens, boxes: list[np.ndarray] | None, train) -> torch.Tensor:
+        """Per-token weight of the sparsity loss: foreground weight inside a ground-truth box
+        (enlarged by the margin), background weight elsewhere; one weight if uniform."""
+        weights = torch.full((tokens.coords.shape[0],), train.sparsity_bg_weight,
+                             device=tokens.coords.device)
+        if train.sparsity_uniform or boxes is None:
+            return weights
+        foreground = self.tokens_in_boxes(tokens, boxes, train.sparsity_margin)
+        return weights.masked_fill(foreground, train.sparsity_fg_weight)
+
+    def sparsity_loss(self, output: DetectorOutput, train, boxes) -> torch.Tensor:
+        """Mean over halting stages of the weighted mean score of the tokens scored there:
+        minimising it pushes scores down (towards halting), background hardest."""
+        weights = self.token_weights(output.tokens, boxes, train)
+        encoded = output.encoded
+        per_stage = []
+        for layer, scores in zip(self.config.halting_layers, encoded.scores):
+            scored = (encoded.halted_at >= layer).float()
+            per_stage.append((weights * scores * scored).sum() / scored.sum().clamp(min=1))
+        return torch.stack(per_stage).mean()
 
     def decode(self, output: DetectorOutput) -> list[Detections]:
         c = self.config
@@ -86,3 +179,37 @@ class Detector(nn.Module):
     @torch.no_grad()
     def detect(self, batch: PointBatch) -> list[Detections]:
         return self.decode(self.forward(batch))
+
+    def token_statistics(self, output: DetectorOutput, boxes: list[np.ndarray]) -> list[dict]:
+        """Per frame: how many tokens each layer processed, split into foreground (pillar
+        inside a ground-truth box) and background.
+
+        Returns per frame {"tokens", "foreground_tokens", "active_per_layer" (list, one
+        count per layer), "token_layers" (executed token-layers / (tokens * layers)),
+        "foreground_token_layers", "background_token_layers", "foreground_mean_layers",
+        "background_mean_layers"}.
+        """
+        layers = self.config.num_layers
+        foreground = self.tokens_in_boxes(output.tokens, boxes).cpu()
+        halted_at = output.encoded.halted_at.cpu()
+        frame = output.tokens.coords[:, 0].cpu()
+        stats = []
+        for f in range(len(boxes)):
+            in_frame = frame == f
+            depth = halted_at[in_frame].double()
+            fg = foreground[in_frame]
+
+            def mean(x):
+                return float(x.mean()) if x.numel() else float("nan")
+
+            stats.append({
+                "tokens": int(in_frame.sum()),
+                "foreground_tokens": int(fg.sum()),
+                "active_per_layer": [int((depth > layer).sum()) for layer in range(layers)],
+                "token_layers": mean(depth) / layers,
+                "foreground_token_layers": mean(depth[fg]) / layers,
+                "background_token_layers": mean(depth[~fg]) / layers,
+                "foreground_mean_layers": mean(depth[fg]),
+                "background_mean_layers": mean(depth[~fg]),
+            })
+        return stats

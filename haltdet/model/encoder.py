@@ -178,16 +178,131 @@ class EncoderLayer(nn.Module):
         return self.norm2(x + self.dropout(self.ffn(x)))
 
 
+@dataclass
+class EncoderOutput:
+    """What the encoder hands to the BEV stage.
+
+    features: (T, C) every token's most recent feature: a halted token keeps the feature
+      it had when it halted (token recycling uses it).
+    halted_at: (T,) int64 number of layers that processed the token (num_layers if it
+      never halted).
+    scores: per halting stage, (T,) halting scores (0 for tokens already halted before that
+      stage; in the removal pass also for tokens never scored). Training uses them.
+    gate: (T,) float mask of the last stage, 1 = active to the end. Its forward value is
+      exactly 0/1; in training its gradient reaches the scores (straight-through).
+    """
+
+    features: torch.Tensor
+    halted_at: torch.Tensor
+    scores: list[torch.Tensor]
+    gate: torch.Tensor
+
+
+class TokenScorer(nn.Module):
+    """Halting score in (0, 1) from each token's own feature (a small MLP)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, d_model // 2), nn.ReLU(inplace=True),
+                                 nn.Linear(d_model // 2, 1))
+        # Start with every token kept (score ~0.95): the sparsity loss teaches halting.
+        nn.init.constant_(self.net[-1].bias, 3.0)
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor, active: torch.Tensor,
+                batch_size: int) -> torch.Tensor:
+        return torch.sigmoid(self.net(x).squeeze(1).float())
+
+
+class BEVContextScorer(nn.Module):
+    """Halting score from a token and its neighbourhood: active tokens are reduced to a few
+    channels, scattered to the pillar grid, passed through two 3x3 convolutions, and read
+    back at the tokens. Halted tokens are not scattered, so the training (masked) and
+    inference (removed) passes see the same map."""
+
+    def __init__(self, d_model: int, grid: tuple[int, int], channels: int = 16):
+        super().__init__()
+        self.grid = grid
+        self.reduce = nn.Linear(d_model, channels)
+        self.context = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
+                                     nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True))
+        self.out = nn.Linear(2 * channels, 1)
+        nn.init.constant_(self.out.bias, 3.0)
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor, active: torch.Tensor,
+                batch_size: int) -> torch.Tensor:
+        ny, nx = self.grid
+        reduced = torch.relu(self.reduce(x)) * active[:, None].to(x.dtype)
+        flat = (coords[:, 0] * ny + coords[:, 1]) * nx + coords[:, 2]
+        canvas = reduced.new_zeros(batch_size * ny * nx, reduced.shape[1]).index_copy(0, flat, reduced)
+        bev = canvas.view(batch_size, ny, nx, -1).permute(0, 3, 1, 2)
+        context = self.context(bev).permute(0, 2, 3, 1).reshape(batch_size * ny * nx, -1)[flat]
+        return torch.sigmoid(self.out(torch.cat([reduced, context], dim=1)).squeeze(1).float())
+
+
+def select_per_frame(scores: torch.Tensor, frame: torch.Tensor, candidates: torch.Tensor,
+                     threshold: float, keep_ratio: float | None, max_tokens: int) -> torch.Tensor:
+    """Which candidate tokens stay active after a halting stage (bool (T,)).
+
+    threshold: keep tokens with score >= threshold (ignored when keep_ratio is given);
+    keep_ratio: keep the ceil(ratio * n) best-scored candidates of each frame;
+    max_tokens: keep at most this many per frame (0 = no cap), the best-scored ones.
+    Per frame, so a frame's result never depends on the other frames of its batch; ties
+    are broken by token order, so the choice is deterministic.
+    """
+    keep = candidates & (scores >= threshold) if keep_ratio is None else candidates.clone()
+    if keep_ratio is None and max_tokens <= 0:
+        return keep
+    # Rank the candidates of each frame by descending score (stable: token order on ties).
+    order = torch.argsort(scores.masked_fill(~keep, -1.0), descending=True, stable=True)
+    order = order[torch.argsort(frame[order], stable=True)]
+    sorted_frame = frame[order]
+    num_frames = int(frame.max().item()) + 1 if frame.numel() else 0
+    counts = torch.bincount(frame, minlength=num_frames)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device) - starts[sorted_frame]
+    limit = torch.bincount(frame[keep], minlength=num_frames).to(torch.float64)
+    if keep_ratio is not None:
+        limit = torch.ceil(limit * keep_ratio)
+    if max_tokens > 0:
+        limit = limit.clamp(max=max_tokens)
+    return keep & (rank < limit.long()[frame])
+
+
 class SparseWindowEncoder(nn.Module):
-    """A stack of window-attention layers alternating unshifted and shifted windows."""
+    """A stack of window-attention layers alternating unshifted and shifted windows, with
+    optional token halting after chosen layers.
+
+    Halting (METHOD.md section 2). After `halting_layers[k]` layers, a scorer gives every
+    still-active token a score; tokens below the stage's threshold halt and no later layer
+    processes them. Two passes compute the same values:
+      * removal (inference): halted tokens are physically dropped, later layers run on the
+        active tokens only, so their cost falls with the count;
+      * masked (training): every token goes through every layer, but halted tokens are
+        excluded from the attention keys and their features are not updated, through a
+        gate whose forward value is the hard 0/1 decision and whose gradient reaches the
+        score (straight-through: gate = hard + score - stopgrad(score)).
+    """
 
     def __init__(self, d_model: int, num_heads: int, ffn_dim: int, num_layers: int,
-                 window_size: int, dropout: float = 0.0):
+                 window_size: int, dropout: float = 0.0, halting_layers: list[int] | None = None,
+                 scorer: str = "mlp", grid: tuple[int, int] | None = None):
         super().__init__()
         self.d_model = d_model
         self.window_size = window_size
         self.layers = nn.ModuleList(
             EncoderLayer(d_model, num_heads, ffn_dim, dropout) for _ in range(num_layers))
+        self.halting_layers = list(halting_layers or [])
+        self.scorers = nn.ModuleList(
+            TokenScorer(d_model) if scorer == "mlp" else BEVContextScorer(d_model, grid)
+            for _ in self.halting_layers)
+        # Decision knobs, per stage; plain attributes so evaluation can override them.
+        self.thresholds = [0.5] * len(self.halting_layers)
+        self.keep_ratios: list[float] | None = None
+        self.max_tokens = 0
+        # None: straight-through gate (the method). A temperature T replaces the gate by the
+        # smooth relaxation sigmoid((score - threshold) / T), only to compare gradients.
+        self.relaxed_temperature: float | None = None
 
     def shift_of_layer(self, layer: int) -> int:
         return 0 if layer % 2 == 0 else self.window_size // 2
@@ -197,9 +312,74 @@ class SparseWindowEncoder(nn.Module):
         shifts = {self.shift_of_layer(i) for i in range(len(self.layers))}
         return {s: partition_windows(coords, self.window_size, s, self.d_model) for s in shifts}
 
-    def forward(self, features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        """features: (T, C); coords: (T, 3) (frame, iy, ix). Returns (T, C)."""
+    def _decide(self, stage: int, scores, frame, active) -> torch.Tensor:
+        ratio = self.keep_ratios[stage] if self.keep_ratios else None
+        return select_per_frame(scores, frame, active, self.thresholds[stage], ratio, self.max_tokens)
+
+    def forward(self, features: torch.Tensor, coords: torch.Tensor, batch_size: int = 1,
+                masked: bool | None = None) -> EncoderOutput:
+        """features: (T, C); coords: (T, 3) (frame, iy, ix).
+
+        masked: run the masked (training) pass; default: in training mode. Without
+        halting stages both passes are the plain encoder.
+        """
+        if masked is None:
+            masked = self.training
+        if masked or not self.halting_layers:
+            return self._forward_masked(features, coords, batch_size)
+        return self._forward_removal(features, coords, batch_size)
+
+    def _forward_masked(self, x, coords, batch_size) -> EncoderOutput:
+        num_tokens = x.shape[0]
         partitions = self.partitions(coords)
+        halted_at = torch.full((num_tokens,), len(self.layers), dtype=torch.long, device=x.device)
+        active = torch.ones(num_tokens, dtype=torch.bool, device=x.device)
+        gate = torch.ones(num_tokens, dtype=torch.float32, device=x.device)
+        all_scores = []
         for i, layer in enumerate(self.layers):
-            features = layer(features, partitions[self.shift_of_layer(i)])
-        return features
+            if i in self.halting_layers:
+                stage = self.halting_layers.index(i)
+                scores = self.scorers[stage](x, coords, active, batch_size) * active
+                keep = self._decide(stage, scores.detach(), coords[:, 0], active)
+                halted_at[active & ~keep] = i
+                active = keep
+                if self.relaxed_temperature is None:
+                    # (scores - scores.detach()) is exactly 0 forward: the gate stays exactly 0/1.
+                    gate = gate * (keep.float() + (scores - scores.detach()))
+                else:
+                    gate = gate * torch.sigmoid((scores - self.thresholds[stage]) / self.relaxed_temperature)
+                all_scores.append(scores)
+            if not self.halting_layers:
+                x = layer(x, partitions[self.shift_of_layer(i)])
+                continue
+            updated = layer(x, partitions[self.shift_of_layer(i)], key_active=active)
+            g = gate.to(x.dtype)[:, None]
+            x = g * updated + (1 - g) * x
+        return EncoderOutput(x, halted_at, all_scores, gate)
+
+    def _forward_removal(self, x, coords, batch_size) -> EncoderOutput:
+        num_tokens = x.shape[0]
+        features = x
+        halted_at = torch.full((num_tokens,), len(self.layers), dtype=torch.long, device=x.device)
+        alive = torch.arange(num_tokens, device=x.device)  # original index of each active token
+        alive_coords = coords
+        partitions = self.partitions(coords)
+        all_scores = []
+        for i, layer in enumerate(self.layers):
+            if i in self.halting_layers:
+                stage = self.halting_layers.index(i)
+                everyone = torch.ones(alive.numel(), dtype=torch.bool, device=x.device)
+                scores = self.scorers[stage](x, alive_coords, everyone, batch_size)
+                keep = self._decide(stage, scores, alive_coords[:, 0], everyone)
+                stage_scores = torch.zeros(num_tokens, dtype=scores.dtype, device=x.device)
+                all_scores.append(stage_scores.index_copy(0, alive, scores))
+                # Halted tokens leave with their current feature (kept for recycling).
+                features = features.index_copy(0, alive, x)
+                halted_at[alive[~keep]] = i
+                alive, x, alive_coords = alive[keep], x[keep], alive_coords[keep]
+                partitions = self.partitions(alive_coords)
+            x = layer(x, partitions[self.shift_of_layer(i)])
+        features = features.index_copy(0, alive, x)
+        gate = torch.zeros(num_tokens, dtype=torch.float32, device=x.device)
+        gate[alive] = 1.0
+        return EncoderOutput(features, halted_at, all_scores, gate)

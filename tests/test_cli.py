@@ -1,0 +1,121 @@
+"""End to end through the command line: synth -> train -> eval -> detect -> demo."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from haltdet.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    assert main(["data", "synth", "--out", str(root / "train"), "--frames", "4", "--seed", "5", "--quiet"]) == 0
+    assert main(["data", "synth", "--out", str(root / "val"), "--frames", "2", "--seed", "6", "--quiet"]) == 0
+    config = {
+        "name": "tiny",
+        "model": {"d_model": 32, "pfn_channels": [16, 32], "num_layers": 2, "ffn_dim": 64,
+                  "bev_channels": 16, "head_channels": 16, "bev_convs": 1},
+        "data": {"train": str(root / "train"), "val": str(root / "val"), "num_workers": 0},
+        "train": {"batch_size": 2, "max_steps": 3, "checkpoint_every": 2, "log_every": 1},
+    }
+    (root / "tiny.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(root / "tiny.yaml"), "--out", str(root / "run"), "--quiet"]) == 0
+    config["model"].update(num_layers=3, halting_layers=[1, 2], halt_stage_embedding=True)
+    config["train"].update(sparsity_weight=0.5)
+    (root / "tiny_halting.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(root / "tiny_halting.yaml"), "--out", str(root / "halting"),
+                 "--quiet"]) == 0
+    return root
+
+
+def test_train_writes_checkpoints_and_logs(tiny_run):
+    run = tiny_run / "run"
+    assert (run / "final.pt").exists() and (run / "latest.pt").exists()
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    assert all(np.isfinite(line["loss"]) for line in lines)
+
+
+def test_eval_writes_waymo_style_metrics(tiny_run, capsys):
+    out = tiny_run / "metrics.json"
+    assert main(["eval", "--checkpoint", str(tiny_run / "run" / "final.pt"), "--data",
+                 str(tiny_run / "val"), "--json", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    for cls in ("Vehicle", "Pedestrian", "Cyclist"):
+        for level in ("LEVEL_1", "LEVEL_2"):
+            assert set(result[cls][level]) >= {"AP", "APH"}
+    assert "mAPH_L2" in result
+
+
+def test_detect_and_demo(tiny_run, tmp_path, capsys):
+    points = np.random.default_rng(0).uniform(-30, 30, size=(2000, 4)).astype(np.float32)
+    points[:, 2] = -1.5
+    np.save(tmp_path / "cloud.npy", points)
+    out = tmp_path / "det.json"
+    checkpoint = str(tiny_run / "run" / "final.pt")
+    assert main(["detect", "--checkpoint", checkpoint, str(tmp_path / "cloud.npy"), "--json", str(out)]) == 0
+    frame = json.loads(out.read_text())["frames"][0]
+    assert len(frame["boxes"]) == len(frame["labels"]) == len(frame["scores"])
+    picture = tmp_path / "demo.png"
+    assert main(["demo", "--checkpoint", checkpoint, "--out", str(picture)]) == 0
+    assert picture.stat().st_size > 10_000
+    assert "BEV picture written" in capsys.readouterr().out
+
+
+def test_resume_continues_to_more_steps(tiny_run):
+    config = yaml.safe_load((tiny_run / "tiny.yaml").read_text())
+    config["train"]["max_steps"] = 4
+    (tiny_run / "tiny4.yaml").write_text(yaml.safe_dump(config))
+    import shutil
+    shutil.copytree(tiny_run / "run", tiny_run / "run4")
+    assert main(["train", "--config", str(tiny_run / "tiny4.yaml"), "--out", str(tiny_run / "run4"),
+                 "--resume", "--quiet"]) == 0
+    lines = (tiny_run / "run4" / "log.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["detect", "--checkpoint", "no-such-model", "x.npy"], "no checkpoint file"),
+    (["train", "--config", "no-such-config", "--out", "x"], "no config file"),
+    (["eval-boxes", "--gt", "missing.json", "--pred", "missing.json"], "missing.json"),
+])
+def test_bad_input_is_a_clear_error(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_points_file_is_a_clear_error(tiny_run, tmp_path, capsys):
+    bad = tmp_path / "cloud.bin"
+    bad.write_bytes(b"\x00" * 18)  # not a whole number of float32 x 4 rows
+    assert main(["detect", "--checkpoint", str(tiny_run / "run" / "final.pt"), str(bad)]) == 2
+    assert "cloud.bin" in capsys.readouterr().err
+
+
+def test_halting_model_eval_overrides_and_demo(tiny_run, tmp_path, capsys):
+    checkpoint = str(tiny_run / "halting" / "final.pt")
+    logged = json.loads((tiny_run / "halting" / "log.jsonl").read_text().splitlines()[-1])
+    assert "sparsity" in logged and 0 <= logged["kept_fraction"] <= 1
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--checkpoint", checkpoint, "--data", str(tiny_run / "val"), "--json", str(out),
+                 "--keep-ratio", "0.5", "--max-tokens", "3000", "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    tokens = result["tokens"]
+    assert result["halting"]["keep_ratios"] == [0.5, 0.5]
+    active = tokens["active_per_layer"]
+    assert len(active) == 3 and active[0] == tokens["tokens"]
+    assert active[1] <= min(3000, 0.5 * active[0] + 1) and active[2] <= 0.5 * active[1] + 1
+    assert tokens["token_layers"] < 0.7
+    picture = tmp_path / "demo.png"
+    assert main(["demo", "--checkpoint", checkpoint, "--out", str(picture)]) == 0
+    assert (tmp_path / "demo_halting.png").stat().st_size > 10_000
+    assert "halting picture written" in capsys.readouterr().out
+
+
+def test_threshold_override_needs_a_halting_model(tiny_run, capsys):
+    assert main(["eval", "--checkpoint", str(tiny_run / "run" / "final.pt"), "--data",
+                 str(tiny_run / "val"), "--threshold", "0.5", "--quiet"]) == 2
+    assert "no halting stages" in capsys.readouterr().err
