@@ -144,6 +144,7 @@ class TrainConfig:
     # loss weights
     heatmap_weight: float = 1.0
     regression_weight: float = 0.25
+    direction_weight: float = 0.2  # binary cross-entropy of the heading direction
     # non-uniform token sparsity loss (halting models): lambda * mean(weight_i * score_i)
     sparsity_weight: float = 0.0  # lambda
     sparsity_uniform: bool = False  # one weight (background's) for every token: the ablation

@@ -119,3 +119,27 @@ def test_threshold_override_needs_a_halting_model(tiny_run, capsys):
     assert main(["eval", "--checkpoint", str(tiny_run / "run" / "final.pt"), "--data",
                  str(tiny_run / "val"), "--threshold", "0.5", "--quiet"]) == 2
     assert "no halting stages" in capsys.readouterr().err
+
+
+def test_nan_points_are_dropped_and_counted_empty_cloud_runs(tiny_run, tmp_path, caplog):
+    checkpoint = str(tiny_run / "run" / "final.pt")
+    points = np.random.default_rng(1).uniform(-20, 20, size=(500, 4)).astype(np.float32)
+    points[:7, 0] = np.nan
+    points[7:10, 2] = np.inf
+    np.save(tmp_path / "nan.npy", points)
+    with pytest.warns(UserWarning, match="10"):
+        assert main(["detect", "--checkpoint", checkpoint, str(tmp_path / "nan.npy"),
+                     "--json", str(tmp_path / "a.json")]) == 0
+    np.save(tmp_path / "empty.npy", np.zeros((0, 4), dtype=np.float32))
+    assert main(["detect", "--checkpoint", checkpoint, str(tmp_path / "empty.npy"),
+                 "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["frames"][0]["frame_id"] == "empty"
+
+
+def test_missing_dataset_and_bad_columns_are_clear_errors(tiny_run, tmp_path, capsys):
+    checkpoint = str(tiny_run / "run" / "final.pt")
+    assert main(["eval", "--checkpoint", checkpoint, "--data", str(tmp_path / "nowhere"), "--quiet"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    np.save(tmp_path / "two.npy", np.zeros((5, 2), dtype=np.float32))
+    assert main(["detect", "--checkpoint", checkpoint, str(tmp_path / "two.npy")]) == 2
+    assert "two.npy" in capsys.readouterr().err

@@ -121,9 +121,11 @@ class Detector(nn.Module):
 
         train = train or TrainConfig()
         heatmap = heatmap_focal_loss(output.heatmap, targets.heatmap)
-        regression = regression_loss(output.regression, targets)
-        total = train.heatmap_weight * heatmap + train.regression_weight * regression
-        losses = {"heatmap": heatmap.detach(), "regression": regression.detach()}
+        regression, direction = regression_loss(output.regression, targets)
+        total = (train.heatmap_weight * heatmap + train.regression_weight * regression
+                 + train.direction_weight * direction)
+        losses = {"heatmap": heatmap.detach(), "regression": regression.detach(),
+                  "direction": direction.detach()}
         if self.halting and train.sparsity_weight > 0:
             sparsity = self.sparsity_loss(output, train, boxes)
             total = total + train.sparsity_weight * sparsity

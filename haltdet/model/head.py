@@ -3,7 +3,10 @@
 The dense stage runs at `bev_stride` (default 2: 0.64 m cells) with few channels: on a
 CPU a dense BEV stage sized like SST's GPU one would cost more than the whole encoder.
 The head predicts per cell a class heatmap and a regression of the box at the cell:
-sub-cell offset (2), centre z (1), log size l, w, h (3), sin and cos of yaw (2).
+sub-cell offset (2), centre z (1), log size l, w, h (3), sin and cos of twice the yaw (2)
+and a direction logit (1). Twice the yaw is the box axis, unambiguous even where front and
+back look alike (regressing sin/cos of the yaw itself averages the two modes into a wrong
+axis); the direction logit picks which end of the axis is the front.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from torch import nn
 from haltdet.boxes import nms_bev
 
 NUM_CLASSES = 3
-REGRESSION_DIM = 8  # dx, dy, z, log l, log w, log h, sin yaw, cos yaw
+REGRESSION_DIM = 9  # dx, dy, z, log l, log w, log h, sin 2yaw, cos 2yaw, direction logit
+DIRECTION_OFFSET = math.pi / 4  # direction = cos(yaw - offset) > 0: the class boundary sits
+# at +-45 degrees from the road axes, away from the headings traffic usually has
 
 
 @dataclass
@@ -141,7 +146,8 @@ def build_targets(boxes: list[np.ndarray], labels: list[np.ndarray], grid: tuple
             frames.append(frame)
             cells.append(row * width + col)
             targets.append([cx - col, cy - row, box[2], math.log(box[3]), math.log(box[4]),
-                            math.log(box[5]), math.sin(box[6]), math.cos(box[6])])
+                            math.log(box[5]), math.sin(2 * box[6]), math.cos(2 * box[6]),
+                            float(math.cos(box[6] - DIRECTION_OFFSET) > 0)])
     return HeadTargets(
         torch.from_numpy(heatmap),
         torch.tensor(frames, dtype=torch.long),
@@ -174,14 +180,18 @@ def heatmap_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(pos_loss.sum() + neg_loss.sum()) / num_pos
 
 
-def regression_loss(regression: torch.Tensor, targets: HeadTargets) -> torch.Tensor:
-    """L1 between the regression map at object centres and the targets."""
+def regression_loss(regression: torch.Tensor, targets: HeadTargets) -> tuple[torch.Tensor, torch.Tensor]:
+    """At object centres: L1 of the box regression (summed over its 8 values, mean over
+    objects) and binary cross-entropy of the direction logit."""
     if targets.cell.numel() == 0:
-        return regression.sum() * 0
+        zero = regression.sum() * 0
+        return zero, zero
     batch, channels = regression.shape[:2]
     flat = regression.float().permute(0, 2, 3, 1).reshape(batch, -1, channels)
     predicted = flat[targets.frame, targets.cell]
-    return F.l1_loss(predicted, targets.regression, reduction="sum") / targets.cell.numel()
+    box = F.l1_loss(predicted[:, :8], targets.regression[:, :8], reduction="sum") / targets.cell.numel()
+    direction = F.binary_cross_entropy_with_logits(predicted[:, 8], targets.regression[:, 8])
+    return box, direction
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -207,7 +217,10 @@ def decode(heatmap_logits: torch.Tensor, regression: torch.Tensor, range_min: tu
         x = range_min[0] + (col.float() + reg[:, 0]) * cell_size
         y = range_min[1] + (row.float() + reg[:, 1]) * cell_size
         size = reg[:, 3:6].clamp(-5, 5).exp()
-        yaw = torch.atan2(reg[:, 6], reg[:, 7])
+        axis = torch.atan2(reg[:, 6], reg[:, 7]) / 2
+        forward = torch.cos(axis - DIRECTION_OFFSET) > 0
+        yaw = torch.where(forward == (reg[:, 8] >= 0), axis, axis + math.pi)
+        yaw = torch.remainder(yaw + math.pi, 2 * math.pi) - math.pi
         boxes = torch.stack([x, y, reg[:, 2], size[:, 0], size[:, 1], size[:, 2], yaw], dim=1)
         kept = []
         for cls in range(num_classes):

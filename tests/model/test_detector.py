@@ -1,6 +1,7 @@
 """Pillarization, targets and the whole detector."""
 
 import numpy as np
+import pytest
 import torch
 
 from haltdet.config import ModelConfig
@@ -45,12 +46,14 @@ def test_pillar_features_ignore_point_order():
     torch.testing.assert_close(a.features, b.features, atol=1e-5, rtol=1e-5)
 
 
-def test_targets_decode_back_to_the_boxes():
-    """Encoding boxes as targets and decoding a perfect prediction recovers the boxes."""
+@pytest.mark.parametrize("yaws", [[0.3, -2.0, 3.0], [1.5707, -1.6, 0.78], [-0.8, 2.4, -3.1]])
+def test_targets_decode_back_to_the_boxes(yaws):
+    """Encoding boxes as targets and decoding a perfect prediction recovers the boxes,
+    headings included, in every quadrant."""
     model = Detector(ModelConfig(**SMALL))
-    boxes = np.array([[3.3, -4.1, -1.0, 4.5, 1.9, 1.6, 0.3],
-                      [-10.0, 7.7, -1.2, 0.7, 0.6, 1.8, -2.0],
-                      [12.1, 12.9, -1.1, 1.8, 0.6, 1.7, 3.0]], dtype=np.float32)
+    boxes = np.array([[3.3, -4.1, -1.0, 4.5, 1.9, 1.6, yaws[0]],
+                      [-10.0, 7.7, -1.2, 0.7, 0.6, 1.8, yaws[1]],
+                      [12.1, 12.9, -1.1, 1.8, 0.6, 1.7, yaws[2]]], dtype=np.float32)
     labels = np.array([0, 1, 2])
     targets = model.targets([boxes], [labels])
     height, width = model.head_grid
@@ -59,10 +62,13 @@ def test_targets_decode_back_to_the_boxes():
     for cell, target, label in zip(targets.cell, targets.regression, labels):
         heatmap.view(1, 3, -1)[0, label, cell] = 10.0
         regression[0, :, cell] = target
+        regression[0, 8, cell] = 4.0 * (2 * target[8] - 1)  # direction target 0/1 -> a confident logit
     output = DetectorOutput(heatmap, regression.view(1, REGRESSION_DIM, height, width), None)
     (det,) = model.decode(output)
     order = torch.argsort(det.labels)
-    np.testing.assert_allclose(det.boxes[order].numpy(), boxes, atol=1e-4)
+    np.testing.assert_allclose(det.boxes[order].numpy()[:, :6], boxes[:, :6], atol=1e-4)
+    yaw_error = np.angle(np.exp(1j * (det.boxes[order].numpy()[:, 6] - boxes[:, 6])))
+    np.testing.assert_allclose(yaw_error, 0, atol=1e-4)
     assert det.labels[order].tolist() == [0, 1, 2]
     # The heatmap peaks are exactly 1 at the centres and Gaussian around them.
     assert targets.heatmap.max() == 1.0
