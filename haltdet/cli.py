@@ -159,6 +159,23 @@ def cmd_detect(args) -> None:
         print(text)
 
 
+def cmd_diagnose(args) -> None:
+    from haltdet.checkpoint import load_model
+    from haltdet.diagnose import oracle_table
+    from haltdet.predict import predict_dataset
+
+    model, _ = load_model(args.checkpoint, _device(args.device))
+    predictions, ground_truth, _ = predict_dataset(model, args.data, device=args.device,
+                                                   progress=not args.quiet)
+    rows = oracle_table(predictions, ground_truth)
+    print("LEVEL_1 AP (APH) with one quantity of the matched predictions replaced by the ground truth's")
+    print(f"{'replaced':<16}" + "".join(f"{c:>18}" for c in CLASSES))
+    for row in rows:
+        print(f"{row['replaced']:<16}" + "".join(f"{row[c + ' AP']:>10.3f} ({row[c + ' APH']:.3f})" for c in CLASSES))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
 def cmd_bench(args) -> None:
     from haltdet.bench import run_benchmark
 
@@ -225,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write detections here (default: print)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("diagnose", help="oracle table: how much AP each box error (xy, z, size, yaw) costs")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--data", required=True, help="dataset directory")
+    p.add_argument("--json", help="write the table here")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("bench", help="latency, throughput and memory of models, against the first")
     p.add_argument("--checkpoint", action="append",

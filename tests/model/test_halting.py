@@ -40,10 +40,14 @@ BATCH = PointBatch.from_list([random_cloud(6000, 1), random_cloud(2500, 2)])
 
 @pytest.mark.parametrize("recycling", [True, False])
 @pytest.mark.parametrize("scorer", ["mlp", "bev"])
-@pytest.mark.parametrize("threshold", [0.2, 0.5, 0.8])
-def test_masked_training_pass_equals_removal_pass(recycling, scorer, threshold):
-    model = make_model(0, recycling=recycling, halting_scorer=scorer, halt_stage_embedding=True,
-                       halting_threshold=[threshold])
+@pytest.mark.parametrize("quantile", [0.2, 0.5, 0.8])
+def test_masked_training_pass_equals_removal_pass(recycling, scorer, quantile):
+    model = make_model(0, recycling=recycling, halting_scorer=scorer, halt_stage_embedding=True)
+    # Thresholds at quantiles of the first stage's scores, so every case halts some tokens.
+    model.set_halting(thresholds=[0.0])
+    with torch.no_grad():
+        first_scores = model(BATCH, masked=False).encoded.scores[0]
+    model.set_halting(thresholds=[float(torch.quantile(first_scores, quantile))])
     with torch.no_grad():
         masked = model(BATCH, masked=True)
         removed = model(BATCH, masked=False)
