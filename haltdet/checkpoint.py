@@ -5,7 +5,8 @@ A checkpoint is a dict of plain data and tensors:
   config          the full Config as a dict (so a checkpoint alone rebuilds its model)
   model           the model's state_dict
   step            optimisation steps done
-  and, in training checkpoints: optimizer, scheduler, rng, elapsed_seconds.
+  and, in training checkpoints (`latest.pt`): optimizer, scheduler, elapsed_seconds.
+  No RNG state is needed: all training randomness derives from the seed and the step.
 """
 
 from __future__ import annotations
