@@ -93,7 +93,7 @@ def cmd_train(args) -> None:
         config.data.train = args.train_data
     config.validate()
     final = train(config, args.out, resume=args.resume, device=_device(args.device),
-                  progress=not args.quiet)
+                  progress=not args.quiet, init=args.init)
     print(f"final checkpoint: {final}")
 
 
@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/latest.pt")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.add_argument("--init", help="start from this checkpoint's weights (fine-tuning; new parameters keep their init)")
     p.add_argument("--train-data", help="override data.train")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)

@@ -127,8 +127,13 @@ class _Logger:
 
 
 def train(config: Config, out_dir: str | Path, resume: bool = False, device: str = "cpu",
-          progress: bool = True) -> Path:
-    """Train a detector; returns the path of the final checkpoint (`RUN_DIR/final.pt`)."""
+          progress: bool = True, init: str | Path | None = None) -> Path:
+    """Train a detector; returns the path of the final checkpoint (`RUN_DIR/final.pt`).
+
+    init: start from this checkpoint's weights (fine-tuning). Parameters the checkpoint
+    lacks (for example halting scorers added to a baseline) keep their initialisation;
+    a parameter of a different shape is an error.
+    """
     rank, world = _distributed()
     out_dir = Path(out_dir)
     t = config.train
@@ -144,6 +149,12 @@ def train(config: Config, out_dir: str | Path, resume: bool = False, device: str
     model = Detector(config.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = make_scheduler(config, optimizer)
+    if init is not None and not resume:
+        weights = load_checkpoint(init, map_location=device)["model"]
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected:
+            raise InputError(f"--init {init}: parameters this model does not have: {', '.join(unexpected[:5])}")
+        log.info("initialised from %s (%d parameters kept their initialisation)", init, len(missing))
     step, elapsed = 0, 0.0
     latest = out_dir / "latest.pt"
     if resume:

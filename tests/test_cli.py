@@ -143,3 +143,20 @@ def test_missing_dataset_and_bad_columns_are_clear_errors(tiny_run, tmp_path, ca
     np.save(tmp_path / "two.npy", np.zeros((5, 2), dtype=np.float32))
     assert main(["detect", "--checkpoint", checkpoint, str(tmp_path / "two.npy")]) == 2
     assert "two.npy" in capsys.readouterr().err
+
+
+def test_init_from_a_baseline_keeps_its_weights_and_adds_scorers(tiny_run, tmp_path):
+    import torch
+
+    from haltdet.checkpoint import load_checkpoint
+
+    out = tmp_path / "finetune"
+    assert main(["train", "--config", str(tiny_run / "tiny_halting.yaml"), "--out", str(out),
+                 "--init", str(tiny_run / "run" / "final.pt"), "--max-steps", "1", "--quiet"]) == 0
+    baseline = load_checkpoint(tiny_run / "run" / "final.pt")["model"]
+    tuned = load_checkpoint(out / "final.pt")["model"]
+    assert any(k.startswith("encoder.scorers.") for k in tuned)
+    # Shared parameters started from the baseline: after one small step they are close to it.
+    key = "encoder.layers.0.attention.value.weight"
+    assert (tuned[key] - baseline[key]).abs().max() < 0.05
+    assert not torch.equal(tuned[key], baseline[key])
