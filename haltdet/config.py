@@ -55,8 +55,7 @@ class ModelConfig:
     halt_stage_embedding: bool = False  # add a learned embedding of the halting stage
 
     def stage_thresholds(self) -> list[float]:
-        t = self.halting_threshold
-        return list(t) * len(self.halting_layers) if len(t) == 1 else list(t)
+        return per_stage(self.halting_threshold, len(self.halting_layers))
 
     def grid_size(self) -> tuple[int, int]:
         """(ny, nx) pillars of the BEV grid."""
@@ -182,6 +181,11 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def per_stage(values: list[float], stages: int) -> list[float]:
+    """One value for every halting stage: a single value is repeated."""
+    return list(values) * stages if len(values) == 1 else list(values)
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -75,9 +75,13 @@ def draw_halting(path: str | Path, pillar_coords: np.ndarray, halted_at: np.ndar
 
     pillar_coords: (T, 3) (frame, iy, ix) of frame 0's tokens; halted_at: (T,).
     """
-    r, s = model_config.point_cloud_range, model_config.pillar_size
-    centres = np.stack([r[0] + (pillar_coords[:, 2] + 0.5) * s, r[1] + (pillar_coords[:, 1] + 0.5) * s,
-                        np.zeros(len(pillar_coords))], axis=1)
+    import torch
+
+    from haltdet.model.pillars import pillar_centres
+
+    xy = pillar_centres(torch.as_tensor(pillar_coords), model_config.point_cloud_range,
+                        model_config.pillar_size).numpy()
+    centres = np.concatenate([xy, np.zeros((len(xy), 1))], axis=1)
     layers = model_config.num_layers
     return draw_bev(path, centres, gt_boxes, gt_labels, pred_boxes, pred_labels, extent=extent,
                     point_colours=halted_at.astype(np.float64), colour_label=f"layers processed (of {layers})",

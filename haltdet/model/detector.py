@@ -8,12 +8,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from haltdet.config import ModelConfig
 from haltdet.boxes import points_in_boxes
+from haltdet.config import ModelConfig, per_stage
 from haltdet.model.encoder import EncoderOutput, SparseWindowEncoder
 from haltdet.model.head import (BEVBackbone, CenterHead, Detections, HeadTargets, build_targets,
                                 decode, heatmap_focal_loss, regression_loss, scatter_to_bev)
-from haltdet.model.pillars import PillarFeatureNet, PointBatch, Tokens
+from haltdet.model.pillars import PillarFeatureNet, PointBatch, Tokens, pillar_centres
 
 
 @dataclass
@@ -76,10 +76,9 @@ class Detector(nn.Module):
         """Change the halting decision knobs (per stage) without retraining."""
         stages = len(self.config.halting_layers)
         if thresholds is not None:
-            self.encoder.thresholds = list(thresholds) * stages if len(thresholds) == 1 else list(thresholds)
+            self.encoder.thresholds = per_stage(thresholds, stages)
         if keep_ratios is not None:
-            self.encoder.keep_ratios = (list(keep_ratios) * stages if len(keep_ratios) == 1
-                                        else list(keep_ratios)) or None
+            self.encoder.keep_ratios = per_stage(keep_ratios, stages) or None
         if max_tokens is not None:
             self.encoder.max_tokens = max_tokens
 
@@ -139,10 +138,8 @@ class Detector(nn.Module):
         box enlarged by `margin` metres on every side)."""
         inside = torch.zeros(tokens.coords.shape[0], dtype=torch.bool)
         coords = tokens.coords.cpu()
-        r, s = self.config.point_cloud_range, self.config.pillar_size
-        centres = torch.stack([r[0] + (coords[:, 2].float() + 0.5) * s,
-                               r[1] + (coords[:, 1].float() + 0.5) * s,
-                               torch.zeros(coords.shape[0])], dim=1)
+        centres = pillar_centres(coords, self.config.point_cloud_range, self.config.pillar_size)
+        centres = torch.cat([centres, torch.zeros(coords.shape[0], 1)], dim=1)
         for frame, frame_boxes in enumerate(boxes):
             if len(frame_boxes) == 0:
                 continue

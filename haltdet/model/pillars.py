@@ -117,6 +117,12 @@ class PillarFeatureNet(nn.Module):
         return Tokens(pooled, coords, batch.batch_size)
 
 
+def pillar_centres(coords: torch.Tensor, point_cloud_range: list[float], pillar_size: float) -> torch.Tensor:
+    """(T, 3) (frame, iy, ix) pillar coordinates -> (T, 2) float (x, y) pillar centres, metres."""
+    return torch.stack([point_cloud_range[0] + (coords[:, 2].float() + 0.5) * pillar_size,
+                        point_cloud_range[1] + (coords[:, 1].float() + 0.5) * pillar_size], dim=1)
+
+
 def _scatter_max(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     """Per-group max of rows of `values` (groups given by `index`). ReLU outputs are >= 0,
     so initialising with zeros is exact."""
