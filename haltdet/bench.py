@@ -44,11 +44,11 @@ def time_stages(model, points: torch.Tensor, device: torch.device) -> dict[str, 
     times["encoder"] = time.perf_counter() - start
     start = time.perf_counter()
     bev = scatter_to_bev(model.bev_features(encoded), tokens.coords, 1, model.grid)
-    heatmap, regression = model.head(model.bev(bev))
+    heatmap, regression, iou = model.head(model.bev(bev))
     _sync(device)
     times["bev_head"] = time.perf_counter() - start
     start = time.perf_counter()
-    model.decode(DetectorOutput(heatmap, regression, tokens, encoded))
+    model.decode(DetectorOutput(heatmap, regression, tokens, encoded, iou))
     _sync(device)
     times["decode"] = time.perf_counter() - start
     times["total"] = sum(times[s] for s in STAGES)

@@ -297,6 +297,23 @@ def iou_3d(boxes_a, boxes_b):
     return _pairwise_iou(boxes_a, boxes_b, three_d=True)
 
 
+def iou_3d_paired(boxes_a, boxes_b):
+    """3D IoU of boxes_a[k] with boxes_b[k] for every k: (K, 7) x (K, 7) -> (K,), computed
+    like :func:`iou_3d` (same kind and dtype rules)."""
+    a, was_numpy = _as_tensor(boxes_a)
+    b, _ = _as_tensor(boxes_b)
+    _check_boxes(a, "boxes_a")
+    _check_boxes(b, "boxes_b")
+    if a.shape[0] != b.shape[0]:
+        from haltdet import InputError
+
+        raise InputError(f"paired IoU needs as many boxes in a as in b, got {a.shape[0]} and {b.shape[0]}")
+    out_dtype = a.dtype if a.is_floating_point() else torch.float32
+    geo = _PairGeometry(a.to(torch.float64), b.to(device=a.device, dtype=torch.float64), three_d=True)
+    index = torch.arange(a.shape[0], device=a.device)
+    return _back(geo.exact(index, index).to(out_dtype), was_numpy)
+
+
 def nms_bev(boxes, scores, iou_threshold: float, max_output: int | None = None) -> torch.Tensor:
     """Greedy non-maximum suppression with rotated BEV IoU.
 

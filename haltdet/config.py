@@ -42,9 +42,13 @@ class ModelConfig:
     score_threshold: float = 0.05
     max_detections: int = 200
     nms_iou: list[float] = field(default_factory=lambda: [0.2, 0.2, 0.2])  # per class
+    # IoU branch: predicts each box's 3D IoU; scores become heatmap^(1-a) * IoU^a (a per class)
+    iou_head: bool = False
+    iou_rectify: list[float] = field(default_factory=lambda: [0.68, 0.71, 0.65])
     # targets
     min_gaussian_radius: int = 1
     gaussian_overlap: float = 0.1
+    regression_radius: int = 0  # also regress at cells up to this far from an object's centre cell
     # token halting (empty halting_layers: the baseline, no halting)
     halting_layers: list[int] = field(default_factory=list)  # [2, 4]: after layers 2 and 4
     halting_threshold: list[float] = field(default_factory=lambda: [0.5])  # one, or one per stage
@@ -88,6 +92,9 @@ class ModelConfig:
         _check(self.bev_stride in (1, 2, 4), "model.bev_stride", "must be 1, 2 or 4")
         _check(len(self.nms_iou) == 3, "model.nms_iou", "needs one value per class")
         _check(0 <= self.score_threshold < 1, "model.score_threshold", "must be in [0, 1)")
+        _check(len(self.iou_rectify) == 3 and all(0 <= a <= 1 for a in self.iou_rectify),
+               "model.iou_rectify", "needs one value in [0, 1] per class")
+        _check(0 <= self.regression_radius <= 3, "model.regression_radius", "must be in 0..3")
         stages = self.halting_layers
         _check(all(0 < layer < self.num_layers for layer in stages) and stages == sorted(set(stages)),
                "model.halting_layers", f"must be increasing layer counts in 1..{self.num_layers - 1}")
@@ -144,6 +151,7 @@ class TrainConfig:
     heatmap_weight: float = 1.0
     regression_weight: float = 0.25
     direction_weight: float = 0.2  # binary cross-entropy of the heading direction
+    iou_weight: float = 1.0  # L1 of the IoU prediction (models with model.iou_head)
     # non-uniform token sparsity loss (halting models): lambda * mean(weight_i * score_i)
     sparsity_weight: float = 0.0  # lambda
     sparsity_uniform: bool = False  # one weight (background's) for every token: the ablation

@@ -12,7 +12,7 @@ from haltdet.boxes import points_in_boxes
 from haltdet.config import ModelConfig, per_stage
 from haltdet.model.encoder import EncoderOutput, SparseWindowEncoder
 from haltdet.model.head import (BEVBackbone, CenterHead, Detections, HeadTargets, build_targets,
-                                decode, heatmap_focal_loss, regression_loss, scatter_to_bev)
+                                decode, heatmap_focal_loss, iou_loss, regression_loss, scatter_to_bev)
 from haltdet.model.pillars import PillarFeatureNet, PointBatch, Tokens, pillar_centres
 
 
@@ -20,15 +20,17 @@ from haltdet.model.pillars import PillarFeatureNet, PointBatch, Tokens, pillar_c
 class DetectorOutput:
     """Raw outputs of a forward pass.
 
-    heatmap: (B, 3, H, W) class logits; regression: (B, 8, H, W);
+    heatmap: (B, 3, H, W) class logits; regression: (B, 9, H, W);
     tokens: the pillar tokens entering the encoder (coords give each token's pillar);
-    encoded: the encoder's output (features, layer at which each token halted, scores).
+    encoded: the encoder's output (features, layer at which each token halted, scores);
+    iou: (B, 1, H, W) predicted 2 * IoU - 1, or None (no IoU branch).
     """
 
     heatmap: torch.Tensor
     regression: torch.Tensor
     tokens: Tokens
     encoded: EncoderOutput | None = None
+    iou: torch.Tensor | None = None
 
 
 class Detector(nn.Module):
@@ -49,7 +51,7 @@ class Detector(nn.Module):
                                 if config.halt_stage_embedding and config.halting_layers else None)
         self.bev = BEVBackbone(config.d_model, config.bev_channels, config.bev_convs,
                                config.bev_stride)
-        self.head = CenterHead(config.bev_channels, config.head_channels)
+        self.head = CenterHead(config.bev_channels, config.head_channels, config.iou_head)
         # CPU convolutions (oneDNN) run about twice as fast on channels-last tensors.
         self.bev.to(memory_format=torch.channels_last)
         self.head.to(memory_format=torch.channels_last)
@@ -101,13 +103,14 @@ class Detector(nn.Module):
         tokens = self.pillar_net(batch)
         encoded = self.encoder(tokens.features, tokens.coords, batch.batch_size, masked)
         bev = scatter_to_bev(self.bev_features(encoded), tokens.coords, batch.batch_size, self.grid)
-        heatmap, regression = self.head(self.bev(bev))
-        return DetectorOutput(heatmap, regression, tokens, encoded)
+        heatmap, regression, iou = self.head(self.bev(bev))
+        return DetectorOutput(heatmap, regression, tokens, encoded, iou)
 
     def targets(self, boxes: list[np.ndarray], labels: list[np.ndarray]) -> HeadTargets:
         """Targets for frames' boxes (ignored boxes already removed)."""
         return build_targets(boxes, labels, self.head_grid, self.range_min, self.cell_size,
-                             self.config.min_gaussian_radius, self.config.gaussian_overlap)
+                             self.config.min_gaussian_radius, self.config.gaussian_overlap,
+                             self.config.regression_radius)
 
     def loss(self, output: DetectorOutput, targets: HeadTargets, train=None,
              boxes: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
@@ -125,6 +128,10 @@ class Detector(nn.Module):
                  + train.direction_weight * direction)
         losses = {"heatmap": heatmap.detach(), "regression": regression.detach(),
                   "direction": direction.detach()}
+        if output.iou is not None:
+            iou = iou_loss(output.iou, output.regression, targets, self.range_min, self.cell_size)
+            total = total + train.iou_weight * iou
+            losses["iou"] = iou.detach()
         if self.halting and train.sparsity_weight > 0:
             sparsity = self.sparsity_loss(output, train, boxes)
             total = total + train.sparsity_weight * sparsity
@@ -173,7 +180,8 @@ class Detector(nn.Module):
     def decode(self, output: DetectorOutput) -> list[Detections]:
         c = self.config
         return decode(output.heatmap, output.regression, self.range_min, self.cell_size,
-                      c.score_threshold, c.max_detections, c.nms_iou)
+                      c.score_threshold, c.max_detections, c.nms_iou, iou=output.iou,
+                      iou_rectify=c.iou_rectify)
 
     @torch.no_grad()
     def detect(self, batch: PointBatch) -> list[Detections]:
