@@ -4,6 +4,8 @@
 synthetic frames in one process, interleaving the models frame by frame so machine
 noise hits them alike, and reports each stage's median latency and the ratios against
 the first model (the baseline). Timings are wall-clock medians over frames.
+`--points N` times frames of N points (`bench_cloud`), e.g. 2,000,000 to see the input
+caps bound time and memory; "points" and "tokens" are what reached the model after them.
 """
 
 from __future__ import annotations
@@ -53,19 +55,32 @@ def time_stages(model, points: torch.Tensor, device: torch.device) -> dict[str, 
     times["decode"] = time.perf_counter() - start
     times["total"] = sum(times[s] for s in STAGES)
     times["tokens"] = tokens.features.shape[0]
+    times["points_used"] = tokens.points_used
     return times
+
+
+def bench_cloud(seed: int, points: int = 0) -> torch.Tensor:
+    """A synthetic frame; with `points` > 0, topped up to exactly that many points (or cut)
+    with points scattered uniformly over 150 x 150 x 6 m around the sensor, which fill
+    every pillar of the range: a worst case for the input caps (`model.max_pillars`,
+    `model.max_points`)."""
+    from haltdet.data.synth import simulate_frame
+
+    cloud = simulate_frame(seed).points[:points or None]
+    extra = max(0, points - len(cloud))
+    scatter = np.random.default_rng(seed).uniform([-75, -75, -3, 0], [75, 75, 3, 1], (extra, 4))
+    return torch.from_numpy(np.concatenate([cloud, scatter.astype(np.float32)]))
 
 
 def run_benchmark(args) -> dict:
     from haltdet.checkpoint import load_model
-    from haltdet.data.synth import simulate_frame
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     names = list(args.checkpoint)
     models = [load_model(name, device)[0] for name in names]
-    clouds = [torch.from_numpy(simulate_frame(10_000 + i).points) for i in range(args.frames)]
+    clouds = [bench_cloud(10_000 + i, args.points) for i in range(args.frames)]
     for model in models:  # warm-up: allocator, thread pools, lazy init
         for cloud in clouds[:args.warmup]:
             time_stages(model, cloud, device)
@@ -79,9 +94,10 @@ def run_benchmark(args) -> dict:
     report = {"device": str(device), "threads": torch.get_num_threads(), "frames": len(clouds),
               "points_per_frame": float(np.mean([len(c) for c in clouds])), "models": []}
     for name, rows in zip(names, records):
-        median = {k: float(np.median([r[k] for r in rows])) for k in (*STAGES, "total", "tokens")}
+        median = {k: float(np.median([r[k] for r in rows])) for k in (*STAGES, "total", "tokens", "points_used")}
         entry = {"checkpoint": str(name), "median_seconds": {k: median[k] for k in (*STAGES, "total")},
-                 "tokens": median["tokens"], "frames_per_second": 1.0 / median["total"],
+                 "tokens": median["tokens"], "points_used": median["points_used"],
+                 "frames_per_second": 1.0 / median["total"],
                  "encoder_share": median["encoder"] / median["total"]}
         report["models"].append(entry)
     base = report["models"][0]["median_seconds"]
@@ -102,12 +118,12 @@ def run_benchmark(args) -> dict:
 def _print_report(report: dict) -> None:
     print(f"device {report['device']}, {report['threads']} threads, {report['frames']} frames, "
           f"{report['points_per_frame']:.0f} points/frame; medians in ms")
-    header = f"{'checkpoint':<28}{'tokens':>8}" + "".join(f"{s:>10}" for s in (*STAGES, "total")) \
+    header = f"{'checkpoint':<28}{'points':>9}{'tokens':>8}" + "".join(f"{s:>10}" for s in (*STAGES, "total")) \
         + f"{'fps':>7}{'enc share':>10}{'enc x':>7}{'total x':>8}"
     print(header)
     for m in report["models"]:
         t = m["median_seconds"]
-        print(f"{m['checkpoint'][-28:]:<28}{m['tokens']:>8.0f}"
+        print(f"{m['checkpoint'][-28:]:<28}{m['points_used']:>9.0f}{m['tokens']:>8.0f}"
               + "".join(f"{t[s] * 1000:>10.1f}" for s in (*STAGES, "total"))
               + f"{m['frames_per_second']:>7.2f}{m['encoder_share']:>10.2f}"
               + f"{m['ratio_to_first']['encoder']:>7.2f}{m['ratio_to_first']['total']:>8.2f}")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
-from haltdet import CLASSES, HaltdetError
+from haltdet import CLASSES, HaltdetError, InputError
 
 DEFAULT_CHECKPOINT = "baseline"
 DEMO_SEED = 20261124  # not a seed of the training or validation splits
@@ -18,9 +19,32 @@ DEMO_SEED = 20261124  # not a seed of the training or validation splits
 def _device(name: str) -> str:
     import torch
 
-    if name == "cuda" and not torch.cuda.is_available():
-        raise HaltdetError("--device cuda: CUDA is not available on this machine")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise HaltdetError(f"--device {name}: not a device name ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HaltdetError(f"--device {name}: CUDA is not available on this machine")
     return name
+
+
+def _data_frame_ids(source, spec, wanted: list[str] | None) -> list[str]:
+    """The frame ids of a source to use: `wanted` (each must exist) or all of them."""
+    ids = source.frame_ids()
+    if not ids:
+        raise InputError(f"{spec}: no frames")
+    missing = [f for f in wanted or [] if f not in set(ids)]
+    if missing:
+        raise InputError(f"{spec}: no frame(s) {missing} (it has {len(ids)}: {', '.join(ids[:5])}"
+                         f"{', ...' if len(ids) > 5 else ''})")
+    return list(wanted) if wanted else ids
+
+
+def _is_data_spec(text: str) -> bool:
+    """True for FORMAT:PATH and haltdet dataset directories (not for points files)."""
+    from haltdet.data.formats import parse_spec
+
+    return parse_spec(text)[0] is not None or Path(text).is_dir()
 
 
 def cmd_demo(args) -> None:
@@ -33,7 +57,15 @@ def cmd_demo(args) -> None:
 
     model, config = load_model(args.checkpoint, _device(args.device))
     gt_boxes = gt_labels = None
-    if args.input:
+    if args.input and _is_data_spec(args.input):
+        from haltdet.data.formats import open_data
+        data = open_data(args.input)
+        frame_id = _data_frame_ids(data, args.input, [args.frame] if args.frame else None)[0]
+        frame = data.read(frame_id)
+        keep = frame.difficulty > 0
+        points, gt_boxes, gt_labels = frame.points, frame.boxes[keep], frame.labels[keep]
+        source = f"{args.input} frame {frame_id}"
+    elif args.input:
         from haltdet.data.frames import load_points_file
         points = load_points_file(args.input)
         source = str(args.input)
@@ -94,7 +126,8 @@ def cmd_train(args) -> None:
     config.validate()
     final = train(config, args.out, resume=args.resume, device=_device(args.device),
                   progress=not args.quiet, init=args.init)
-    print(f"final checkpoint: {final}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
+        print(f"final checkpoint: {final}")
 
 
 def cmd_eval(args) -> None:
@@ -137,26 +170,63 @@ def cmd_eval_boxes(args) -> None:
 
 
 def cmd_detect(args) -> None:
+    import torch
+    from tqdm import tqdm
+
     from haltdet.checkpoint import load_model
+    from haltdet.data.formats import open_data
     from haltdet.data.frames import load_points_file
     from haltdet.predict import detect_points
 
+    if (args.points is None) == (args.data is None):
+        raise InputError("detect: give either a points file or --data (not both)")
+    if args.frame and args.data is None:
+        raise InputError("detect: --frame needs --data")
     model, _ = load_model(args.checkpoint, _device(args.device))
-    points = load_points_file(args.points, columns=args.columns)
-    import torch
-    with torch.no_grad():
-        detections = detect_points(model, points, args.device)
-    frame = {"frame_id": Path(args.points).stem,
-             "boxes": detections.boxes.tolist(),
-             "labels": [CLASSES[i] for i in detections.labels.tolist()],
-             "scores": detections.scores.tolist()}
+    if args.data is not None:
+        data = open_data(args.data)
+        ids = _data_frame_ids(data, args.data, args.frame)
+        clouds = ((fid, data.read(fid).points) for fid in ids)
+    else:
+        ids = [Path(args.points).stem]
+        clouds = iter([(ids[0], load_points_file(args.points, columns=args.columns))])
+    frames = []
+    for frame_id, points in tqdm(clouds, total=len(ids), desc="detect", unit="frame",
+                                 disable=len(ids) < 2, dynamic_ncols=True):
+        with torch.no_grad():
+            detections = detect_points(model, points, args.device)
+        frames.append({"frame_id": frame_id,
+                       "boxes": detections.boxes.tolist(),
+                       "labels": [CLASSES[i] for i in detections.labels.tolist()],
+                       "scores": detections.scores.tolist()})
     text = json.dumps({"box_convention": "x, y, z (centre), l, w, h, yaw (ccw from +x), LiDAR frame, metres",
-                       "frames": [frame]}, indent=1)
+                       "frames": frames}, indent=1)
     if args.json:
         Path(args.json).write_text(text)
-        print(f"{len(frame['boxes'])} detections written to {args.json}")
+        print(f"{sum(len(f['boxes']) for f in frames)} detections in {len(frames)} frame(s) written to {args.json}")
     else:
         print(text)
+
+
+def cmd_convert(args) -> None:
+    from tqdm import tqdm
+
+    from haltdet import __version__
+    from haltdet.data.formats import open_format
+    from haltdet.data.frames import write_dataset_index, write_frame
+
+    source = open_format(args.source_format, args.src)
+    ids = _data_frame_ids(source, args.src, None)
+    boxes = 0
+    for frame_id in tqdm(ids, desc=f"convert {args.source_format}", unit="frame", disable=args.quiet,
+                         dynamic_ncols=True):
+        frame = source.read(frame_id)
+        boxes += frame.num_objects
+        write_frame(args.out, frame)
+    path = write_dataset_index(args.out, ids, meta={
+        "source": args.source_format, "source_path": str(Path(args.src).resolve()),
+        "converted_by": f"haltdet {__version__}"})
+    print(f"wrote {len(ids)} frames ({boxes} boxes) to {path}")
 
 
 def cmd_diagnose(args) -> None:
@@ -183,6 +253,17 @@ def cmd_bench(args) -> None:
     run_benchmark(args)
 
 
+def _count(minimum: int):
+    """argparse type: an integer >= minimum (else a usage error, exit code 2)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    parse.__name__ = "integer"  # how argparse names the type in messages
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haltdet", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -191,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="detect objects in a synthetic frame with the bundled model")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint file or bundled name")
     p.add_argument("--seed", type=int, default=DEMO_SEED, help="seed of the synthetic frame")
-    p.add_argument("--input", help="a points file to use instead of a synthetic frame")
+    p.add_argument("--input", help="a points file, or data (FORMAT:PATH or a dataset directory) whose "
+                                   "frame is drawn with its ground truth, instead of a synthetic frame")
+    p.add_argument("--frame", help="frame id of --input data (default: its first frame)")
     p.add_argument("--out", default="haltdet_demo.png", help="BEV picture to write")
     p.add_argument("--min-score", type=float, default=0.3, help="score to print/draw a detection")
     p.add_argument("--device", default="cpu")
@@ -214,15 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--init", help="start from this checkpoint's weights (fine-tuning; new parameters keep their init)")
-    p.add_argument("--train-data", help="override data.train")
+    p.add_argument("--train-data", help="override data.train (dataset directory or FORMAT:PATH)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="Waymo-style AP/APH of a checkpoint on a dataset")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    p.add_argument("--data", required=True, help="dataset directory")
+    p.add_argument("--data", required=True, help="dataset directory or FORMAT:PATH (e.g. kitti:DIR)")
     p.add_argument("--json", help="write the metrics here")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=_count(1), default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threshold", type=float, nargs="+", help="halting threshold(s): one, or one per stage")
     p.add_argument("--keep-ratio", type=float, nargs="+", help="keep ratio(s) per stage instead of thresholds")
@@ -236,17 +319,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the metrics here")
     p.set_defaults(func=cmd_eval_boxes)
 
-    p = sub.add_parser("detect", help="detect objects in a points file")
-    p.add_argument("points", help=".bin (float32 rows), .npy, .npz frame, .txt/.csv")
+    p = sub.add_parser("detect", help="detect objects in a points file or in frames of a dataset")
+    p.add_argument("points", nargs="?", help=".bin (float32 rows), .npy, .npz frame, .txt/.csv")
+    p.add_argument("--data", help="instead of a points file: dataset directory or FORMAT:PATH")
+    p.add_argument("--frame", action="append", help="frame id of --data (repeatable; default: every frame)")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--columns", type=int, default=4, help="float32 columns per point in a .bin file")
     p.add_argument("--json", help="write detections here (default: print)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_detect)
 
+    p = sub.add_parser("convert", help="convert a real dataset (kitti, nuscenes, av2, ...) to haltdet frames")
+    p.add_argument("src", help="the dataset's folder (see docs/data_format.md)")
+    p.add_argument("--from", dest="source_format", required=True, metavar="FORMAT",
+                   help="kitti, nuscenes, av2, waymo, waymo-v2")
+    p.add_argument("--out", required=True, help="haltdet dataset directory to write")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("diagnose", help="oracle table: how much AP each box error (xy, z, size, yaw) costs")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    p.add_argument("--data", required=True, help="dataset directory")
+    p.add_argument("--data", required=True, help="dataset directory or FORMAT:PATH (e.g. kitti:DIR)")
     p.add_argument("--json", help="write the table here")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
@@ -255,10 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency, throughput and memory of models, against the first")
     p.add_argument("--checkpoint", action="append",
                    help="checkpoint to time; repeat to compare (ratios are against the first)")
-    p.add_argument("--frames", type=int, default=5, help="synthetic frames to time")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--frames", type=_count(1), default=5, help="synthetic frames to time")
+    p.add_argument("--points", type=_count(0), default=0,
+                   help="points per frame (topped up with scattered points; 0: the frames as simulated)")
+    p.add_argument("--warmup", type=_count(0), default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=_count(0), default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", help="write the results here")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -8,6 +8,8 @@ rejected with a `ConfigError` that names the key.
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,10 @@ class ModelConfig:
         default_factory=lambda: [-61.44, -61.44, -4.0, 61.44, 61.44, 3.0])
     pillar_size: float = 0.32
     pfn_channels: list[int] = field(default_factory=lambda: [32, 64])
+    # input bounds per frame, 0 = no cap (haltdet/model/pillars.py): far above real frames
+    max_pillars: int = 65536  # non-empty pillars (tokens) kept: the nearest to the sensor
+    max_points: int = 400_000  # points kept: the densest pillars are thinned first
+    max_points_per_pillar: int = 0
     d_model: int = 64
     num_heads: int = 4
     ffn_dim: int = 128
@@ -73,14 +79,18 @@ class ModelConfig:
         _check(len(r) == 6, "model.point_cloud_range", "needs 6 numbers")
         _check(r[0] < r[3] and r[1] < r[4] and r[2] < r[5], "model.point_cloud_range",
                "min must be below max on every axis")
-        _check(self.pillar_size > 0, "model.pillar_size", "must be positive")
+        _check(all(math.isfinite(v) for v in r), "model.point_cloud_range", "must be finite")
+        _check(0 < self.pillar_size < math.inf, "model.pillar_size", "must be positive")
         ny, nx = self.grid_size()
+        _check(nx * ny <= 2**26, "model.pillar_size", f"gives a {ny}x{nx} grid, more than 2**26 pillars")
+        _check(self.bev_stride in (1, 2, 4), "model.bev_stride", "must be 1, 2 or 4")
         for extent, n in ((r[3] - r[0], nx), (r[4] - r[1], ny)):
             _check(abs(n * self.pillar_size - extent) < 1e-6, "model.pillar_size",
                    f"must divide the range extent {extent} evenly")
         _check(ny % (self.bev_stride * 2) == 0 and nx % (self.bev_stride * 2) == 0,
                "model.bev_stride", f"grid {ny}x{nx} must be divisible by 2*bev_stride")
-        _check(self.d_model % self.num_heads == 0, "model.num_heads", "must divide d_model")
+        _check(self.num_heads >= 1 and self.d_model % self.num_heads == 0, "model.num_heads",
+               "must divide d_model")
         _check(self.d_model % 4 == 0, "model.d_model", "must be a multiple of 4")
         _check(self.num_layers >= 1, "model.num_layers", "must be >= 1")
         _check(self.window_size >= 2, "model.window_size", "must be >= 2")
@@ -89,8 +99,13 @@ class ModelConfig:
         _check(self.pfn_channels[-1] == self.d_model, "model.pfn_channels",
                "last entry must equal d_model")
         _check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
-        _check(self.bev_stride in (1, 2, 4), "model.bev_stride", "must be 1, 2 or 4")
-        _check(len(self.nms_iou) == 3, "model.nms_iou", "needs one value per class")
+        for key in ("ffn_dim", "bev_channels", "head_channels", "max_detections"):
+            _check(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
+        for key in ("bev_convs", "min_gaussian_radius", "max_pillars", "max_points", "max_points_per_pillar"):
+            _check(getattr(self, key) >= 0, f"model.{key}", "must be >= 0")
+        _check(0 < self.gaussian_overlap < 1, "model.gaussian_overlap", "must be in (0, 1)")
+        _check(len(self.nms_iou) == 3 and all(0 <= t <= 1 for t in self.nms_iou), "model.nms_iou",
+               "needs one value in [0, 1] per class")
         _check(0 <= self.score_threshold < 1, "model.score_threshold", "must be in [0, 1)")
         _check(len(self.iou_rectify) == 3 and all(0 <= a <= 1 for a in self.iou_rectify),
                "model.iou_rectify", "needs one value in [0, 1] per class")
@@ -127,7 +142,8 @@ class DataConfig:
         _check(0 <= self.rotation <= 3.1416, "data.rotation", "must be in [0, pi]")
         _check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1], "data.scale",
                "needs [low, high] with 0 < low <= high")
-        _check(len(self.gt_sampling_max) == 3, "data.gt_sampling_max", "needs one per class")
+        _check(len(self.gt_sampling_max) == 3 and min(self.gt_sampling_max) >= 0, "data.gt_sampling_max",
+               "needs one count >= 0 per class")
 
 
 @dataclass
@@ -147,6 +163,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA (ignored on CPU unless cpu_bf16)
     cpu_bf16: bool = False  # bfloat16 autocast on CPU (AMX units make it much faster)
     max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact resumes on CUDA too
     # loss weights
     heatmap_weight: float = 1.0
     regression_weight: float = 0.25
@@ -158,11 +175,18 @@ class TrainConfig:
     sparsity_fg_weight: float = 0.0  # tokens inside (enlarged) ground-truth boxes; < 0 keeps them
     sparsity_bg_weight: float = 1.0  # every other token
     sparsity_margin: float = 0.5  # metres added to each box half-extent for "inside"
+    # lambda is 0 until sparsity_start * max_steps, then rises linearly to sparsity_weight
+    # over sparsity_ramp * max_steps: from scratch, the scores must learn what an object
+    # looks like before background is pushed to halt (without it every token halts early)
+    sparsity_start: float = 0.0
+    sparsity_ramp: float = 0.0
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(0 <= self.seed < 2**32, "train.seed", "must be in [0, 2**32)")
         _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
-        _check(self.lr > 0, "train.lr", "must be positive")
+        _check(0 < self.lr < math.inf, "train.lr", "must be positive and finite")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(self.schedule in ("onecycle", "cosine"), "train.schedule",
                "must be 'onecycle' or 'cosine'")
         _check(0 <= self.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
@@ -172,6 +196,15 @@ class TrainConfig:
         _check(self.max_minutes >= 0, "train.max_minutes", "must be >= 0")
         _check(self.sparsity_weight >= 0, "train.sparsity_weight", "must be >= 0")
         _check(self.sparsity_margin >= 0, "train.sparsity_margin", "must be >= 0")
+        _check(0 <= self.sparsity_start < 1 and 0 <= self.sparsity_ramp <= 1, "train.sparsity_start",
+               "sparsity_start must be in [0, 1) and sparsity_ramp in [0, 1]")
+
+    def sparsity_at(self, step: int) -> float:
+        """The sparsity weight lambda at a training step."""
+        start, ramp = self.sparsity_start * self.max_steps, self.sparsity_ramp * self.max_steps
+        if step < start:
+            return 0.0
+        return self.sparsity_weight * (min(1.0, (step - start) / ramp) if ramp > 0 else 1.0)
 
 
 @dataclass
@@ -233,8 +266,9 @@ def _coerce(value, hint, path: str):
             raise ConfigError(f"config key '{path}' must be an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{path}' must be a number, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value  # NaN
+                or abs(value) > sys.float_info.max):  # inf, or an int too large for a float
+            raise ConfigError(f"config key '{path}' must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

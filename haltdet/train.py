@@ -2,14 +2,21 @@
 
 Launch with `haltdet train --config CONFIG --out RUN_DIR`, or for N processes
 `torchrun --nproc_per_node N -m haltdet.cli train ...` (gloo on CPU, nccl on CUDA).
-The global batch is `train.batch_size`, split evenly over the processes.
+The global batch is `train.batch_size`, split evenly over the processes; rank 0 logs and
+writes the checkpoints. N processes compute the update one process computes on the
+whole batch (up to float rounding): the same global batches (`EpochSampler`), loss
+normalisers and BatchNorm statistics over the global batch (`haltdet.distributed`).
+Logged values are the global batch's.
 
-Everything random is seeded from `train.seed` and the step, so a run resumed from a
-checkpoint continues exactly as the uninterrupted run would have (on CPU).
+Everything random is seeded from `train.seed`, the epoch, the frame and the step, so a
+run resumed from `latest.pt` (also after `kill -9`) continues exactly as the
+uninterrupted run would have: bit-exact on CPU for the same thread count, and on CUDA
+with `train.deterministic: true`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -26,16 +33,23 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from haltdet import ConfigError, InputError
-from haltdet.checkpoint import load_checkpoint, save_checkpoint
+from haltdet.checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from haltdet.config import Config
 from haltdet.data.dataset import FrameFolder, collate
+from haltdet.distributed import all_reduce_sum, global_batch_losses, init_from_env, sync_batchnorm
 from haltdet.model.detector import Detector
 
 log = logging.getLogger(__name__)
 
 
 class EpochSampler(Sampler):
-    """Deterministic shuffled order per epoch, this rank's share, from a given position."""
+    """This rank's share of a deterministic shuffled order, from a given batch on.
+
+    Epoch `epoch` is a permutation seeded by (seed, epoch) cut into global batches of
+    per_rank_batch * world frames (the ragged end is dropped, so every rank does the same
+    work); rank r takes the r-th slice of each. The global batches do not depend on the
+    number of processes, and `start_batch` resumes mid-epoch.
+    """
 
     def __init__(self, size: int, seed: int, epoch: int, rank: int, world: int,
                  per_rank_batch: int, start_batch: int = 0):
@@ -55,13 +69,9 @@ class EpochSampler(Sampler):
         return len(self.indices)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one optimisation step of one process."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
 def _seed_everything(seed: int) -> None:
@@ -95,17 +105,22 @@ def autocast_context(device: torch.device, config: Config):
 
 
 class _Logger:
-    """JSONL log (always) and TensorBoard (when installed), rank 0 only."""
+    """JSONL log (always) and TensorBoard (when installed), rank 0 only. Entries after
+    `step` (left by a killed run that is now resumed from `step`) are dropped."""
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    def __init__(self, out_dir: Path, enabled: bool, step: int):
         self.enabled = enabled
         self.writer = None
         if not enabled:
             return
-        self.jsonl = open(out_dir / "log.jsonl", "a")
+        path = out_dir / "log.jsonl"
+        kept = [line + "\n" for line in (path.read_text().splitlines() if path.exists() else [])
+                if _logged_step(line) <= step]
+        path.write_text("".join(kept))
+        self.jsonl = open(path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=step or None)
         except ImportError:
             log.info("tensorboard not installed: JSONL log only")
 
@@ -126,46 +141,79 @@ class _Logger:
                 self.writer.close()
 
 
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line torn by a kill
+        return math.inf
+
+
+def _set_deterministic(device: torch.device) -> None:
+    """Deterministic kernels only (an error where torch has none). CPU training is already
+    deterministic for a fixed thread count; this matters on CUDA."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+
+
+def _mean_over_processes(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    """Logged values: the mean over processes (for losses, the global batch's loss)."""
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+    if world > 1:
+        stacked = all_reduce_sum(stacked) / world
+    return dict(zip(values, stacked.tolist()))
+
+
 def train(config: Config, out_dir: str | Path, resume: bool = False, device: str = "cpu",
           progress: bool = True, init: str | Path | None = None) -> Path:
     """Train a detector; returns the path of the final checkpoint (`RUN_DIR/final.pt`).
 
+    resume: continue from `RUN_DIR/latest.pt` (model, optimizer, scheduler, RNG states,
+    step; the data order follows from the step), e.g. after the process was killed.
     init: start from this checkpoint's weights (fine-tuning). Parameters the checkpoint
     lacks (for example halting scorers added to a baseline) keep their initialisation;
     a parameter of a different shape is an error.
     """
-    rank, world = _distributed()
-    out_dir = Path(out_dir)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda requested but CUDA is not available")
+    rank, world, device = init_from_env(device)
     t = config.train
     if t.batch_size % world:
         raise ConfigError(f"config key 'train.batch_size': {t.batch_size} does not split over "
                           f"{world} processes")
-    per_rank_batch = t.batch_size // world
-    device = torch.device(device if device != "cuda" or world == 1 else f"cuda:{rank % torch.cuda.device_count()}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda requested but CUDA is not available")
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if t.deterministic:
+        _set_deterministic(device)
+    try:
+        return _train(config, Path(out_dir), resume, device, progress, init, rank, world)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
 
+
+def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, progress: bool,
+           init, rank: int, world: int) -> Path:
+    t = config.train
     _seed_everything(t.seed)
     model = Detector(config.model).to(device)
+    if world > 1:
+        sync_batchnorm(model)  # BatchNorm over the global batch: the same update as 1 process
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = make_scheduler(config, optimizer)
     if init is not None and not resume:
         weights = load_checkpoint(init, map_location=device)["model"]
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing, unexpected = load_weights(model, weights, f"--init {init}", strict=False)
         if unexpected:
             raise InputError(f"--init {init}: parameters this model does not have: {', '.join(unexpected[:5])}")
         log.info("initialised from %s (%d parameters kept their initialisation)", init, len(missing))
+    dataset = FrameFolder(config.data.train, augment=config.data, seed=t.seed)
+    batches_per_epoch = len(dataset) // t.batch_size
+    if batches_per_epoch == 0:
+        raise InputError(f"{config.data.train}: {len(dataset)} frames, fewer than one batch of {t.batch_size}")
     step, elapsed = 0, 0.0
     latest = out_dir / "latest.pt"
     if resume:
-        if not latest.exists():
-            raise InputError(f"--resume: no checkpoint {latest} to resume from")
-        state = load_checkpoint(latest, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, elapsed = state["step"], state.get("elapsed_seconds", 0.0)
-        log.info("resumed from %s at step %d", latest, step)
+        step, elapsed = _restore(latest, model, optimizer, scheduler, device, batches_per_epoch)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -174,58 +222,65 @@ def train(config: Config, out_dir: str | Path, resume: bool = False, device: str
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    dataset = FrameFolder(config.data.train, augment=config.data, seed=t.seed)
-    batches_per_epoch = len(dataset) // t.batch_size
-    if batches_per_epoch == 0:
-        raise InputError(f"{config.data.train}: {len(dataset)} frames, fewer than one batch of {t.batch_size}")
-    logger = _Logger(out_dir, rank == 0)
+    logger = _Logger(out_dir, rank == 0, step)
     bar = tqdm(total=t.max_steps, initial=step, disable=not progress or rank != 0,
                desc="train", unit="step", dynamic_ncols=True)
     model.train()
     start_time = time.time() - elapsed
-    stopped_early = False
+    stopped_early, skipped = False, 0
 
     def checkpoint(path: Path) -> None:
         if rank == 0:
             save_checkpoint(path, {
                 "config": config.to_dict(), "model": model.state_dict(), "step": step,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "elapsed_seconds": time.time() - start_time})
+                "elapsed_seconds": time.time() - start_time, "rng": rng_state(),
+                "data": {"epoch": step // batches_per_epoch, "batches_per_epoch": batches_per_epoch},
+                "threads": torch.get_num_threads()})
 
     while step < t.max_steps and not stopped_early:
         epoch, start_batch = divmod(step, batches_per_epoch)
         dataset.set_epoch(epoch)
-        sampler = EpochSampler(len(dataset), t.seed, epoch, rank, world, per_rank_batch, start_batch)
-        loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, collate_fn=collate,
+        sampler = EpochSampler(len(dataset), t.seed, epoch, rank, world, t.batch_size // world, start_batch)
+        loader = DataLoader(dataset, batch_size=t.batch_size // world, sampler=sampler, collate_fn=collate,
                             num_workers=config.data.num_workers,
                             persistent_workers=False, prefetch_factor=4 if config.data.num_workers else None)
         for batch in loader:
             # Per-step seeding keeps any randomness in the model reproducible across resumes.
-            torch.manual_seed(t.seed * 1_000_003 + step)
+            torch.manual_seed(step_seed(t.seed, step, rank))
             boxes, labels = batch.trainable()
             targets = model.targets(boxes, labels).to(device)
             with autocast_context(device, config):
                 output = ddp_model(batch.points.to(device))
-            losses = model.loss(output, targets, t, boxes)
+            with global_batch_losses(world > 1):
+                step_config = dataclasses.replace(t, sparsity_weight=t.sparsity_at(step))
+                losses = model.loss(output, targets, step_config, boxes)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
+            # Gradients are averaged over processes, so every process decides alike.
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                skipped += 1
+                log.warning("step %d: non-finite loss or gradient, update skipped", step + 1)
             scheduler.step()
             step += 1
             bar.update(1)
             if step % t.log_every == 0 or step == t.max_steps:
-                values = {k: float(v.detach()) for k, v in losses.items()}
-                values.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                              tokens=int(output.tokens.features.shape[0]),
-                              seconds=round(time.time() - start_time, 1), epoch=epoch)
+                tokens = torch.tensor(output.tokens.features.shape[0] * world, device=device)
+                values = _mean_over_processes({**losses, "grad_norm": grad_norm, "tokens": tokens}, world)
+                values.update(lr=scheduler.get_last_lr()[0], tokens=round(values["tokens"]),
+                              seconds=round(time.time() - start_time, 1), epoch=epoch, skipped_steps=skipped)
                 logger.write(step, values)
                 bar.set_postfix(loss=f"{values['loss']:.3f}")
             if step % t.checkpoint_every == 0:
                 checkpoint(latest)
-            if t.max_minutes and time.time() - start_time > 60 * t.max_minutes:
-                log.warning("train.max_minutes reached at step %d: stopping", step)
-                stopped_early = True
+            if t.max_minutes:
+                over = torch.tensor(float(time.time() - start_time > 60 * t.max_minutes), device=device)
+                if float(all_reduce_sum(over)) > 0:  # every process stops at the same step
+                    log.warning("train.max_minutes reached at step %d: stopping", step)
+                    stopped_early = True
             if step >= t.max_steps or stopped_early:
                 break
     bar.close()
@@ -238,3 +293,30 @@ def train(config: Config, out_dir: str | Path, resume: bool = False, device: str
     if world > 1:
         dist.barrier()
     return final
+
+
+def _restore(latest: Path, model, optimizer, scheduler, device: torch.device,
+             batches_per_epoch: int) -> tuple[int, float]:
+    """Load a training checkpoint into the run; returns (step, elapsed seconds)."""
+    if not latest.exists():
+        raise InputError(f"--resume: no checkpoint {latest} to resume from")
+    state = load_checkpoint(latest, map_location=device)
+    if "optimizer" not in state:
+        raise InputError(f"{latest}: not a training checkpoint (no optimizer state) to resume from")
+    load_weights(model, state["model"], latest)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise InputError(f"{latest}: optimizer state does not fit this run ({err})") from None
+    if "rng" in state:
+        set_rng_state(state["rng"])
+    stored = state.get("data", {}).get("batches_per_epoch", batches_per_epoch)
+    if stored != batches_per_epoch:
+        log.warning("%s: %d batches per epoch then, %d now (data or batch size changed): the data "
+                    "order differs from the interrupted run's", latest, stored, batches_per_epoch)
+    if state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+        log.warning("%s: written with %d threads, running with %d: CPU results may differ in the last bits",
+                    latest, state["threads"], torch.get_num_threads())
+    log.info("resumed from %s at step %d", latest, state["step"])
+    return state["step"], state.get("elapsed_seconds", 0.0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from haltdet import InputError
-from haltdet.boxes import iou_3d, iou_bev, nms_bev
+from haltdet.boxes import iou_3d, iou_3d_paired, iou_bev, nms_bev
 
 shapely = pytest.importorskip("shapely")
 from shapely.geometry import Polygon  # noqa: E402
@@ -94,6 +94,18 @@ def test_iou_matches_shapely_random(three_d):
     ref = np.array([[_ref_iou(x, y, three_d) for y in b] for x in a])
     assert (ref > 0).sum() > 50 and (ref == 0).sum() > 20  # both overlapping and disjoint pairs
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+
+
+def test_paired_iou_matches_shapely():
+    rng = np.random.default_rng(7)
+    a, b = _random_boxes(rng, 200, spread=1.0), _random_boxes(rng, 200, spread=1.0)
+    got = iou_3d_paired(a, b)
+    assert got.shape == (200,)
+    ref = np.array([_ref_iou(x, y, True) for x, y in zip(a, b)])
+    assert (ref > 0).sum() > 50
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="as many boxes"):
+        iou_3d_paired(a, b[:3])
 
 
 @pytest.mark.parametrize("three_d", [False, True])

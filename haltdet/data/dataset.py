@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -12,7 +13,8 @@ from torch.utils.data import Dataset
 
 from haltdet.boxes import points_in_boxes, wrap_angle
 from haltdet.config import DataConfig
-from haltdet.data.frames import Frame, open_dataset, read_frame
+from haltdet.data.formats import open_data
+from haltdet.data.frames import Frame, read_frame
 from haltdet.model.pillars import PointBatch
 
 log = logging.getLogger(__name__)
@@ -52,29 +54,36 @@ def collate(frames: list[Frame]) -> Batch:
 
 
 class FrameFolder(Dataset):
-    """Frames of a dataset directory, optionally augmented.
+    """Frames of a data spec (a haltdet dataset directory or ``FORMAT:PATH``, see
+    :func:`haltdet.data.formats.open_data`), optionally augmented.
 
     Augmentation is random but reproducible: frame `i` in epoch `e` is augmented with a
     generator seeded by (seed, e, i), so runs, workers and resumes agree.
     """
 
     def __init__(self, root: str | Path, augment: DataConfig | None = None, seed: int = 0):
-        self.paths = open_dataset(root)
+        self.source = open_data(root)
+        self.frame_ids = self.source.frame_ids()
         self.augment = augment
         self.seed = seed
         self.epoch = 0
         self.gt_database = None
         if augment is not None and augment.gt_sampling:
-            self.gt_database = GTDatabase.build(self.paths)
+            self.gt_database = GTDatabase.build(self.source.read(fid) for fid in self.frame_ids)
+
+    @property
+    def paths(self) -> list[Path] | None:
+        """The frame files when the data is a haltdet dataset directory, else None."""
+        return getattr(self.source, "paths", None)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.frame_ids)
 
     def __getitem__(self, index: int) -> Frame:
-        frame = read_frame(self.paths[index])
+        frame = self.source.read(self.frame_ids[index])
         if self.augment is None:
             return frame
         rng = np.random.default_rng([self.seed, self.epoch, index])
@@ -119,15 +128,17 @@ class GTDatabase:
         self.by_class = {c: [i for i, o in enumerate(objects) if o[0] == c] for c in range(3)}
 
     @staticmethod
-    def build(paths: list[Path], min_points: int = 5) -> "GTDatabase":
-        objects = []
-        for path in paths:
-            frame = read_frame(path)
+    def build(frames: Iterable[Frame | str | Path], min_points: int = 5) -> "GTDatabase":
+        """Collect the objects with at least `min_points` points from frames (or frame files)."""
+        objects, num_frames = [], 0
+        for frame in frames:
+            frame = frame if isinstance(frame, Frame) else read_frame(frame)
+            num_frames += 1
             inside = points_in_boxes(frame.points, frame.boxes)
             for box, label, mask, count in zip(frame.boxes, frame.labels, inside, frame.num_points):
                 if count >= min_points:
                     objects.append((int(label), box.copy(), frame.points[mask].copy()))
-        log.info("ground-truth database: %d objects from %d frames", len(objects), len(paths))
+        log.info("ground-truth database: %d objects from %d frames", len(objects), num_frames)
         return GTDatabase(objects)
 
     def paste(self, frame: Frame, rng: np.random.Generator, max_per_class: list[int]) -> Frame:

@@ -58,6 +58,7 @@ IGNORED, LEVEL_1, LEVEL_2 = 0, 1, 2
 LEVEL_2_MAX_POINTS = 5
 
 POINT_FILE_EXTENSIONS = (".npy", ".bin", ".npz", ".txt", ".csv")
+MAX_BOX_SIZE = 200.0  # metres; larger boxes are malformed labels
 
 
 class DroppedPointsWarning(UserWarning):
@@ -129,7 +130,10 @@ def validate_points(points: Any, path="<points>", columns: int = 4) -> np.ndarra
 
     ``points`` must be 2-D with exactly ``columns`` columns (4 for frame files).
     """
-    arr = np.asarray(points)
+    try:
+        arr = np.asarray(points)
+    except (TypeError, ValueError) as exc:  # ragged or not numbers
+        raise _fail(path, f"points are not an array of numbers ({exc})") from None
     if arr.ndim != 2 or arr.shape[1] != columns:
         raise _fail(path, f"points must have shape (N, {columns}), got {arr.shape}")
     arr = _as_float(arr, "points", path)
@@ -149,6 +153,8 @@ def _validate_labels(arrays: dict, path) -> tuple[np.ndarray, np.ndarray, np.nda
         raise _fail(path, "boxes contain NaN or inf")
     if boxes.shape[0] and not (boxes[:, 3:6] > 0).all():
         raise _fail(path, "boxes have non-positive sizes (l, w, h must be > 0)")
+    if boxes.shape[0] and (boxes[:, 3:6] > MAX_BOX_SIZE).any():
+        raise _fail(path, f"boxes larger than {MAX_BOX_SIZE:g} m (l, w or h): not an object")
     m = boxes.shape[0]
     out = [np.ascontiguousarray(boxes)]
     for name in ("labels", "num_points", "difficulty"):

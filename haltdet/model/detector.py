@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,7 @@ from torch import nn
 
 from haltdet.boxes import points_in_boxes
 from haltdet.config import ModelConfig, per_stage
+from haltdet.distributed import batch_count
 from haltdet.model.encoder import EncoderOutput, SparseWindowEncoder
 from haltdet.model.head import (BEVBackbone, CenterHead, Detections, HeadTargets, build_targets,
                                 decode, heatmap_focal_loss, iou_loss, regression_loss, scatter_to_bev)
@@ -40,7 +42,8 @@ class Detector(nn.Module):
         self.config = config
         self.grid = config.grid_size()
         self.pillar_net = PillarFeatureNet(config.point_cloud_range, config.pillar_size,
-                                           config.pfn_channels)
+                                           config.pfn_channels, config.max_pillars, config.max_points,
+                                           config.max_points_per_pillar)
         self.encoder = SparseWindowEncoder(config.d_model, config.num_heads, config.ffn_dim,
                                            config.num_layers, config.window_size, config.dropout,
                                            config.halting_layers, config.halting_scorer, self.grid)
@@ -75,8 +78,14 @@ class Detector(nn.Module):
 
     def set_halting(self, thresholds: list[float] | None = None, keep_ratios: list[float] | None = None,
                     max_tokens: int | None = None) -> None:
-        """Change the halting decision knobs (per stage) without retraining."""
+        """Change the halting decision knobs (per stage) without retraining; invalid values
+        are a ConfigError naming the knob."""
         stages = len(self.config.halting_layers)
+        c = self.config
+        dataclasses.replace(
+            c, halting_threshold=c.halting_threshold if thresholds is None else per_stage(thresholds, stages),
+            halting_keep_ratio=c.halting_keep_ratio if keep_ratios is None else per_stage(keep_ratios, stages),
+            halting_max_tokens=c.halting_max_tokens if max_tokens is None else max_tokens).validate()
         if thresholds is not None:
             self.encoder.thresholds = per_stage(thresholds, stages)
         if keep_ratios is not None:
@@ -174,14 +183,20 @@ class Detector(nn.Module):
         per_stage = []
         for layer, scores in zip(self.config.halting_layers, encoded.scores):
             scored = (encoded.halted_at >= layer).float()
-            per_stage.append((weights * scores * scored).sum() / scored.sum().clamp(min=1))
+            per_stage.append((weights * scores * scored).sum() / batch_count(scored.sum()))
         return torch.stack(per_stage).mean()
 
     def decode(self, output: DetectorOutput) -> list[Detections]:
+        """Boxes per frame; a frame without tokens (no point in range) has none."""
         c = self.config
-        return decode(output.heatmap, output.regression, self.range_min, self.cell_size,
-                      c.score_threshold, c.max_detections, c.nms_iou, iou=output.iou,
-                      iou_rectify=c.iou_rectify)
+        detections = decode(output.heatmap, output.regression, self.range_min, self.cell_size,
+                            c.score_threshold, c.max_detections, c.nms_iou, iou=output.iou,
+                            iou_rectify=c.iou_rectify)
+        if output.tokens is None:
+            return detections
+        occupied = torch.bincount(output.tokens.coords[:, 0], minlength=len(detections)) > 0
+        return [d if o else Detections(d.boxes[:0], d.scores[:0], d.labels[:0])
+                for d, o in zip(detections, occupied.tolist())]
 
     @torch.no_grad()
     def detect(self, batch: PointBatch) -> list[Detections]:

@@ -155,8 +155,8 @@ class WindowAttention(nn.Module):
                 mask = (active[:, None, :] | self_slot)[:, None]  # (W, 1, S, S)
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             outputs.append(attended.permute(0, 2, 1, 3).reshape(-1, channels))
-        if not outputs:
-            return self.out(x.new_zeros(num_tokens, channels))
+        if not outputs:  # no tokens: an empty result that keeps every parameter in the
+            return self.out(qkv[:num_tokens, 2 * channels:])  # graph, as DDP requires
         return self.out(torch.cat(outputs).index_select(0, partition.scatter_index))
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from haltdet.boxes import iou_3d_paired, nms_bev
+from haltdet.distributed import batch_count
 
 NUM_CLASSES = 3
 REGRESSION_DIM = 9  # dx, dy, z, log l, log w, log h, sin 2yaw, cos 2yaw, direction logit
@@ -206,8 +207,7 @@ def heatmap_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     negative_weight = torch.pow(1 - target, 4)
     pos_loss = torch.log(prob) * torch.pow(1 - prob, 2) * positive
     neg_loss = torch.log(1 - prob) * torch.pow(prob, 2) * negative_weight * (1 - positive)
-    num_pos = positive.sum().clamp(min=1)
-    return -(pos_loss.sum() + neg_loss.sum()) / num_pos
+    return -(pos_loss.sum() + neg_loss.sum()) / batch_count(positive.sum())
 
 
 def _at_targets(dense: torch.Tensor, targets: HeadTargets) -> torch.Tensor:
@@ -219,14 +219,15 @@ def _at_targets(dense: torch.Tensor, targets: HeadTargets) -> torch.Tensor:
 def regression_loss(regression: torch.Tensor, targets: HeadTargets) -> tuple[torch.Tensor, torch.Tensor]:
     """At the supervised cells: L1 of the box regression (summed over its 8 values,
     weighted mean over cells) and weighted binary cross-entropy of the direction logit."""
+    total_weight = batch_count(targets.weight.sum(), minimum=1e-6)  # before any return: DDP
     if targets.cell.numel() == 0:
         zero = regression.sum() * 0
         return zero, zero
     predicted = _at_targets(regression, targets)
     weight = targets.weight
-    box = ((predicted[:, :8] - targets.regression[:, :8]).abs().sum(dim=1) * weight).sum() / weight.sum()
+    box = ((predicted[:, :8] - targets.regression[:, :8]).abs().sum(dim=1) * weight).sum() / total_weight
     direction = F.binary_cross_entropy_with_logits(predicted[:, 8], targets.regression[:, 8], weight=weight,
-                                                   reduction="sum") / weight.sum()
+                                                   reduction="sum") / total_weight
     return box, direction
 
 
@@ -234,6 +235,7 @@ def iou_loss(iou: torch.Tensor, regression: torch.Tensor, targets: HeadTargets,
              range_min: tuple[float, float], cell_size: float) -> torch.Tensor:
     """Weighted L1 between the IoU prediction and 2 * IoU - 1, where IoU is the 3D IoU of
     the box decoded at the cell (no gradient through it) with the cell's object."""
+    total_weight = batch_count(targets.weight.sum(), minimum=1e-6)  # before any return: DDP
     if targets.cell.numel() == 0:
         return iou.sum() * 0
     width = regression.shape[3]
@@ -241,7 +243,7 @@ def iou_loss(iou: torch.Tensor, regression: torch.Tensor, targets: HeadTargets,
         boxes = boxes_at_cells(_at_targets(regression, targets), targets.cell, width, range_min, cell_size)
         target = 2 * iou_3d_paired(boxes, targets.boxes).float() - 1
     predicted = _at_targets(iou, targets)[:, 0]
-    return ((predicted - target).abs() * targets.weight).sum() / targets.weight.sum()
+    return ((predicted - target).abs() * targets.weight).sum() / total_weight
 
 
 # ---------------------------------------------------------------------------- decoding

@@ -3,14 +3,30 @@
 Every non-empty BEV pillar becomes one token. A PointNet-style pillar feature net
 encodes each point with its offsets to the pillar centre and to the pillar's point
 mean, and max-pools the point features of each pillar.
+
+Input bounds (the same in training and inference, deterministic for a given input):
+  * points outside `point_cloud_range` or with a NaN/inf value are dropped; intensity is
+    clamped to [0, 1], the data format's range (readers normalise to it);
+  * per frame at most `max_pillars` pillars (tokens) are kept: those nearest the sensor
+    (ties by pillar order), so the encoder's work is bounded; a window never holds more
+    than window_size**2 tokens anyway;
+  * per pillar at most `max_points_per_pillar` points, and per frame at most `max_points`
+    points: the densest pillars are thinned first (one cap per frame, the largest that
+    fits the budget, at least 1 point per pillar), each evenly in input order.
+Each count is reported on the returned `Tokens`. 0 disables a cap.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
+
+from haltdet import InputError
+from haltdet.model.encoder import select_per_frame
 
 
 @dataclass
@@ -26,7 +42,10 @@ class PointBatch:
     batch_size: int
 
     @staticmethod
-    def from_list(clouds: list[torch.Tensor]) -> "PointBatch":
+    def from_list(clouds: Sequence) -> "PointBatch":
+        """Batch clouds: each an (N, 4) tensor or array of real numbers (converted to
+        float32); anything else is an InputError."""
+        clouds = [_as_cloud(cloud, i) for i, cloud in enumerate(clouds)]
         points = torch.cat(clouds) if clouds else torch.zeros(0, 4)
         batch_index = torch.cat([torch.full((len(c),), i, dtype=torch.long)
                                  for i, c in enumerate(clouds)]) if clouds else torch.zeros(0, dtype=torch.long)
@@ -34,6 +53,30 @@ class PointBatch:
 
     def to(self, device) -> "PointBatch":
         return PointBatch(self.points.to(device), self.batch_index.to(device), self.batch_size)
+
+    def validate(self) -> None:
+        """InputError unless the shapes, dtypes and frame indices are as documented."""
+        points, index = self.points, self.batch_index
+        if points.ndim != 2 or points.shape[1] != 4 or not points.is_floating_point():
+            raise InputError(f"points must be a float (P, 4) tensor, got {points.dtype} {tuple(points.shape)}")
+        if index.shape != points.shape[:1] or index.dtype != torch.long:
+            raise InputError(f"batch_index must be an int64 ({points.shape[0]},) tensor, "
+                             f"got {index.dtype} {tuple(index.shape)}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.batch_size):
+            raise InputError(f"batch_index values must be in [0, {self.batch_size})")
+
+
+def _as_cloud(cloud, index: int) -> torch.Tensor:
+    if not isinstance(cloud, torch.Tensor):
+        try:
+            cloud = torch.as_tensor(np.asarray(cloud))
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise InputError(f"cloud {index}: not an array of numbers ({err})") from None
+    if cloud.ndim != 2 or cloud.shape[1] != 4:
+        raise InputError(f"cloud {index}: points must have shape (N, 4), got {tuple(cloud.shape)}")
+    if cloud.dtype == torch.bool or cloud.is_complex():
+        raise InputError(f"cloud {index}: points must be real numbers, got {cloud.dtype}")
+    return cloud.float()
 
 
 @dataclass
@@ -44,11 +87,18 @@ class Tokens:
     coords: (T, 3) int64: frame index, pillar row iy, pillar column ix.
       Pillar (iy, ix) covers x in [x_min + ix * s, x_min + (ix + 1) * s), same for y.
     Tokens are sorted by (frame, iy, ix).
+    Counts over the batch: points_used entered the features; points_dropped were outside
+    the range or not finite; points_capped were removed by the caps, pillars_capped
+    non-empty pillars by max_pillars.
     """
 
     features: torch.Tensor
     coords: torch.Tensor
     batch_size: int
+    points_used: int = 0
+    points_dropped: int = 0
+    points_capped: int = 0
+    pillars_capped: int = 0
 
 
 class PillarFeatureNet(nn.Module):
@@ -57,8 +107,12 @@ class PillarFeatureNet(nn.Module):
     feature to its points (PointPillars-style), so points see their pillar."""
 
     def __init__(self, point_cloud_range: list[float], pillar_size: float,
-                 channels: list[int]):
+                 channels: list[int], max_pillars: int = 0, max_points: int = 0,
+                 max_points_per_pillar: int = 0):
         super().__init__()
+        self.point_cloud_range = list(point_cloud_range)
+        self.max_pillars, self.max_points = max_pillars, max_points
+        self.max_points_per_pillar = max_points_per_pillar
         self.register_buffer("range_min", torch.tensor(point_cloud_range[:3]), persistent=False)
         self.register_buffer("range_max", torch.tensor(point_cloud_range[3:]), persistent=False)
         self.pillar_size = pillar_size
@@ -74,19 +128,62 @@ class PillarFeatureNet(nn.Module):
             in_dim = hidden * 2
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, batch: PointBatch) -> Tokens:
-        points, batch_index = batch.points, batch.batch_index
-        xyz = points[:, :3]
-        in_range = ((xyz >= self.range_min) & (xyz < self.range_max)).all(dim=1)
-        points, batch_index = points[in_range], batch_index[in_range]
-        xyz = points[:, :3]
-
-        cell = ((xyz[:, :2] - self.range_min[:2]) / self.pillar_size).floor().long()
+    def _pillars(self, points: torch.Tensor, batch_index: torch.Tensor):
+        """(ix, iy, sorted unique pillar keys, pillar of each point) of in-range points."""
+        cell = ((points[:, :2] - self.range_min[:2]) / self.pillar_size).floor().long()
         ix = cell[:, 0].clamp_(0, self.grid_x - 1)
         iy = cell[:, 1].clamp_(0, self.grid_y - 1)
         key = (batch_index * self.grid_y + iy) * self.grid_x + ix
         # Sorted unique keys give tokens ordered by (frame, iy, ix): deterministic.
         unique_keys, pillar_of_point = torch.unique(key, sorted=True, return_inverse=True)
+        return ix, iy, unique_keys, pillar_of_point
+
+    def _kept_pillars(self, unique_keys: torch.Tensor) -> torch.Tensor | None:
+        """Bool per pillar under max_pillars (the nearest to the sensor), None if no cap binds."""
+        frame = unique_keys // (self.grid_y * self.grid_x)
+        if not self.max_pillars or not frame.numel() or int(torch.bincount(frame).max()) <= self.max_pillars:
+            return None
+        coords = torch.stack([frame, (unique_keys // self.grid_x) % self.grid_y, unique_keys % self.grid_x], 1)
+        distance = pillar_centres(coords, self.point_cloud_range, self.pillar_size).pow(2).sum(1)
+        everyone = torch.ones_like(frame, dtype=torch.bool)
+        return select_per_frame(-distance, frame, everyone, -float("inf"), None, self.max_pillars)
+
+    def _kept_points(self, unique_keys: torch.Tensor, pillar_of_point: torch.Tensor) -> torch.Tensor | None:
+        """Bool per point under max_points_per_pillar and max_points, None if no cap binds."""
+        counts = torch.bincount(pillar_of_point, minlength=unique_keys.numel())
+        cap = counts.clone()
+        if self.max_points_per_pillar:
+            cap.clamp_(max=self.max_points_per_pillar)
+        frame = unique_keys // (self.grid_y * self.grid_x)
+        if self.max_points and counts.numel() and int(torch.bincount(frame, counts).max()) > self.max_points:
+            cap = torch.minimum(cap, _water_level(counts, frame, self.max_points))
+        if torch.equal(cap, counts):
+            return None
+        # Keep cap of the pillar's n points, evenly spread in input order: the points at
+        # which floor(rank * cap / n) steps.
+        rank = _rank_in_group(pillar_of_point, counts)
+        n, c = counts[pillar_of_point], cap[pillar_of_point]
+        return (rank * c) // n != ((rank - 1) * c) // n
+
+    def forward(self, batch: PointBatch) -> Tokens:
+        batch.validate()
+        points, batch_index = batch.points.float(), batch.batch_index
+        total = points.shape[0]
+        valid = ((points[:, :3] >= self.range_min) & (points[:, :3] < self.range_max)).all(dim=1)
+        valid &= points[:, 3].isfinite()  # coordinates: NaN fails the range test
+        points, batch_index = points[valid], batch_index[valid]
+        in_range = points.shape[0]
+        ix, iy, unique_keys, pillar_of_point = self._pillars(points, batch_index)
+        pillars = unique_keys.numel()
+        kept = self._kept_pillars(unique_keys)
+        if kept is not None:
+            keep = kept[pillar_of_point]
+            points, batch_index = points[keep], batch_index[keep]
+            ix, iy, unique_keys, pillar_of_point = self._pillars(points, batch_index)
+        keep = self._kept_points(unique_keys, pillar_of_point)
+        if keep is not None:  # every pillar keeps at least one point: the pillars stay
+            points, ix, iy, pillar_of_point = points[keep], ix[keep], iy[keep], pillar_of_point[keep]
+        xyz = points[:, :3]
         num_pillars = unique_keys.numel()
 
         counts = torch.zeros(num_pillars, device=xyz.device, dtype=xyz.dtype)
@@ -97,7 +194,8 @@ class PillarFeatureNet(nn.Module):
         centre_x = self.range_min[0] + (ix.to(xyz.dtype) + 0.5) * self.pillar_size
         centre_y = self.range_min[1] + (iy.to(xyz.dtype) + 0.5) * self.pillar_size
         features = torch.cat([
-            points[:, :4],
+            xyz,
+            points[:, 3:4].clamp(0, 1),  # the format's intensity range: no overflow downstream
             xyz - mean[pillar_of_point],
             (xyz[:, 0] - centre_x)[:, None],
             (xyz[:, 1] - centre_y)[:, None],
@@ -114,7 +212,9 @@ class PillarFeatureNet(nn.Module):
             (unique_keys // self.grid_x) % self.grid_y,
             unique_keys % self.grid_x,
         ], dim=1)
-        return Tokens(pooled, coords, batch.batch_size)
+        return Tokens(pooled, coords, batch.batch_size, points_used=points.shape[0],
+                      points_dropped=total - in_range, points_capped=in_range - points.shape[0],
+                      pillars_capped=pillars - num_pillars)
 
 
 def pillar_centres(coords: torch.Tensor, point_cloud_range: list[float], pillar_size: float) -> torch.Tensor:
@@ -129,3 +229,31 @@ def _scatter_max(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.
     out = torch.zeros(size, values.shape[1], device=values.device, dtype=values.dtype)
     return out.scatter_reduce(0, index[:, None].expand_as(values), values, reduce="amax",
                               include_self=True)
+
+
+def _rank_in_group(group: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Rank of each element among the elements of its group, in index order (groups are
+    0..G-1 with `sizes` elements each)."""
+    order = torch.argsort(group, stable=True)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=group.device) - starts[group[order]]
+    return rank
+
+
+def _water_level(counts: torch.Tensor, frame: torch.Tensor, budget: int) -> torch.Tensor:
+    """Per pillar, its frame's largest cap c with sum over the frame's pillars of
+    min(count, c) <= budget (at least 1; effectively no cap when the frame fits)."""
+    order = torch.argsort(counts, stable=True)
+    order = order[torch.argsort(frame[order], stable=True)]  # by frame, then by count
+    n, f = counts[order], frame[order]
+    size = torch.bincount(f)
+    end = torch.cumsum(size, 0)
+    position = torch.arange(n.numel(), device=n.device)
+    before = torch.cumsum(n, 0) - n
+    before = before - before[(end - size)[f]]  # counts of the frame's smaller pillars
+    level = (budget - before) // (end[f] - position)  # the cap if this pillar is the first capped
+    first = torch.full_like(size, n.numel()).scatter_reduce(
+        0, f, torch.where(level < n, position, n.numel()), "amin")
+    frame_cap = torch.where(first < n.numel(), level[first.clamp(max=n.numel() - 1)], n.max())
+    return frame_cap[frame].clamp(min=1)

@@ -185,3 +185,10 @@ def test_sparsity_loss_weights_foreground_and_background():
     assert torch.all(weights[inside] == -0.5) and torch.all(weights[~inside] == 2.0)
     train.sparsity_uniform = True
     assert torch.all(model.token_weights(tokens, boxes, train) == 2.0)
+
+
+def test_sparsity_weight_waits_then_ramps():
+    """lambda is 0 before sparsity_start, rises linearly over sparsity_ramp, then holds."""
+    train = TrainConfig(max_steps=1000, sparsity_weight=0.5, sparsity_start=0.3, sparsity_ramp=0.2)
+    assert [train.sparsity_at(s) for s in (0, 299, 300, 400, 500, 999)] == [0.0, 0.0, 0.0, 0.25, 0.5, 0.5]
+    assert TrainConfig(sparsity_weight=0.5).sparsity_at(0) == 0.5  # default: from the first step

@@ -1,0 +1,140 @@
+"""KITTI 3D object benchmark layout -> haltdet frames.
+
+``ROOT`` is a split folder (``training/`` or ``testing/``)::
+
+    ROOT/velodyne/<id>.bin   float32 rows x, y, z, reflectance (Velodyne frame)
+    ROOT/label_2/<id>.txt    one object per line (camera frame), absent for the test split
+    ROOT/calib/<id>.txt      P0..P3, R0_rect, Tr_velo_to_cam, ... (needed for labels)
+
+Frame ids are the ``velodyne`` file stems. Conventions:
+
+* points: Velodyne frame as stored (x forward, y left, z up, origin the sensor, about
+  1.73 m above the road); the reflectance is already in [0, 1] and is only clipped to it;
+* a label line is ``type truncated occluded alpha x1 y1 x2 y2 h w l x y z rotation_y``
+  (a 16th value, a detection score, is allowed). ``x y z`` is the *bottom* centre in the
+  rectified camera frame (y down); the centre is ``h / 2`` above it. Centre and heading
+  are mapped to the Velodyne frame by the inverse of ``R0_rect @ Tr_velo_to_cam``; the
+  heading vector (cos ry, 0, -sin ry) gives yaw, which for the ideal axis permutation is
+  ``-rotation_y - pi / 2``. ``l`` is along the heading, ``w`` across, ``h`` vertical;
+* classes: Car, Van, Truck -> Vehicle; Pedestrian, Person_sitting -> Pedestrian;
+  Cyclist -> Cyclist; Tram, Misc, DontCare dropped; any other type is an error.
+
+Without a ``label_2`` folder (the test split) frames have no boxes; with one, a frame's
+missing label file is an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from haltdet import InputError
+from haltdet.boxes import wrap_angle
+from haltdet.data.formats import make_frame, map_classes
+from haltdet.data.frames import Frame, load_points_file
+
+CLASS_MAP: dict[str, str | None] = {
+    "Car": "Vehicle", "Van": "Vehicle", "Truck": "Vehicle",
+    "Pedestrian": "Pedestrian", "Person_sitting": "Pedestrian",
+    "Cyclist": "Cyclist",
+    "Tram": None, "Misc": None, "DontCare": None,
+}
+"""KITTI object type -> haltdet class (None: dropped)."""
+
+
+def read_calib(path) -> np.ndarray:
+    """The 4x4 transform from the rectified camera frame to the Velodyne frame:
+    inverse of ``R0_rect @ Tr_velo_to_cam`` read from a KITTI calib file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found (calibration)")
+    values: dict[str, list[float]] = {}
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        key, sep, rest = line.partition(":")
+        if not sep:
+            continue
+        try:
+            values[key.strip()] = [float(v) for v in rest.split()]
+        except ValueError as exc:
+            raise InputError(f"{path}:{lineno}: malformed calibration line ({exc})") from exc
+    rect, velo_to_cam = np.eye(4), np.eye(4)
+    for key, size, matrix in (("R0_rect", 9, rect[:3, :3]), ("Tr_velo_to_cam", 12, velo_to_cam[:3, :4])):
+        if len(values.get(key, [])) != size:
+            raise InputError(f"{path}: needs '{key}:' with {size} numbers")
+        matrix[:] = np.reshape(values[key], matrix.shape)
+    try:
+        return np.linalg.inv(rect @ velo_to_cam)
+    except np.linalg.LinAlgError as exc:
+        raise InputError(f"{path}: R0_rect @ Tr_velo_to_cam is not invertible") from exc
+
+
+def read_labels(path) -> tuple[list[str], np.ndarray]:
+    """Object types and their 14 numbers (truncated ... rotation_y) from a label file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found (labels)")
+    types, rows = [], []
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) not in (15, 16):
+            raise InputError(f"{path}:{lineno}: expected 15 fields (type and 14 numbers), got {len(fields)}")
+        try:
+            rows.append([float(v) for v in fields[1:15]])
+        except ValueError as exc:
+            raise InputError(f"{path}:{lineno}: malformed number ({exc})") from exc
+        types.append(fields[0])
+    return types, np.asarray(rows, dtype=np.float64).reshape(-1, 14)
+
+
+def camera_to_lidar_boxes(values: np.ndarray, cam_to_velo: np.ndarray) -> np.ndarray:
+    """Label numbers (M, 14) in the camera frame -> (M, 7) boxes in the Velodyne frame."""
+    h, w, l = values[:, 7], values[:, 8], values[:, 9]
+    bottom, rot_y = values[:, 10:13], values[:, 13]
+    centre_cam = bottom - np.stack([np.zeros_like(h), h / 2, np.zeros_like(h)], axis=1)
+    centre = centre_cam @ cam_to_velo[:3, :3].T + cam_to_velo[:3, 3]
+    heading_cam = np.stack([np.cos(rot_y), np.zeros_like(rot_y), -np.sin(rot_y)], axis=1)
+    heading = heading_cam @ cam_to_velo[:3, :3].T
+    yaw = wrap_angle(np.arctan2(heading[:, 1], heading[:, 0]))
+    return np.stack([centre[:, 0], centre[:, 1], centre[:, 2], l, w, h, yaw], axis=1)
+
+
+class KittiSource:
+    """The frames of one KITTI split folder."""
+
+    def __init__(self, root) -> None:
+        self.root = Path(root)
+        velodyne = self.root / "velodyne"
+        if not velodyne.is_dir():
+            hint = [p.name for p in (self.root / "training", self.root / "testing") if p.is_dir()]
+            raise InputError(f"{self.root}: no 'velodyne' folder (not a KITTI split folder"
+                             + (f"; try {self.root / hint[0]}" if hint else "") + ")")
+        self.ids = sorted(p.stem for p in velodyne.glob("*.bin"))
+        if not self.ids:
+            raise InputError(f"{velodyne}: no *.bin files")
+        self.labelled = (self.root / "label_2").is_dir()
+
+    def frame_ids(self) -> list[str]:
+        return list(self.ids)
+
+    def read(self, frame_id: str) -> Frame:
+        points = load_points_file(self.root / "velodyne" / f"{frame_id}.bin", columns=4)
+        points[:, 3] = np.clip(points[:, 3], 0.0, 1.0)
+        boxes, labels = np.zeros((0, 7)), np.zeros(0, np.int64)
+        if self.labelled:
+            label_path = self.root / "label_2" / f"{frame_id}.txt"
+            types, values = read_labels(label_path)
+            keep, labels = map_classes(types, CLASS_MAP, label_path)
+            if len(keep):
+                cam_to_velo = read_calib(self.root / "calib" / f"{frame_id}.txt")
+                boxes = camera_to_lidar_boxes(values[keep], cam_to_velo)
+            where = label_path
+        else:
+            where = self.root / "velodyne" / f"{frame_id}.bin"
+        return make_frame(frame_id, points, boxes, labels, where)
+
+
+def open_source(path) -> KittiSource:
+    return KittiSource(path)
