@@ -4,6 +4,8 @@
 synthetic frames in one process, interleaving the models frame by frame so machine
 noise hits them alike, and reports each stage's median latency and the ratios against
 the first model (the baseline). Timings are wall-clock medians over frames.
+A checkpoint may carry halting thresholds, `NAME@T` or `NAME@T1,T2` (one per stage),
+so one halting model can be timed at several operating points in the same run.
 `--points N` times frames of N points (`bench_cloud`), e.g. 2,000,000 to see the input
 caps bound time and memory; "points" and "tokens" are what reached the model after them.
 """
@@ -72,14 +74,30 @@ def bench_cloud(seed: int, points: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([cloud, scatter.astype(np.float32)]))
 
 
-def run_benchmark(args) -> dict:
+def load_spec(spec: str, device):
+    """A model from `NAME` or `NAME@T[,T2...]` (halting thresholds for this run)."""
+    from haltdet import InputError
     from haltdet.checkpoint import load_model
 
+    name, _, thresholds = str(spec).partition("@")
+    model = load_model(name, device)[0]
+    if thresholds:
+        if not model.halting:
+            raise InputError(f"{name}: '@{thresholds}' sets halting thresholds, but the model has no halting")
+        try:
+            values = [float(t) for t in thresholds.split(",")]
+        except ValueError:
+            raise InputError(f"{spec}: thresholds after '@' must be numbers, e.g. {name}@0.4") from None
+        model.set_halting(values)
+    return model
+
+
+def run_benchmark(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     names = list(args.checkpoint)
-    models = [load_model(name, device)[0] for name in names]
+    models = [load_spec(name, device) for name in names]
     clouds = [bench_cloud(10_000 + i, args.points) for i in range(args.frames)]
     for model in models:  # warm-up: allocator, thread pools, lazy init
         for cloud in clouds[:args.warmup]:

@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency, throughput and memory of models, against the first")
     p.add_argument("--checkpoint", action="append",
-                   help="checkpoint to time; repeat to compare (ratios are against the first)")
+                   help="checkpoint to time, NAME or NAME@THRESHOLD for a halting model; repeat to compare "
+                        "(ratios are against the first)")
     p.add_argument("--frames", type=_count(1), default=5, help="synthetic frames to time")
     p.add_argument("--points", type=_count(0), default=0,
                    help="points per frame (topped up with scattered points; 0: the frames as simulated)")

@@ -160,3 +160,21 @@ def test_init_from_a_baseline_keeps_its_weights_and_adds_scorers(tiny_run, tmp_p
     key = "encoder.layers.0.attention.value.weight"
     assert (tuned[key] - baseline[key]).abs().max() < 0.05
     assert not torch.equal(tuned[key], baseline[key])
+
+
+def test_bench_times_a_halting_model_at_several_thresholds(tiny_run, tmp_path, capsys):
+    """NAME@T times a halting model at threshold T; a higher threshold halts more tokens,
+    and the ratios are against the first checkpoint of the same run."""
+    baseline, halting = str(tiny_run / "run" / "final.pt"), str(tiny_run / "halting" / "final.pt")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--checkpoint", baseline, "--checkpoint", halting + "@0.0",
+                 "--checkpoint", halting + "@1.0", "--frames", "1", "--warmup", "0", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    first, keep_all, halt_all = report["models"]
+    assert first["ratio_to_first"] == {"encoder": 1.0, "total": 1.0}
+    assert keep_all["checkpoint"].endswith("@0.0") and halt_all["checkpoint"].endswith("@1.0")
+    from haltdet.bench import load_spec
+
+    assert load_spec(halting + "@0.3,0.7", "cpu").encoder.thresholds == [0.3, 0.7]
+    assert main(["bench", "--checkpoint", baseline + "@0.5", "--frames", "1"]) == 2
+    assert "has no halting" in capsys.readouterr().err
