@@ -159,6 +159,7 @@ class TrainConfig:
     grad_clip: float = 10.0
     seed: int = 0
     checkpoint_every: int = 500
+    save_steps: list[int] = field(default_factory=list)  # also keep RUN_DIR/step_N.pt at these steps
     log_every: int = 20
     amp: bool = True  # mixed precision on CUDA (ignored on CPU unless cpu_bf16)
     cpu_bf16: bool = False  # bfloat16 autocast on CPU (AMX units make it much faster)
@@ -192,6 +193,7 @@ class TrainConfig:
         _check(0 <= self.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
         _check(self.grad_clip > 0, "train.grad_clip", "must be positive")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _check(all(s >= 1 for s in self.save_steps), "train.save_steps", "must be step numbers >= 1")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.max_minutes >= 0, "train.max_minutes", "must be >= 0")
         _check(self.sparsity_weight >= 0, "train.sparsity_weight", "must be >= 0")

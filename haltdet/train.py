@@ -276,6 +276,8 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
                 bar.set_postfix(loss=f"{values['loss']:.3f}")
             if step % t.checkpoint_every == 0:
                 checkpoint(latest)
+            if step in t.save_steps:
+                checkpoint(out_dir / f"step_{step}.pt")
             if t.max_minutes:
                 over = torch.tensor(float(time.time() - start_time > 60 * t.max_minutes), device=device)
                 if float(all_reduce_sum(over)) > 0:  # every process stops at the same step

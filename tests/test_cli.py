@@ -19,12 +19,12 @@ def tiny_run(tmp_path_factory):
         "model": {"d_model": 32, "pfn_channels": [16, 32], "num_layers": 2, "ffn_dim": 64,
                   "bev_channels": 16, "head_channels": 16, "bev_convs": 1},
         "data": {"train": str(root / "train"), "val": str(root / "val"), "num_workers": 0},
-        "train": {"batch_size": 2, "max_steps": 3, "checkpoint_every": 2, "log_every": 1},
+        "train": {"batch_size": 2, "max_steps": 3, "checkpoint_every": 2, "log_every": 1, "save_steps": [1]},
     }
     (root / "tiny.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(root / "tiny.yaml"), "--out", str(root / "run"), "--quiet"]) == 0
     config["model"].update(num_layers=3, halting_layers=[1, 2], halt_stage_embedding=True)
-    config["train"].update(sparsity_weight=0.5)
+    config["train"].update(sparsity_weight=0.5, save_steps=[])
     (root / "tiny_halting.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(root / "tiny_halting.yaml"), "--out", str(root / "halting"),
                  "--quiet"]) == 0
@@ -34,6 +34,10 @@ def tiny_run(tmp_path_factory):
 def test_train_writes_checkpoints_and_logs(tiny_run):
     run = tiny_run / "run"
     assert (run / "final.pt").exists() and (run / "latest.pt").exists()
+    assert sorted(p.name for p in run.glob("step_*.pt")) == ["step_1.pt"]  # train.save_steps
+    from haltdet.checkpoint import load_checkpoint
+
+    assert load_checkpoint(run / "step_1.pt")["step"] == 1
     lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3]
     assert all(np.isfinite(line["loss"]) for line in lines)
