@@ -4,7 +4,8 @@ Every format is a small module exposing ``open_source(path) -> Source``. A sourc
 its frames and reads one at a time, converting at the boundary: points to (N, 4) float32
 x, y, z, intensity in the sensor/ego frame, boxes to the project convention of
 :mod:`haltdet.boxes`, classes to :data:`haltdet.CLASSES` (others dropped), and
-``num_points`` / ``difficulty`` recounted from the points (:func:`make_frame`).
+``num_points`` / ``difficulty`` recounted from the points (:func:`make_frame`; Waymo
+keeps its own per-box point counts and difficulty levels where the labels carry them).
 
 A data argument is either a haltdet dataset directory or ``FORMAT:PATH`` (see
 :func:`open_data`). The conventions of each format are in its module docstring and in
