@@ -474,16 +474,10 @@ def _vehicle_parts(rng, jitter: float) -> list[tuple]:
         rw = 0.32 * H / 1.5
         belt = H * rng.uniform(0.52, 0.6)
         parts.append(("box", 0.0, 0.0, 0.28 * H / 1.5, belt, L, W, 0.0, paint))
-        # The cabin sits behind the middle (sedans) or reaches the tail (hatchbacks, SUVs):
-        # a long low hood at the front is what tells the front from the back.
-        if rng.random() < 0.6:
-            cab_l, cab_x = L * rng.uniform(0.42, 0.52), -L * rng.uniform(0.08, 0.13)
-        else:
-            cab_l = L * rng.uniform(0.55, 0.65)
-            cab_x = -0.5 * L + 0.1 + cab_l / 2
-        parts.append(("box", cab_x, 0.0, belt, H, cab_l, W * 0.86, 0.0, glass))
+        cab_l = L * rng.uniform(0.45, 0.55)
+        parts.append(("box", -0.06 * L, 0.0, belt, H, cab_l, W * 0.86, 0.0, glass))
         # hood/trunk slope approximated by a lower, shorter step
-        parts.append(("box", cab_x, 0.0, belt, belt + 0.35 * (H - belt), cab_l + 0.5, W * 0.9, 0.0, paint))
+        parts.append(("box", -0.06 * L, 0.0, belt, belt + 0.35 * (H - belt), cab_l + 0.5, W * 0.9, 0.0, paint))
         axles = (0.5 * L - rw - 0.45, -(0.5 * L - rw - 0.55))
     elif kind == 1:  # van
         L, W, H = 5.2 * j(), 2.0 * j(), 2.1 * j()
@@ -516,32 +510,20 @@ def _pedestrian_parts(rng, jitter: float) -> list[tuple]:
     leg_r = rng.uniform(0.065, 0.09)
     hip = 0.47 * H
     parts: list[tuple] = []
-    shoe = float(rng.uniform(0.05, 0.3))
     for side, sign in ((-1, 1), (1, -1)):
-        leg_x = sign * stride / 2
-        parts.append(("cyl", leg_x, side * 0.1, 0.0, hip + 0.04, leg_r, cloth * 0.8))
-        # feet point forwards: the clearest front/back cue a walker has
-        parts.append(("box", leg_x + 0.08, side * 0.1, 0.0, 0.1, 0.27, 0.11, 0.0, shoe))
+        parts.append(("cyl", sign * stride / 2, side * 0.1, 0.0, hip + 0.04, leg_r, cloth * 0.8))
     torso_lo, torso_hi = hip, 0.82 * H
-    lean = rng.uniform(0.02, 0.07)  # walkers lean slightly forwards
-    parts.append(("ell", lean, 0.0, (torso_lo + torso_hi) / 2, rng.uniform(0.11, 0.16), shoulder - 0.06,
+    parts.append(("ell", 0.0, 0.0, (torso_lo + torso_hi) / 2, rng.uniform(0.11, 0.16), shoulder - 0.06,
                   (torso_hi - torso_lo) / 2 + 0.03, 0.0, cloth))
+    swing = rng.uniform(0.0, 0.25)
     arm_len = 0.17 * H
-    if rng.random() < 0.5:  # arms swinging
-        swing = rng.uniform(0.0, 0.25)
-        for side, sign in ((-1, -1), (1, 1)):
-            parts.append(("ell", lean + sign * swing, side * (shoulder - 0.05), torso_hi - arm_len - 0.03,
-                          0.05, 0.05, arm_len, 0.0, cloth))
-    else:  # forearms held in front (phone, bag, hands in front)
-        for side in (-1, 1):
-            parts.append(("ell", lean, side * (shoulder - 0.05), torso_hi - arm_len / 2, 0.05, 0.05,
-                          arm_len / 2, 0.0, cloth))
-            parts.append(("ell", lean + 0.14, side * (shoulder - 0.1), torso_hi - arm_len - 0.02, 0.14, 0.05,
-                          0.05, 0.0, skin))
+    for side, sign in ((-1, -1), (1, 1)):
+        parts.append(("ell", sign * swing, side * (shoulder - 0.05), torso_hi - arm_len - 0.03, 0.05, 0.05,
+                      arm_len, 0.0, cloth))
     head_r = rng.uniform(0.09, 0.115)
-    parts.append(("ell", lean + 0.03, 0.0, H - head_r, head_r, head_r * 0.9, head_r, 0.0, skin))
-    if rng.random() < 0.35:  # backpack
-        parts.append(("box", lean - 0.2, 0.0, 0.55 * H, 0.78 * H, 0.18, 0.32, 0.0, float(rng.uniform(0.1, 0.5))))
+    parts.append(("ell", 0.02, 0.0, H - head_r, head_r, head_r * 0.9, head_r, 0.0, skin))
+    if rng.random() < 0.25:  # backpack
+        parts.append(("box", -0.2, 0.0, 0.55 * H, 0.78 * H, 0.18, 0.32, 0.0, float(rng.uniform(0.1, 0.5))))
     return parts
 
 
@@ -559,20 +541,17 @@ def _cyclist_parts(rng, jitter: float) -> list[tuple]:
     bar_w = rng.uniform(0.5, 0.68)
     bar_z = rw + rng.uniform(0.55, 0.7)
     parts.append(("box", wb / 2 - 0.12, 0.0, bar_z - 0.03, bar_z + 0.03, 0.06, bar_w, 0.0, metal))
-    # The rider sits over the rear half and leans forwards to the bar at the front.
-    seat_x, seat_z = -wb * rng.uniform(0.2, 0.28), rw + 0.55
+    seat_z = rw + 0.55
     for side in (-1, 1):
-        parts.append(("cyl", seat_x + 0.05 + side * 0.08, side * 0.12, rw - 0.05, seat_z, 0.07, cloth * 0.8))
+        parts.append(("cyl", -0.15 + side * 0.08, side * 0.12, rw - 0.05, seat_z, 0.07, cloth * 0.8))
     torso_lo, torso_hi = seat_z, H - 0.24
-    mid = (torso_lo + torso_hi) / 2
-    parts.append(("ell", seat_x + 0.05, 0.0, mid - 0.1, 0.18, 0.17, (torso_hi - torso_lo) / 4 + 0.05, 0.0, cloth))
-    parts.append(("ell", seat_x + 0.22, 0.0, mid + 0.12, 0.2, 0.18, (torso_hi - torso_lo) / 4 + 0.05, 0.0, cloth))
+    parts.append(("ell", 0.0, 0.0, (torso_lo + torso_hi) / 2, 0.2, 0.18, (torso_hi - torso_lo) / 2 + 0.03,
+                  0.0, cloth))
     for side in (-1, 1):
-        parts.append(("ell", (seat_x + wb / 2) / 2 + 0.1, side * (bar_w / 2 - 0.08), (bar_z + torso_hi) / 2 - 0.05,
-                      0.25, 0.05, 0.06, 0.0, cloth))
+        parts.append(("ell", 0.15, side * (bar_w / 2 - 0.08), (bar_z + torso_hi) / 2 - 0.05, 0.22, 0.05, 0.06,
+                      0.0, cloth))
     head_r = rng.uniform(0.1, 0.12)
-    parts.append(("ell", seat_x + 0.4, 0.0, H - head_r, head_r, head_r * 0.9, head_r, 0.0,
-                  float(rng.uniform(0.2, 0.6))))
+    parts.append(("ell", 0.12, 0.0, H - head_r, head_r, head_r * 0.9, head_r, 0.0, float(rng.uniform(0.2, 0.6))))
     return parts
 
 
