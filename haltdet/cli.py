@@ -231,7 +231,7 @@ def cmd_convert(args) -> None:
 
 def cmd_diagnose(args) -> None:
     from haltdet.checkpoint import load_model
-    from haltdet.diagnose import oracle_table
+    from haltdet.diagnose import RESIDUALS, oracle_table, residual_table
     from haltdet.predict import predict_dataset
 
     model, _ = load_model(args.checkpoint, _device(args.device))
@@ -242,14 +242,26 @@ def cmd_diagnose(args) -> None:
     print(f"{'replaced':<16}" + "".join(f"{c:>18}" for c in CLASSES))
     for row in rows:
         print(f"{row['replaced']:<16}" + "".join(f"{row[c + ' AP']:>10.3f} ({row[c + ' APH']:.3f})" for c in CLASSES))
+    residuals = residual_table(predictions, ground_truth, args.min_score)
+    print(f"\nerrors of the matched predictions with score >= {args.min_score} (prediction - ground truth, "
+          "metres; along/across the true heading): mean +- std")
+    print(f"{'class':<12}{'matched':>8}" + "".join(f"{n:>15}" for n in RESIDUALS)
+          + f"{'axis err':>10}{'reversed':>10}")
+    for name, entry in residuals.items():
+        if not entry["matched"]:
+            print(f"{name:<12}{0:>8}")
+            continue
+        print(f"{name:<12}{entry['matched']:>8}"
+              + "".join(f"{entry['mean'][n]:>+8.2f} +-{entry['std'][n]:4.2f}" for n in RESIDUALS)
+              + f"{entry['axis_error_deg']:>9.1f}d{entry['reversed']:>10.1%}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"oracle": rows, "residuals": residuals}, indent=2))
 
 
 def cmd_bench(args) -> None:
     from haltdet.bench import run_benchmark
 
-    args.checkpoint = args.checkpoint or [DEFAULT_CHECKPOINT]
+    args.checkpoint = args.checkpoint or ["baseline", "halting"]
     run_benchmark(args)
 
 
@@ -337,10 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("diagnose", help="oracle table: how much AP each box error (xy, z, size, yaw) costs")
+    p = sub.add_parser("diagnose", help="where accuracy goes: how much AP each box error (xy, z, size, yaw) "
+                                        "costs, and the errors' bias and spread per class")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--data", required=True, help="dataset directory or FORMAT:PATH (e.g. kitti:DIR)")
-    p.add_argument("--json", help="write the table here")
+    p.add_argument("--min-score", type=float, default=0.3, help="score of the predictions whose errors are "
+                   "summarised (default 0.3)")
+    p.add_argument("--json", help="write both tables here")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_diagnose)
@@ -348,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency, throughput and memory of models, against the first")
     p.add_argument("--checkpoint", action="append",
                    help="checkpoint to time, NAME or NAME@THRESHOLD for a halting model; repeat to compare "
-                        "(ratios are against the first)")
+                        "(ratios are against the first); default: the bundled baseline, then the bundled "
+                        "halting model")
     p.add_argument("--frames", type=_count(1), default=5, help="synthetic frames to time")
     p.add_argument("--points", type=_count(0), default=0,
                    help="points per frame (topped up with scattered points; 0: the frames as simulated)")

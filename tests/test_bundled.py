@@ -1,19 +1,21 @@
-"""The shipped checkpoint loads, is deterministic and detects objects on a frame it never saw."""
+"""The shipped checkpoints load, are deterministic and detect objects on a frame they never saw."""
 
 import numpy as np
 import torch
 
 from haltdet.boxes import iou_3d
 from haltdet.checkpoint import BUNDLED_DIR, load_model
-from haltdet.cli import DEMO_SEED, main
+from haltdet.cli import DEFAULT_CHECKPOINT, DEMO_SEED, main
 from haltdet.data.synth import simulate_frame
+from haltdet.model.pillars import PointBatch
 from haltdet.predict import detect_points
 
 
-def test_bundled_baseline_finds_vehicles_on_an_unseen_frame():
-    assert (BUNDLED_DIR / "baseline.pt").exists() and (BUNDLED_DIR / "baseline.md").exists()
-    model, config = load_model("baseline")
-    assert not config.model.halting_layers
+def assert_finds_vehicles(name: str):
+    """Deterministic detections that find most well-observed vehicles of an unseen frame
+    at the metric's own IoU threshold."""
+    assert (BUNDLED_DIR / f"{name}.pt").exists() and (BUNDLED_DIR / f"{name}.md").exists()
+    model, config = load_model(name)
     frame = simulate_frame(DEMO_SEED)
     first = detect_points(model, frame.points)
     second = detect_points(model, frame.points)
@@ -24,6 +26,29 @@ def test_bundled_baseline_finds_vehicles_on_an_unseen_frame():
     best = iou_3d(vehicles.astype(np.float64), predicted.astype(np.float64)).max(axis=1)
     # A trained model finds most well-observed vehicles at the metric's own IoU threshold.
     assert (best >= 0.7).mean() >= 0.5
+    return model, config, frame
+
+
+def test_bundled_baseline_finds_vehicles_on_an_unseen_frame():
+    _, config, _ = assert_finds_vehicles("baseline")
+    assert not config.model.halting_layers
+
+
+def test_bundled_halting_model_halts_background_first():
+    model, config, frame = assert_finds_vehicles("halting")
+    assert config.model.halting_layers
+    with torch.no_grad():
+        output = model(PointBatch.from_list([torch.from_numpy(frame.points)]))
+    boxes = [frame.boxes[frame.difficulty > 0]]
+    (stats,) = model.token_statistics(output, boxes)
+    active = stats["active_per_layer"]
+    assert all(a >= b for a, b in zip(active, active[1:]))  # a halted token never resumes
+    assert active[-1] < 0.5 * active[0]  # it does halt most tokens of a frame ...
+    assert stats["foreground_mean_layers"] > stats["background_mean_layers"]  # ... background first
+
+
+def test_demo_default_is_the_halting_model():
+    assert DEFAULT_CHECKPOINT == "halting"
 
 
 def test_demo_runs_with_no_arguments(tmp_path, monkeypatch, capsys):
@@ -31,3 +56,4 @@ def test_demo_runs_with_no_arguments(tmp_path, monkeypatch, capsys):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "Vehicle" in out and (tmp_path / "haltdet_demo.png").stat().st_size > 50_000
+    assert "token-layers executed" in out and (tmp_path / "haltdet_demo_halting.png").stat().st_size > 50_000

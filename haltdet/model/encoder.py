@@ -47,12 +47,15 @@ class WindowPartition:
     """How a set of tokens is grouped into windows for one shift.
 
     buckets: the padding buckets.
+    gather_index: (S,) the buckets' gather indices one after the other (S padded slots
+      in all); each bucket's is a slice of it.
     scatter_index: (T,) position of each token in the concatenation of all buckets'
       flattened padded slots.
     position: (T, C) sine encoding of each token's coordinates inside its window.
     """
 
     buckets: list[Bucket]
+    gather_index: torch.Tensor
     scatter_index: torch.Tensor
     position: torch.Tensor
 
@@ -83,42 +86,49 @@ def partition_windows(coords: torch.Tensor, window_size: int, shift: int,
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(num_tokens, device=device) - starts[window_of_sorted]
 
+    # Every window goes to the smallest bucket that holds it. The buckets' padded slots are
+    # laid out one after the other (bucket by bucket, window by window), all at once: no
+    # loop over buckets but the final slicing.
     capacity = window_size * window_size
     sizes = sorted({max(1, math.ceil(capacity * f)) for f in BUCKET_FRACTIONS})
     size_tensor = torch.tensor(sizes, device=device)
     bucket_of_window = torch.searchsorted(size_tensor, counts)
+    windows_in_bucket = torch.bincount(bucket_of_window, minlength=len(sizes))
+    bucket_slots = windows_in_bucket * size_tensor
+    bucket_start = torch.cumsum(bucket_slots, 0) - bucket_slots
+    window_order = torch.argsort(bucket_of_window, stable=True)
+    window_rank = torch.empty_like(window_order)
+    window_rank[window_order] = torch.arange(window_order.numel(), device=device)
+    window_rank -= (torch.cumsum(windows_in_bucket, 0) - windows_in_bucket)[bucket_of_window]
+    window_start = bucket_start[bucket_of_window] + window_rank * size_tensor[bucket_of_window]
 
-    buckets = []
-    scatter_index = torch.zeros(num_tokens, dtype=torch.long, device=device)
-    offset = 0
-    for b, slots in enumerate(sizes):
-        in_bucket = bucket_of_window == b
-        num_windows = int(in_bucket.sum().item())
-        if num_windows == 0:
-            continue
-        slot_of_window = torch.cumsum(in_bucket.long(), 0) - 1
-        token_in_bucket = in_bucket[window_of_sorted]
-        token_index = order[token_in_bucket]
-        slot_index = slot_of_window[window_of_sorted[token_in_bucket]] * slots + rank[token_in_bucket]
-        gather_index = torch.full((num_windows * slots,), num_tokens, dtype=torch.long, device=device)
-        gather_index[slot_index] = token_index
-        scatter_index[token_index] = slot_index + offset
-        offset += num_windows * slots
-        key_valid = (gather_index < num_tokens).view(num_windows, slots)
-        buckets.append(Bucket(gather_index, key_valid, slots))
+    scatter_index = torch.empty(num_tokens, dtype=torch.long, device=device)
+    scatter_index[order] = window_start[window_of_sorted] + rank
+    total_slots, *per_bucket = torch.cat([bucket_slots.sum()[None], windows_in_bucket]).tolist()
+    gather_all = torch.full((total_slots,), num_tokens, dtype=torch.long, device=device)
+    gather_all[scatter_index] = torch.arange(num_tokens, device=device)
+    buckets, offset = [], 0
+    for slots, num_windows in zip(sizes, per_bucket):
+        if num_windows:
+            gather_index = gather_all[offset:offset + num_windows * slots]
+            buckets.append(Bucket(gather_index, (gather_index < num_tokens).view(num_windows, slots), slots))
+            offset += num_windows * slots
     in_window = torch.stack([shifted_x % window_size, shifted_y % window_size], dim=1)
     position = sine_encoding(in_window, window_size, channels)
-    return WindowPartition(buckets, scatter_index, position)
+    return WindowPartition(buckets, gather_all, scatter_index, position)
 
 
 def sine_encoding(cells: torch.Tensor, window_size: int, channels: int) -> torch.Tensor:
-    """(T, 2) integer in-window (x, y) cells -> (T, channels) sine/cosine encoding."""
-    centred = (cells.float() + 0.5) / window_size - 0.5  # in (-0.5, 0.5)
+    """(T, 2) integer in-window (x, y) cells -> (T, channels) sine/cosine encoding:
+    per axis, sin then cos of the centred coordinate at `channels // 4` octave frequencies.
+    The window_size possible values per axis are encoded once and looked up."""
+    values = torch.arange(window_size, device=cells.device)
+    centred = (values.float() + 0.5) / window_size - 0.5  # in (-0.5, 0.5)
     num_freq = channels // 4
     freqs = torch.pow(2.0, torch.arange(num_freq, device=cells.device, dtype=torch.float32)) * math.pi
-    angles = centred[:, :, None] * freqs  # (T, 2, F)
-    encoding = torch.cat([angles.sin(), angles.cos()], dim=2)  # (T, 2, 2F)
-    return encoding.reshape(cells.shape[0], 4 * num_freq)
+    angles = centred[:, None] * freqs  # (window_size, F)
+    table = torch.cat([angles.sin(), angles.cos()], dim=1)  # (window_size, 2F)
+    return torch.cat([table[cells[:, 0]], table[cells[:, 1]]], dim=1)
 
 
 class WindowAttention(nn.Module):
@@ -139,17 +149,19 @@ class WindowAttention(nn.Module):
         heads, head_dim = self.num_heads, channels // self.num_heads
         qkv = torch.cat([self.query_key(x + partition.position.to(x.dtype)), self.value(x)], dim=1)
         qkv = torch.cat([qkv, qkv.new_zeros(1, 3 * channels)])  # row T: padding
+        packed_all = qkv.index_select(0, partition.gather_index)
         if key_active is not None:
-            key_active = torch.cat([key_active, key_active.new_zeros(1)])
-        outputs = []
+            active_all = torch.cat([key_active, key_active.new_zeros(1)])[partition.gather_index]
+        outputs, offset = [], 0
         for bucket in partition.buckets:
-            packed = qkv.index_select(0, bucket.gather_index)
-            packed = packed.view(bucket.num_windows, bucket.slots, 3, heads, head_dim)
+            rows = slice(offset, offset + bucket.gather_index.numel())
+            offset = rows.stop
+            packed = packed_all[rows].view(bucket.num_windows, bucket.slots, 3, heads, head_dim)
             q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)  # (W, H, S, D) each
             if key_active is None:
                 mask = bucket.key_valid[:, None, None, :]  # (W, 1, 1, S)
             else:
-                active = key_active[bucket.gather_index].view_as(bucket.key_valid)
+                active = active_all[rows].view_as(bucket.key_valid)
                 # A query may always attend to itself, so no row is fully masked.
                 self_slot = torch.eye(bucket.slots, dtype=torch.bool, device=x.device)
                 mask = (active[:, None, :] | self_slot)[:, None]  # (W, 1, S, S)
