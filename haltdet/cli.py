@@ -12,7 +12,7 @@ from pathlib import Path
 
 from haltdet import CLASSES, HaltdetError, InputError
 
-DEFAULT_CHECKPOINT = "baseline"
+DEFAULT_CHECKPOINT = "halting"
 DEMO_SEED = 20261124  # not a seed of the training or validation splits
 
 
