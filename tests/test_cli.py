@@ -182,3 +182,16 @@ def test_bench_times_a_halting_model_at_several_thresholds(tiny_run, tmp_path, c
     assert load_spec(halting + "@0.3,0.7", "cpu").encoder.thresholds == [0.3, 0.7]
     assert main(["bench", "--checkpoint", baseline + "@0.5", "--frames", "1"]) == 2
     assert "has no halting" in capsys.readouterr().err
+
+
+def test_diagnose_prints_and_writes_both_tables(tiny_run, capsys):
+    out = tiny_run / "diagnose.json"
+    assert main(["diagnose", "--checkpoint", "baseline", "--data", str(tiny_run / "val"),
+                 "--json", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "xy z size yaw" in printed and "reversed" in printed
+    result = json.loads(out.read_text())
+    assert [row["replaced"] for row in result["oracle"]][0] == "nothing" and len(result["oracle"]) == 7
+    vehicle = result["residuals"]["Vehicle"]
+    assert vehicle["matched"] > 0 and set(vehicle["mean"]) == {"along", "across", "z", "l", "w", "h"}
+    assert 0.0 <= vehicle["reversed"] <= 1.0
