@@ -35,8 +35,8 @@ def test_bundled_baseline_finds_vehicles_on_an_unseen_frame():
 
 
 def test_bundled_halting_model_halts_background_first():
-    # Less precise boxes than the baseline's (8 of 22 at IoU 0.7 on this frame), but it
-    # finds the vehicles (18 of 22 at 0.5, as the baseline).
+    # Less precise boxes than the baseline's (9 of 22 at IoU 0.7 on this frame), but it
+    # finds the vehicles (17 of 22 at 0.5; the baseline 18).
     model, config, frame = assert_finds_vehicles("halting", iou=0.5, fraction=0.75)
     assert config.model.halting_layers
     with torch.no_grad():
