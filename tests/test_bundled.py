@@ -5,7 +5,7 @@ import torch
 
 from haltdet.boxes import iou_3d
 from haltdet.checkpoint import BUNDLED_DIR, load_model
-from haltdet.cli import DEFAULT_CHECKPOINT, DEMO_SEED, main
+from haltdet.cli import DEMO_SEED, main
 from haltdet.data.synth import simulate_frame
 from haltdet.model.pillars import PointBatch
 from haltdet.predict import detect_points
@@ -49,11 +49,7 @@ def test_bundled_halting_model_halts_background_first():
     assert stats["foreground_mean_layers"] > stats["background_mean_layers"]  # ... background first
 
 
-def test_demo_default_is_the_halting_model():
-    assert DEFAULT_CHECKPOINT == "halting"
-
-
-def test_demo_runs_with_no_arguments(tmp_path, monkeypatch, capsys):
+def test_demo_runs_the_halting_model_with_no_arguments(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
