@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-STAGES = ("pillars", "encoder", "bev_head", "decode")
+STAGES = ("pillars", "encoder", "bev_head", "decode", "refine")  # refine: 0 without a second stage
 
 
 def _sync(device: torch.device) -> None:
@@ -34,6 +34,7 @@ def time_stages(model, points: torch.Tensor, device: torch.device) -> dict[str, 
     from haltdet.model.detector import DetectorOutput
     from haltdet.model.head import scatter_to_bev
     from haltdet.model.pillars import PointBatch
+    from haltdet.model.refine import refine_detections
 
     batch = PointBatch.from_list([points]).to(device)
     times = {}
@@ -52,9 +53,17 @@ def time_stages(model, points: torch.Tensor, device: torch.device) -> dict[str, 
     _sync(device)
     times["bev_head"] = time.perf_counter() - start
     start = time.perf_counter()
-    model.decode(DetectorOutput(heatmap, regression, tokens, encoded, iou))
+    output = DetectorOutput(heatmap, regression, tokens, encoded, iou, batch)
+    detections = model.decode_first_stage(output)
     _sync(device)
     times["decode"] = time.perf_counter() - start
+    start = time.perf_counter()
+    if model.refiner is not None:
+        c = model.config
+        refine_detections(model.refiner, batch.points, batch.batch_index, detections, c.refine_rectify,
+                          c.nms_iou, c.max_detections)
+        _sync(device)
+    times["refine"] = time.perf_counter() - start
     times["total"] = sum(times[s] for s in STAGES)
     times["tokens"] = tokens.features.shape[0]
     times["points_used"] = tokens.points_used

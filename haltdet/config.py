@@ -63,6 +63,13 @@ class ModelConfig:
     halting_scorer: str = "mlp"  # mlp (per token) | bev (token + 3x3 BEV context)
     recycling: bool = True  # halted tokens reach the BEV map with their last feature
     halt_stage_embedding: bool = False  # add a learned embedding of the halting stage
+    # second stage (haltdet/model/refine.py): refine every detection from the raw points
+    # around it; scores become score^(1-a) * IoU^a with the refiner's IoU (a per class)
+    refine: bool = False
+    refine_channels: list[int] = field(default_factory=lambda: [64, 128])
+    refine_points: int = 128  # per box, at most
+    refine_context: float = 0.5  # metres around the box whose points the refiner sees
+    refine_rectify: list[float] = field(default_factory=lambda: [0.68, 0.71, 0.65])
 
     def stage_thresholds(self) -> list[float]:
         return per_stage(self.halting_threshold, len(self.halting_layers))
@@ -121,6 +128,12 @@ class ModelConfig:
                "needs one value in (0, 1] per halting stage, or none")
         _check(self.halting_max_tokens >= 0, "model.halting_max_tokens", "must be >= 0")
         _check(self.halting_scorer in ("mlp", "bev"), "model.halting_scorer", "must be 'mlp' or 'bev'")
+        _check(len(self.refine_channels) >= 1 and min(self.refine_channels) >= 1, "model.refine_channels",
+               "needs at least one positive width")
+        _check(self.refine_points >= 1, "model.refine_points", "must be >= 1")
+        _check(self.refine_context >= 0, "model.refine_context", "must be >= 0")
+        _check(len(self.refine_rectify) == 3 and all(0 <= a <= 1 for a in self.refine_rectify),
+               "model.refine_rectify", "needs one value in [0, 1] per class")
 
 
 @dataclass
@@ -170,6 +183,14 @@ class TrainConfig:
     regression_weight: float = 0.25
     direction_weight: float = 0.2  # binary cross-entropy of the heading direction
     iou_weight: float = 1.0  # L1 of the IoU prediction (models with model.iou_head)
+    # second stage (models with model.refine)
+    refine_only: bool = False  # train only the refiner; the rest is frozen (start from --init)
+    refine_weight: float = 1.0  # smooth L1 of its box residual
+    refine_flip_weight: float = 0.2  # binary cross-entropy of its front/back flip
+    refine_iou_weight: float = 1.0  # binary cross-entropy of its IoU
+    refine_proposals: int = 64  # per frame: the first stage's best detections (score >= 0.1)
+    refine_jitter: int = 2  # plus this many jittered copies of each ground-truth box
+    refine_match_iou: float = 0.3  # BEV IoU with a ground-truth box for a proposal to regress it
     # non-uniform token sparsity loss (halting models): lambda * mean(weight_i * score_i)
     sparsity_weight: float = 0.0  # lambda
     sparsity_uniform: bool = False  # one weight (background's) for every token: the ablation
@@ -197,6 +218,9 @@ class TrainConfig:
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.max_minutes >= 0, "train.max_minutes", "must be >= 0")
         _check(self.sparsity_weight >= 0, "train.sparsity_weight", "must be >= 0")
+        for key in ("refine_weight", "refine_flip_weight", "refine_iou_weight", "refine_proposals", "refine_jitter"):
+            _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
+        _check(0 < self.refine_match_iou <= 1, "train.refine_match_iou", "must be in (0, 1]")
         _check(self.sparsity_margin >= 0, "train.sparsity_margin", "must be >= 0")
         _check(0 <= self.sparsity_start < 1 and 0 <= self.sparsity_ramp <= 1, "train.sparsity_start",
                "sparsity_start must be in [0, 1) and sparsity_ramp in [0, 1]")

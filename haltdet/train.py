@@ -198,7 +198,16 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
     model = Detector(config.model).to(device)
     if world > 1:
         sync_batchnorm(model)  # BatchNorm over the global batch: the same update as 1 process
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    if t.refine_only:
+        if model.refiner is None:
+            raise ConfigError("train.refine_only needs model.refine: true")
+        if init is None and not resume:
+            raise ConfigError("train.refine_only trains only the refiner: start from a trained detector "
+                              "with --init CHECKPOINT")
+        for module in model.first_stage():
+            module.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = make_scheduler(config, optimizer)
     if init is not None and not resume:
         weights = load_checkpoint(init, map_location=device)["model"]
@@ -226,6 +235,9 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
     bar = tqdm(total=t.max_steps, initial=step, disable=not progress or rank != 0,
                desc="train", unit="step", dynamic_ncols=True)
     model.train()
+    if t.refine_only:  # the first stage runs as at inference: it only makes the proposals
+        for module in model.first_stage():
+            module.eval()
     start_time = time.time() - elapsed
     stopped_early, skipped = False, 0
 
@@ -254,10 +266,10 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
                 output = ddp_model(batch.points.to(device))
             with global_batch_losses(world > 1):
                 step_config = dataclasses.replace(t, sparsity_weight=t.sparsity_at(step))
-                losses = model.loss(output, targets, step_config, boxes)
+                losses = model.loss(output, targets, step_config, boxes, labels)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, t.grad_clip)
             # Gradients are averaged over processes, so every process decides alike.
             if torch.isfinite(grad_norm):
                 optimizer.step()

@@ -120,6 +120,9 @@ def test_resume_from_a_checkpoint_of_another_model_is_a_clear_error(tiny_config,
     ({"model": {"max_points": -1}}, "model.max_points"),
     ({"model": {"gaussian_overlap": 0.0}}, "model.gaussian_overlap"),
     ({"train": {"seed": 2**40}}, "train.seed"),
+    ({"model": {"refine_points": 0}}, "model.refine_points"),
+    ({"model": {"refine_rectify": [0.5]}}, "model.refine_rectify"),
+    ({"train": {"refine_match_iou": 0.0}}, "train.refine_match_iou"),
     ({"data": []}, "section 'data' must be a mapping"),
 ])
 def test_invalid_configs_name_the_key(values, message):

@@ -16,6 +16,8 @@ from haltdet.model.encoder import EncoderOutput, SparseWindowEncoder
 from haltdet.model.head import (BEVBackbone, CenterHead, Detections, HeadTargets, build_targets,
                                 decode, heatmap_focal_loss, iou_loss, regression_loss, scatter_to_bev)
 from haltdet.model.pillars import PillarFeatureNet, PointBatch, Tokens, pillar_centres
+from haltdet.model.refine import (BoxRefiner, refine_detections, refinement_loss, refinement_targets,
+                                  training_proposals)
 
 
 @dataclass
@@ -25,7 +27,8 @@ class DetectorOutput:
     heatmap: (B, 3, H, W) class logits; regression: (B, 9, H, W);
     tokens: the pillar tokens entering the encoder (coords give each token's pillar);
     encoded: the encoder's output (features, layer at which each token halted, scores);
-    iou: (B, 1, H, W) predicted 2 * IoU - 1, or None (no IoU branch).
+    iou: (B, 1, H, W) predicted 2 * IoU - 1, or None (no IoU branch);
+    points: the input, which the second stage (model.refine) reads.
     """
 
     heatmap: torch.Tensor
@@ -33,6 +36,7 @@ class DetectorOutput:
     tokens: Tokens
     encoded: EncoderOutput | None = None
     iou: torch.Tensor | None = None
+    points: PointBatch | None = None
 
 
 class Detector(nn.Module):
@@ -55,6 +59,8 @@ class Detector(nn.Module):
         self.bev = BEVBackbone(config.d_model, config.bev_channels, config.bev_convs,
                                config.bev_stride)
         self.head = CenterHead(config.bev_channels, config.head_channels, config.iou_head)
+        self.refiner = (BoxRefiner(config.refine_channels, config.refine_context, config.refine_points)
+                        if config.refine else None)
         # CPU convolutions (oneDNN) run about twice as fast on channels-last tensors.
         self.bev.to(memory_format=torch.channels_last)
         self.head.to(memory_format=torch.channels_last)
@@ -113,7 +119,11 @@ class Detector(nn.Module):
         encoded = self.encoder(tokens.features, tokens.coords, batch.batch_size, masked)
         bev = scatter_to_bev(self.bev_features(encoded), tokens.coords, batch.batch_size, self.grid)
         heatmap, regression, iou = self.head(self.bev(bev))
-        return DetectorOutput(heatmap, regression, tokens, encoded, iou)
+        return DetectorOutput(heatmap, regression, tokens, encoded, iou, batch)
+
+    def first_stage(self) -> list[nn.Module]:
+        """Every part but the second stage (frozen by train.refine_only)."""
+        return [m for name, m in self.named_children() if name != "refiner"]
 
     def targets(self, boxes: list[np.ndarray], labels: list[np.ndarray]) -> HeadTargets:
         """Targets for frames' boxes (ignored boxes already removed)."""
@@ -122,15 +132,28 @@ class Detector(nn.Module):
                              self.config.regression_radius)
 
     def loss(self, output: DetectorOutput, targets: HeadTargets, train=None,
-             boxes: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
-        """Detection loss, plus lambda * the token sparsity loss for halting models.
+             boxes: list[np.ndarray] | None = None, labels: list[np.ndarray] | None = None
+             ) -> dict[str, torch.Tensor]:
+        """Detection loss, plus lambda * the token sparsity loss for halting models, plus
+        the second stage's loss for models with a refiner (only that with
+        train.refine_only).
 
-        train: a TrainConfig (loss weights); boxes: the frames' ground-truth boxes, which
-        make the sparsity loss non-uniform.
+        train: a TrainConfig (loss weights); boxes, labels: the frames' ground-truth boxes
+        and classes (ignored boxes removed): boxes make the sparsity loss non-uniform; the
+        refiner needs both.
         """
         from haltdet.config import TrainConfig
 
         train = train or TrainConfig()
+        if self.refiner is not None and (boxes is None or labels is None):
+            raise ValueError("a model with a refiner needs the ground-truth boxes and labels for its loss")
+        if train.refine_only:
+            if self.refiner is None:
+                raise ValueError("train.refine_only needs a model with model.refine: true")
+            losses = self.refiner_loss(output, boxes, labels, train)
+            total = (train.refine_weight * losses["refine_box"] + train.refine_flip_weight * losses["refine_flip"]
+                     + train.refine_iou_weight * losses["refine_iou"])
+            return {"loss": total, **{k: v.detach() for k, v in losses.items()}}
         heatmap = heatmap_focal_loss(output.heatmap, targets.heatmap)
         regression, direction = regression_loss(output.regression, targets)
         total = (train.heatmap_weight * heatmap + train.regression_weight * regression
@@ -147,7 +170,28 @@ class Detector(nn.Module):
             losses["sparsity"] = sparsity.detach()
         if self.halting:
             losses["kept_fraction"] = output.encoded.gate.detach().mean()
+        if self.refiner is not None:
+            refine = self.refiner_loss(output, boxes, labels, train)
+            total = total + (train.refine_weight * refine["refine_box"] + train.refine_flip_weight
+                             * refine["refine_flip"] + train.refine_iou_weight * refine["refine_iou"])
+            losses.update({k: v.detach() for k, v in refine.items()})
         return {"loss": total, **losses}
+
+    def refiner_loss(self, output: DetectorOutput, boxes: list[np.ndarray], labels: list[np.ndarray],
+                     train) -> dict[str, torch.Tensor]:
+        """The second stage's loss on the first stage's detections of this pass (no gradient
+        through them) plus jittered ground-truth boxes (`refine.training_proposals`)."""
+        device = output.heatmap.device
+        with torch.no_grad():
+            first = self.decode_first_stage(output)
+        gt_boxes = [torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 7), device=device) for b in boxes]
+        gt_labels = [torch.as_tensor(np.asarray(lab, dtype=np.int64), device=device) for lab in labels]
+        proposals, frame, proposal_labels = training_proposals(first, gt_boxes, gt_labels, train.refine_proposals,
+                                                               train.refine_jitter)
+        points = output.points
+        prediction = self.refiner(points.points, points.batch_index, proposals, frame, proposal_labels)
+        targets = refinement_targets(proposals, frame, proposal_labels, gt_boxes, gt_labels, train.refine_match_iou)
+        return refinement_loss(prediction, proposals, targets)
 
     def tokens_in_boxes(self, tokens: Tokens, boxes: list[np.ndarray], margin: float = 0.0) -> torch.Tensor:
         """(T,) bool: the token's pillar centre lies inside a box of its frame (in BEV, the
@@ -186,8 +230,8 @@ class Detector(nn.Module):
             per_stage.append((weights * scores * scored).sum() / batch_count(scored.sum()))
         return torch.stack(per_stage).mean()
 
-    def decode(self, output: DetectorOutput) -> list[Detections]:
-        """Boxes per frame; a frame without tokens (no point in range) has none."""
+    def decode_first_stage(self, output: DetectorOutput) -> list[Detections]:
+        """The head's boxes per frame; a frame without tokens (no point in range) has none."""
         c = self.config
         detections = decode(output.heatmap, output.regression, self.range_min, self.cell_size,
                             c.score_threshold, c.max_detections, c.nms_iou, iou=output.iou,
@@ -197,6 +241,15 @@ class Detector(nn.Module):
         occupied = torch.bincount(output.tokens.coords[:, 0], minlength=len(detections)) > 0
         return [d if o else Detections(d.boxes[:0], d.scores[:0], d.labels[:0])
                 for d, o in zip(detections, occupied.tolist())]
+
+    def decode(self, output: DetectorOutput) -> list[Detections]:
+        """Boxes per frame: the head's, refined by the second stage if the model has one."""
+        detections = self.decode_first_stage(output)
+        if self.refiner is None or output.points is None:
+            return detections
+        c = self.config
+        return refine_detections(self.refiner, output.points.points, output.points.batch_index, detections,
+                                 c.refine_rectify, c.nms_iou, c.max_detections)
 
     @torch.no_grad()
     def detect(self, batch: PointBatch) -> list[Detections]:

@@ -289,12 +289,19 @@ def decode(heatmap_logits: torch.Tensor, regression: torch.Tensor, range_min: tu
         scores, labels, cell = scores[keep], labels[keep], cell[keep]
         boxes = boxes_at_cells(regression[frame].reshape(REGRESSION_DIM, -1)[:, cell].T, cell, width,
                                range_min, cell_size)
-        kept = []
-        for cls in range(num_classes):
-            index = torch.nonzero(labels == cls).flatten()
-            if index.numel():
-                kept.append(index[nms_bev(boxes[index], scores[index], nms_iou[cls])])
-        kept = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
-        kept = kept[torch.argsort(scores[kept], descending=True, stable=True)][:max_detections]
-        results.append(Detections(boxes[kept], scores[kept], labels[kept]))
+        results.append(nms_per_class(Detections(boxes, scores, labels), nms_iou, max_detections))
     return results
+
+
+def nms_per_class(detections: Detections, nms_iou: list[float], max_detections: int) -> Detections:
+    """Rotated BEV NMS within each class, then the best `max_detections` by score (ties
+    by index). Deterministic."""
+    boxes, scores, labels = detections.boxes, detections.scores, detections.labels
+    kept = []
+    for cls in range(NUM_CLASSES):
+        index = torch.nonzero(labels == cls).flatten()
+        if index.numel():
+            kept.append(index[nms_bev(boxes[index], scores[index], nms_iou[cls])])
+    kept = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long, device=boxes.device)
+    kept = kept[torch.argsort(scores[kept], descending=True, stable=True)][:max_detections]
+    return Detections(boxes[kept], scores[kept], labels[kept])

@@ -1,0 +1,309 @@
+"""Second stage: refine each first-stage box from the raw points around it.
+
+The first stage sees the scene through 0.32 m pillars and predicts boxes from 0.64 m
+cells; at the 0.7 IoU of vehicles its centres, heights and lengths are not tight enough
+(`haltdet diagnose`). The refiner looks at the raw points in and around each box, in the
+box's own frame (LiDAR R-CNN-style canonicalisation: translation and rotation removed,
+so one small PointNet serves every position and heading), and predicts:
+
+* a residual (7): centre along / across the box heading and vertical (metres), log
+  size ratios, and a small heading change (radians);
+* a flip logit: the box's front is at the other end of its axis;
+* the 3D IoU of the refined box with its object (a logit), which rescores the box.
+
+Points: those inside the box enlarged by `context` metres on every side (so a box that
+is too short or too low still sees its object's ends, and the ground below), at most
+`num_points` per box, taken evenly in input order when there are more: deterministic.
+Per point: the box-frame offsets (metres), the same divided by the half sizes, and the
+intensity. The point features are max-pooled per box, then joined with the box's log
+size, its class and its log point count.
+
+Training (`refinement_targets`): proposals are the first stage's own detections plus
+jittered ground-truth boxes (so every object is seen at many errors, whatever the first
+stage's quality); a proposal regresses the same-class ground-truth box it overlaps most
+in BEV (IoU >= `match_iou`); the others only learn IoU 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from haltdet.boxes import iou_3d_paired, iou_bev, wrap_angle
+from haltdet.distributed import batch_count
+from haltdet.model.head import Detections, nms_per_class
+from haltdet.model.pillars import _rank_in_group
+
+NUM_CLASSES = 3
+POINT_FEATURES = 7  # box-frame x, y, z; the same over the half sizes; intensity
+RESIDUAL_DIM = 7  # along, across, z, log l, log w, log h ratios, heading change
+_PAIR_CHUNK = 2_000_000  # (box, point) distance tests per chunk: bounded memory
+
+
+@dataclass
+class BoxPoints:
+    """Points gathered around boxes, flat: point `i` belongs to box `box[i]`.
+
+    features: (M, POINT_FEATURES); box: (M,) int64, sorted; counts: (K,) points per box
+    before the per-box cap (log-count feature); position: (M, 3) box-frame offsets over the
+    enlarged half sizes, in [-1, 1] (the cell of the box's grid a point falls in)."""
+
+    features: torch.Tensor
+    box: torch.Tensor
+    counts: torch.Tensor
+    position: torch.Tensor
+
+
+def gather_box_points(points: torch.Tensor, batch_index: torch.Tensor, boxes: torch.Tensor,
+                      box_frame: torch.Tensor, context: float, num_points: int) -> BoxPoints:
+    """Points (P, 4) of frames `batch_index` (P,) around boxes (K, 7) of frames
+    `box_frame` (K,): those inside each box enlarged by `context` metres per side, at most
+    `num_points` per box (evenly in input order). Deterministic."""
+    device = points.device
+    boxes = boxes.float()
+    radius = 0.5 * torch.sqrt((boxes[:, 3] + 2 * context) ** 2 + (boxes[:, 4] + 2 * context) ** 2)
+    pair_box, pair_point = [], []
+    if boxes.shape[0] and points.shape[0]:
+        frames = torch.unique(box_frame).tolist()
+        for frame in frames:  # a loop over the batch's frames, not over boxes
+            box_ids = torch.nonzero(box_frame == frame).flatten()
+            point_ids = torch.nonzero(batch_index == frame).flatten()
+            if not point_ids.numel():
+                continue
+            xy = points[point_ids, :2]
+            step = max(1, _PAIR_CHUNK // point_ids.numel())
+            for start in range(0, box_ids.numel(), step):
+                ids = box_ids[start:start + step]
+                d2 = (xy[None, :, 0] - boxes[ids, None, 0]) ** 2 + (xy[None, :, 1] - boxes[ids, None, 1]) ** 2
+                b, p = torch.nonzero(d2 <= radius[ids, None] ** 2, as_tuple=True)
+                pair_box.append(ids[b])
+                pair_point.append(point_ids[p])
+    if pair_box:
+        pair_box, pair_point = torch.cat(pair_box), torch.cat(pair_point)
+        order = torch.argsort(pair_box * points.shape[0] + pair_point)  # by box, then input order
+        pair_box, pair_point = pair_box[order], pair_point[order]
+    else:
+        pair_box = pair_point = torch.zeros(0, dtype=torch.long, device=device)
+    b = boxes[pair_box]
+    p = points[pair_point].float()
+    dx, dy, dz = p[:, 0] - b[:, 0], p[:, 1] - b[:, 1], p[:, 2] - b[:, 2]
+    cos, sin = torch.cos(b[:, 6]), torch.sin(b[:, 6])
+    local = torch.stack([dx * cos + dy * sin, -dx * sin + dy * cos, dz], dim=1)
+    half = b[:, 3:6] / 2
+    inside = (local.abs() <= half + context).all(dim=1)
+    local, half, pair_box, p = local[inside], half[inside], pair_box[inside], p[inside]
+    counts = torch.bincount(pair_box, minlength=boxes.shape[0])
+    if num_points and pair_box.numel():
+        n = counts[pair_box]
+        rank = _rank_in_group(pair_box, counts)
+        cap = n.clamp(max=num_points)
+        keep = (rank * cap) // n != ((rank - 1) * cap) // n
+        local, half, pair_box, p = local[keep], half[keep], pair_box[keep], p[keep]
+    features = torch.cat([local, local / half.clamp(min=0.05), p[:, 3:4].clamp(0, 1)], dim=1)
+    return BoxPoints(features, pair_box, counts, local / (half + context).clamp(min=0.05))
+
+
+def _max_per_group(values: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+    """(groups, C) max of the rows of each group; values are >= 0 (ReLU), so an empty
+    group's 0 is exact."""
+    out = values.new_zeros(groups, values.shape[1])
+    return out.scatter_reduce(0, group[:, None].expand_as(values), values, reduce="amax", include_self=True)
+
+
+class BoxRefiner(nn.Module):
+    """PointNet over the points of each box -> residual (7), flip logit, IoU logit.
+
+    The point features are max-pooled over the whole box and, reduced to `grid_channels`,
+    over each cell of a grid laid on the enlarged box (`grid` cells along, across, up):
+    where in the box a feature occurs (a cabin set back, handlebars ahead) is what tells
+    the front from the back."""
+
+    def __init__(self, channels: list[int], context: float, num_points: int,
+                 grid: tuple[int, int, int] = (6, 2, 3), grid_channels: int = 16):
+        super().__init__()
+        self.context, self.num_points = context, num_points
+        self.register_buffer("grid", torch.tensor(grid, dtype=torch.long), persistent=False)
+        self.cells = math.prod(grid)
+        layers, in_dim = [], POINT_FEATURES
+        for out_dim in channels:
+            layers += [nn.Linear(in_dim, out_dim, bias=False), nn.LayerNorm(out_dim), nn.ReLU(inplace=True)]
+            in_dim = out_dim
+        self.point_net = nn.Sequential(*layers)
+        self.grid_net = nn.Sequential(nn.Linear(in_dim, grid_channels), nn.ReLU(inplace=True))
+        box_dim = 3 + NUM_CLASSES + 1  # log size, class one-hot, log point count
+        in_dim += self.cells * grid_channels
+        self.box_net = nn.Sequential(nn.Linear(in_dim + box_dim, channels[-1]), nn.ReLU(inplace=True),
+                                     nn.Linear(channels[-1], channels[-1]), nn.ReLU(inplace=True))
+        self.out = nn.Linear(channels[-1], RESIDUAL_DIM + 2)
+        nn.init.zeros_(self.out.weight)  # start as the identity: no change, no flip
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, points: torch.Tensor, batch_index: torch.Tensor, boxes: torch.Tensor,
+                box_frame: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """-> (K, RESIDUAL_DIM + 2): residual, flip logit, IoU logit per box."""
+        gathered = gather_box_points(points, batch_index, boxes, box_frame, self.context, self.num_points)
+        point_features = self.point_net(gathered.features)
+        k = boxes.shape[0]
+        pooled = _max_per_group(point_features, gathered.box, k)
+        cell = ((gathered.position + 1) / 2 * self.grid).floor().long()
+        cell = torch.minimum(cell.clamp(min=0), self.grid - 1)
+        cell = (cell[:, 0] * self.grid[1] + cell[:, 1]) * self.grid[2] + cell[:, 2]
+        grid = _max_per_group(self.grid_net(point_features), gathered.box * self.cells + cell, k * self.cells)
+        box_features = torch.cat([
+            pooled,
+            grid.view(k, -1),
+            boxes[:, 3:6].float().clamp(min=1e-3).log(),
+            F.one_hot(labels.long(), NUM_CLASSES).to(pooled.dtype),
+            torch.log1p(gathered.counts.to(pooled.dtype))[:, None],
+        ], dim=1)
+        return self.out(self.box_net(box_features))
+
+
+def apply_residual(boxes: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Boxes (K, 7) changed by the refiner's output (K, >= 8): the residual, and a half
+    turn where the flip logit is positive."""
+    boxes = boxes.float()
+    residual = output[:, :RESIDUAL_DIM].float()
+    cos, sin = torch.cos(boxes[:, 6]), torch.sin(boxes[:, 6])
+    x = boxes[:, 0] + residual[:, 0] * cos - residual[:, 1] * sin
+    y = boxes[:, 1] + residual[:, 0] * sin + residual[:, 1] * cos
+    z = boxes[:, 2] + residual[:, 2]
+    size = boxes[:, 3:6] * residual[:, 3:6].clamp(-3, 3).exp()
+    yaw = boxes[:, 6] + residual[:, 6] + math.pi * (output[:, RESIDUAL_DIM] > 0).float()
+    return torch.cat([torch.stack([x, y, z], 1), size, wrap_angle(yaw)[:, None]], dim=1)
+
+
+def jitter_boxes(boxes: torch.Tensor, flip_probability: float = 0.5,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Ground-truth boxes (K, 7) with errors like the first stage's (`haltdet diagnose`),
+    somewhat wider: centre along / across the heading 15 % / 10 % of the length / width
+    (plus 5 cm), z 0.15 m, sizes 10 % (log), heading 0.1 rad, and the front reversed with
+    `flip_probability`."""
+    n = boxes.shape[0]
+    noise = torch.randn(n, 7, generator=generator).to(boxes.device)
+    flip = (torch.rand(n, generator=generator) < flip_probability).float().to(boxes.device)
+    boxes = boxes.float()
+    cos, sin = torch.cos(boxes[:, 6]), torch.sin(boxes[:, 6])
+    du = noise[:, 0] * (0.15 * boxes[:, 3] + 0.05)
+    dv = noise[:, 1] * (0.1 * boxes[:, 4] + 0.05)
+    out = boxes.clone()
+    out[:, 0] += du * cos - dv * sin
+    out[:, 1] += du * sin + dv * cos
+    out[:, 2] += noise[:, 2] * 0.15
+    out[:, 3:6] *= (noise[:, 3:6] * 0.1).exp()
+    out[:, 6] = wrap_angle(out[:, 6] + noise[:, 6] * 0.1 + math.pi * flip)
+    return out
+
+
+@dataclass
+class RefinementTargets:
+    """matched: (K,) bool, the proposal regresses a ground-truth box; residual (K, 7) and
+    flip (K,) its targets (rows of unmatched proposals are zeros); gt (K, 7) the matched
+    box (zeros if none)."""
+
+    matched: torch.Tensor
+    residual: torch.Tensor
+    flip: torch.Tensor
+    gt: torch.Tensor
+
+
+def refinement_targets(proposals: torch.Tensor, proposal_frame: torch.Tensor, proposal_labels: torch.Tensor,
+                       gt_boxes: list[torch.Tensor], gt_labels: list[torch.Tensor],
+                       match_iou: float) -> RefinementTargets:
+    """Match each proposal to the same-class ground-truth box of its frame it overlaps
+    most in BEV (IoU >= match_iou) and express that box in the proposal's frame."""
+    k = proposals.shape[0]
+    matched = torch.zeros(k, dtype=torch.bool, device=proposals.device)
+    gt = proposals.new_zeros(k, 7)
+    for frame, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels)):
+        index = torch.nonzero(proposal_frame == frame).flatten()
+        if not index.numel() or not boxes.shape[0]:
+            continue
+        iou = iou_bev(proposals[index], boxes.to(proposals))
+        iou = iou * (proposal_labels[index, None] == labels.to(proposal_labels)[None, :])
+        best, which = iou.max(dim=1)
+        hit = best >= match_iou
+        matched[index[hit]] = True
+        gt[index[hit]] = boxes.to(proposals)[which[hit]]
+    p = proposals.float()
+    delta = wrap_angle(gt[:, 6] - p[:, 6])
+    flip = delta.abs() > math.pi / 2
+    delta = wrap_angle(delta - math.pi * flip.float())
+    dx, dy = gt[:, 0] - p[:, 0], gt[:, 1] - p[:, 1]
+    cos, sin = torch.cos(p[:, 6]), torch.sin(p[:, 6])
+    residual = torch.stack([dx * cos + dy * sin, -dx * sin + dy * cos, gt[:, 2] - p[:, 2],
+                            *(gt[:, 3:6].clamp(min=1e-3) / p[:, 3:6].clamp(min=1e-3)).log().unbind(1),
+                            delta], dim=1)
+    m = matched.float()[:, None]
+    return RefinementTargets(matched, residual * m, flip & matched, gt)
+
+
+def refinement_loss(output: torch.Tensor, proposals: torch.Tensor, targets: RefinementTargets
+                    ) -> dict[str, torch.Tensor]:
+    """Smooth-L1 of the residual and binary cross-entropy of the flip over matched
+    proposals; binary cross-entropy of the IoU logit against the refined box's 3D IoU
+    with its object (0 for unmatched proposals) over all."""
+    output = output.float()
+    matched = targets.matched.float()
+    positives = batch_count(matched.sum(), minimum=1.0)
+    everyone = batch_count(torch.tensor(float(output.shape[0]), device=output.device), minimum=1.0)
+    residual = (F.smooth_l1_loss(output[:, :RESIDUAL_DIM], targets.residual, beta=0.05, reduction="none")
+                .sum(dim=1) * matched).sum() / positives
+    flip = (F.binary_cross_entropy_with_logits(output[:, RESIDUAL_DIM], targets.flip.float(), reduction="none")
+            * matched).sum() / positives
+    with torch.no_grad():
+        refined = apply_residual(proposals, output.detach())
+        iou_target = iou_3d_paired(refined, targets.gt).float() * matched if output.shape[0] else matched
+    iou = F.binary_cross_entropy_with_logits(output[:, RESIDUAL_DIM + 1], iou_target, reduction="sum") / everyone
+    return {"refine_box": residual, "refine_flip": flip, "refine_iou": iou}
+
+
+def refine_detections(refiner: BoxRefiner, points: torch.Tensor, batch_index: torch.Tensor,
+                      detections: list[Detections], rectify: list[float], nms_iou: list[float],
+                      max_detections: int) -> list[Detections]:
+    """Refine every frame's detections: new boxes, scores score^(1 - a) * IoU^a with the
+    refiner's IoU (a = rectify[class]), then NMS within each class again (refined
+    duplicates can now overlap more)."""
+    if not detections:
+        return detections
+    boxes = torch.cat([d.boxes for d in detections]).float()
+    labels = torch.cat([d.labels for d in detections])
+    scores = torch.cat([d.scores for d in detections]).float()
+    frame = torch.cat([torch.full((len(d.boxes),), f, dtype=torch.long, device=boxes.device)
+                       for f, d in enumerate(detections)])
+    output = refiner(points, batch_index, boxes, frame, labels)
+    refined = apply_residual(boxes, output)
+    quality = torch.sigmoid(output[:, RESIDUAL_DIM + 1].float())
+    alpha = torch.tensor(rectify, dtype=scores.dtype, device=scores.device)[labels]
+    scores = scores.pow(1 - alpha) * quality.pow(alpha)
+    results = []
+    for f in range(len(detections)):
+        index = torch.nonzero(frame == f).flatten()
+        results.append(nms_per_class(Detections(refined[index], scores[index], labels[index]),
+                                     nms_iou, max_detections))
+    return results
+
+
+def training_proposals(detections: list[Detections], gt_boxes: list[torch.Tensor],
+                       gt_labels: list[torch.Tensor], per_frame: int, jitter: int,
+                       min_score: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(boxes, frame, labels) to train the refiner on: each frame's best `per_frame`
+    first-stage detections with score >= min_score, plus `jitter` jittered copies of each
+    ground-truth box (`jitter_boxes`, torch's global generator: seeded per step)."""
+    boxes, frames, labels = [], [], []
+    for f, (d, gt, gl) in enumerate(zip(detections, gt_boxes, gt_labels)):
+        keep = torch.nonzero(d.scores >= min_score).flatten()[:per_frame]  # sorted by score
+        b = [d.boxes[keep].float()]
+        lab = [d.labels[keep]]
+        if jitter and gt.shape[0]:
+            b.append(jitter_boxes(gt.float().repeat(jitter, 1)))
+            lab.append(gl.to(d.labels).repeat(jitter))
+        b, lab = torch.cat(b), torch.cat(lab)
+        boxes.append(b)
+        labels.append(lab)
+        frames.append(torch.full((b.shape[0],), f, dtype=torch.long, device=b.device))
+    return torch.cat(boxes), torch.cat(frames), torch.cat(labels)
