@@ -53,15 +53,16 @@ def time_stages(model, points: torch.Tensor, device: torch.device) -> dict[str, 
     _sync(device)
     times["bev_head"] = time.perf_counter() - start
     start = time.perf_counter()
-    output = DetectorOutput(heatmap, regression, tokens, encoded, iou, batch)
+    output = DetectorOutput(heatmap, regression, tokens, encoded, iou, tokens.points)
     detections = model.decode_first_stage(output)
     _sync(device)
     times["decode"] = time.perf_counter() - start
     start = time.perf_counter()
     if model.refiner is not None:
         c = model.config
-        refine_detections(model.refiner, batch.points, batch.batch_index, detections, c.refine_rectify,
-                          c.nms_iou, c.max_detections)
+        kept = tokens.points
+        refine_detections(model.refiner, kept.points, kept.batch_index, detections, c.refine_rectify, c.nms_iou,
+                          c.max_detections, c.refine_passes)
         _sync(device)
     times["refine"] = time.perf_counter() - start
     times["total"] = sum(times[s] for s in STAGES)

@@ -141,9 +141,12 @@ def cmd_eval(args) -> None:
             raise HaltdetError(f"{args.checkpoint}: --threshold/--keep-ratio/--max-tokens need a "
                                "halting model; this one has no halting stages")
         model.set_halting(args.threshold, args.keep_ratio, args.max_tokens)
+    if (args.first_stage or args.refine_passes) and model.refiner is None:
+        raise HaltdetError(f"{args.checkpoint}: --first-stage/--refine-passes need a model with a second stage "
+                           "(model.refine)")
+    if args.refine_passes:
+        model.config.refine_passes = args.refine_passes
     if args.first_stage:
-        if model.refiner is None:
-            raise HaltdetError(f"{args.checkpoint}: --first-stage needs a model with a second stage (model.refine)")
         model.refiner = None
     start = time.perf_counter()
     result = evaluate_model(model, args.data, args.batch_size, args.device, progress=not args.quiet)
@@ -151,7 +154,7 @@ def cmd_eval(args) -> None:
     result["data"] = str(args.data)
     result["halting"] = {"layers": config.model.halting_layers, "thresholds": model.encoder.thresholds,
                          "keep_ratios": model.encoder.keep_ratios, "max_tokens": model.encoder.max_tokens}
-    result["refined"] = model.refiner is not None
+    result["refine_passes"] = model.config.refine_passes if model.refiner is not None else 0
     result["seconds"] = round(time.perf_counter() - start, 1)
     print(format_table(result))
     tokens = result.get("tokens")
@@ -329,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, help="cap on active tokens per frame at each stage (0: none)")
     p.add_argument("--first-stage", action="store_true",
                    help="score the head's boxes without the model's second stage (refiner)")
+    p.add_argument("--refine-passes", type=_count(1), help="refinement passes (default: the model's)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 

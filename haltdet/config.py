@@ -69,6 +69,7 @@ class ModelConfig:
     refine_channels: list[int] = field(default_factory=lambda: [64, 128])
     refine_points: int = 128  # per box, at most
     refine_context: float = 0.5  # metres around the box whose points the refiner sees
+    refine_passes: int = 2  # at inference: each pass refines the last one's boxes
     refine_rectify: list[float] = field(default_factory=lambda: [0.68, 0.71, 0.65])
 
     def stage_thresholds(self) -> list[float]:
@@ -131,6 +132,7 @@ class ModelConfig:
         _check(len(self.refine_channels) >= 1 and min(self.refine_channels) >= 1, "model.refine_channels",
                "needs at least one positive width")
         _check(self.refine_points >= 1, "model.refine_points", "must be >= 1")
+        _check(self.refine_passes >= 1, "model.refine_passes", "must be >= 1")
         _check(self.refine_context >= 0, "model.refine_context", "must be >= 0")
         _check(len(self.refine_rectify) == 3 and all(0 <= a <= 1 for a in self.refine_rectify),
                "model.refine_rectify", "needs one value in [0, 1] per class")

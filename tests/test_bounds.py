@@ -48,6 +48,8 @@ def test_caps_bound_pillars_and_points_deterministically():
     again = net(batch)
     assert torch.equal(tokens.coords, again.coords) and torch.equal(tokens.features, again.features)
     assert tokens.points_used + tokens.points_dropped + tokens.points_capped == 22_000
+    assert tokens.points.points.shape[0] == tokens.points_used  # what the second stage reads
+    assert torch.bincount(tokens.points.batch_index, minlength=2).max() <= 3000
     assert tokens.points_dropped == int(((clouds[0][:, :2].abs() >= 19.2).any(1)).sum())
     per_frame = torch.bincount(tokens.coords[:, 0])
     assert per_frame.max() <= 500 and tokens.pillars_capped > 0
@@ -60,7 +62,8 @@ def test_caps_bound_pillars_and_points_deterministically():
 
 
 def test_two_million_points_run_within_the_caps(tiny_model_config):
-    config = ModelConfig(**tiny_model_config, max_pillars=4096, max_points=100_000)
+    config = ModelConfig(**tiny_model_config, max_pillars=4096, max_points=100_000, refine=True,
+                         refine_channels=[16, 32])  # the refiner reads the capped points
     model = Detector(config).eval()
     cloud = _cloud(2_000_000, 2, extent=25.0)
     with torch.no_grad():

@@ -54,6 +54,25 @@ def test_eval_writes_waymo_style_metrics(tiny_run, capsys):
     assert "mAPH_L2" in result
 
 
+def test_eval_of_a_two_stage_model_with_and_without_its_refiner(tiny_run, capsys):
+    config = yaml.safe_load((tiny_run / "tiny.yaml").read_text())
+    config["model"].update(refine=True, refine_channels=[16, 32])
+    config["train"].update(refine_only=True, save_steps=[])
+    (tiny_run / "tiny_refine.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(tiny_run / "tiny_refine.yaml"), "--out", str(tiny_run / "refine"),
+                 "--init", str(tiny_run / "run" / "final.pt"), "--quiet"]) == 0
+    results = {}
+    for name, extra in (("default", []), ("one", ["--refine-passes", "1"]), ("first", ["--first-stage"])):
+        out = tiny_run / f"refine_{name}.json"
+        assert main(["eval", "--checkpoint", str(tiny_run / "refine" / "final.pt"), "--data", str(tiny_run / "val"),
+                     "--json", str(out), "--quiet", *extra]) == 0
+        results[name] = json.loads(out.read_text())
+    assert [results[k]["refine_passes"] for k in ("default", "one", "first")] == [2, 1, 0]
+    assert main(["eval", "--checkpoint", str(tiny_run / "run" / "final.pt"), "--data", str(tiny_run / "val"),
+                 "--first-stage", "--quiet"]) == 2  # a one-stage model: a clear error
+    assert "need a model with a second stage" in capsys.readouterr().err
+
+
 def test_detect_and_demo(tiny_run, tmp_path, capsys):
     points = np.random.default_rng(0).uniform(-30, 30, size=(2000, 4)).astype(np.float32)
     points[:, 2] = -1.5

@@ -28,7 +28,8 @@ class DetectorOutput:
     tokens: the pillar tokens entering the encoder (coords give each token's pillar);
     encoded: the encoder's output (features, layer at which each token halted, scores);
     iou: (B, 1, H, W) predicted 2 * IoU - 1, or None (no IoU branch);
-    points: the input, which the second stage (model.refine) reads.
+    points: the points the pillar net kept (in range, finite, within the input caps),
+    which the second stage (model.refine) reads.
     """
 
     heatmap: torch.Tensor
@@ -119,7 +120,7 @@ class Detector(nn.Module):
         encoded = self.encoder(tokens.features, tokens.coords, batch.batch_size, masked)
         bev = scatter_to_bev(self.bev_features(encoded), tokens.coords, batch.batch_size, self.grid)
         heatmap, regression, iou = self.head(self.bev(bev))
-        return DetectorOutput(heatmap, regression, tokens, encoded, iou, batch)
+        return DetectorOutput(heatmap, regression, tokens, encoded, iou, tokens.points)
 
     def first_stage(self) -> list[nn.Module]:
         """Every part but the second stage (frozen by train.refine_only)."""
@@ -249,7 +250,7 @@ class Detector(nn.Module):
             return detections
         c = self.config
         return refine_detections(self.refiner, output.points.points, output.points.batch_index, detections,
-                                 c.refine_rectify, c.nms_iou, c.max_detections)
+                                 c.refine_rectify, c.nms_iou, c.max_detections, c.refine_passes)
 
     @torch.no_grad()
     def detect(self, batch: PointBatch) -> list[Detections]:

@@ -90,6 +90,8 @@ class Tokens:
     Counts over the batch: points_used entered the features; points_dropped were outside
     the range or not finite; points_capped were removed by the caps, pillars_capped
     non-empty pillars by max_pillars.
+    points: the points that entered the features, a PointBatch (the second stage reads
+    them: bounded by the same caps), or None.
     """
 
     features: torch.Tensor
@@ -99,6 +101,7 @@ class Tokens:
     points_dropped: int = 0
     points_capped: int = 0
     pillars_capped: int = 0
+    points: PointBatch | None = None
 
 
 class PillarFeatureNet(nn.Module):
@@ -183,6 +186,7 @@ class PillarFeatureNet(nn.Module):
         keep = self._kept_points(unique_keys, pillar_of_point)
         if keep is not None:  # every pillar keeps at least one point: the pillars stay
             points, ix, iy, pillar_of_point = points[keep], ix[keep], iy[keep], pillar_of_point[keep]
+            batch_index = batch_index[keep]
         xyz = points[:, :3]
         num_pillars = unique_keys.numel()
 
@@ -214,7 +218,8 @@ class PillarFeatureNet(nn.Module):
         ], dim=1)
         return Tokens(pooled, coords, batch.batch_size, points_used=points.shape[0],
                       points_dropped=total - in_range, points_capped=in_range - points.shape[0],
-                      pillars_capped=pillars - num_pillars)
+                      pillars_capped=pillars - num_pillars,
+                      points=PointBatch(points, batch_index, batch.batch_size))
 
 
 def pillar_centres(coords: torch.Tensor, point_cloud_range: list[float], pillar_size: float) -> torch.Tensor:

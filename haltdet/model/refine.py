@@ -41,7 +41,6 @@ from haltdet.model.pillars import _rank_in_group
 NUM_CLASSES = 3
 POINT_FEATURES = 7  # box-frame x, y, z; the same over the half sizes; intensity
 RESIDUAL_DIM = 7  # along, across, z, log l, log w, log h ratios, heading change
-_PAIR_CHUNK = 2_000_000  # (box, point) distance tests per chunk: bounded memory
 
 
 @dataclass
@@ -68,24 +67,25 @@ def gather_box_points(points: torch.Tensor, batch_index: torch.Tensor, boxes: to
     radius = 0.5 * torch.sqrt((boxes[:, 3] + 2 * context) ** 2 + (boxes[:, 4] + 2 * context) ** 2)
     pair_box, pair_point = [], []
     if boxes.shape[0] and points.shape[0]:
-        frames = torch.unique(box_frame).tolist()
-        for frame in frames:  # a loop over the batch's frames, not over boxes
+        for frame in torch.unique(box_frame).tolist():  # a loop over the batch's frames, not over boxes
             box_ids = torch.nonzero(box_frame == frame).flatten()
             point_ids = torch.nonzero(batch_index == frame).flatten()
-            if not point_ids.numel():
-                continue
-            xy = points[point_ids, :2]
-            step = max(1, _PAIR_CHUNK // point_ids.numel())
-            for start in range(0, box_ids.numel(), step):
-                ids = box_ids[start:start + step]
-                d2 = (xy[None, :, 0] - boxes[ids, None, 0]) ** 2 + (xy[None, :, 1] - boxes[ids, None, 1]) ** 2
-                b, p = torch.nonzero(d2 <= radius[ids, None] ** 2, as_tuple=True)
-                pair_box.append(ids[b])
-                pair_point.append(point_ids[p])
+            x = points[point_ids, 0]
+            finite = torch.isfinite(points[point_ids]).all(dim=1)  # NaN/inf rows: never gathered
+            point_ids, x = point_ids[finite], x[finite]
+            # Candidates: the points whose x lies within each box's bounding circle (a
+            # slab of the frame, from one sort): every pair by index arithmetic, no loop.
+            x, order = torch.sort(x, stable=True)
+            point_ids = point_ids[order]
+            lo = torch.searchsorted(x, boxes[box_ids, 0] - radius[box_ids])
+            hi = torch.searchsorted(x, boxes[box_ids, 0] + radius[box_ids], right=True)
+            size = hi - lo
+            owner = torch.repeat_interleave(torch.arange(box_ids.numel(), device=device), size)
+            rank = torch.arange(owner.numel(), device=device) - (torch.cumsum(size, 0) - size)[owner]
+            pair_box.append(box_ids[owner])
+            pair_point.append(point_ids[lo[owner] + rank])
     if pair_box:
         pair_box, pair_point = torch.cat(pair_box), torch.cat(pair_point)
-        order = torch.argsort(pair_box * points.shape[0] + pair_point)  # by box, then input order
-        pair_box, pair_point = pair_box[order], pair_point[order]
     else:
         pair_box = pair_point = torch.zeros(0, dtype=torch.long, device=device)
     b = boxes[pair_box]
@@ -93,9 +93,11 @@ def gather_box_points(points: torch.Tensor, batch_index: torch.Tensor, boxes: to
     dx, dy, dz = p[:, 0] - b[:, 0], p[:, 1] - b[:, 1], p[:, 2] - b[:, 2]
     cos, sin = torch.cos(b[:, 6]), torch.sin(b[:, 6])
     local = torch.stack([dx * cos + dy * sin, -dx * sin + dy * cos, dz], dim=1)
-    half = b[:, 3:6] / 2
-    inside = (local.abs() <= half + context).all(dim=1)
-    local, half, pair_box, p = local[inside], half[inside], pair_box[inside], p[inside]
+    inside = (local.abs() <= b[:, 3:6] / 2 + context).all(dim=1)
+    order = torch.nonzero(inside).flatten()
+    order = order[torch.argsort(pair_box[order] * points.shape[0] + pair_point[order])]  # by box, then input order
+    local, pair_box, p = local[order], pair_box[order], p[order]
+    half = boxes[pair_box, 3:6] / 2
     counts = torch.bincount(pair_box, minlength=boxes.shape[0])
     if num_points and pair_box.numel():
         n = counts[pair_box]
@@ -264,28 +266,29 @@ def refinement_loss(output: torch.Tensor, proposals: torch.Tensor, targets: Refi
 
 def refine_detections(refiner: BoxRefiner, points: torch.Tensor, batch_index: torch.Tensor,
                       detections: list[Detections], rectify: list[float], nms_iou: list[float],
-                      max_detections: int) -> list[Detections]:
-    """Refine every frame's detections: new boxes, scores score^(1 - a) * IoU^a with the
-    refiner's IoU (a = rectify[class]), then NMS within each class again (refined
-    duplicates can now overlap more)."""
-    if not detections:
-        return detections
-    boxes = torch.cat([d.boxes for d in detections]).float()
-    labels = torch.cat([d.labels for d in detections])
-    scores = torch.cat([d.scores for d in detections]).float()
-    frame = torch.cat([torch.full((len(d.boxes),), f, dtype=torch.long, device=boxes.device)
-                       for f, d in enumerate(detections)])
-    output = refiner(points, batch_index, boxes, frame, labels)
-    refined = apply_residual(boxes, output)
-    quality = torch.sigmoid(output[:, RESIDUAL_DIM + 1].float())
-    alpha = torch.tensor(rectify, dtype=scores.dtype, device=scores.device)[labels]
-    scores = scores.pow(1 - alpha) * quality.pow(alpha)
-    results = []
-    for f in range(len(detections)):
-        index = torch.nonzero(frame == f).flatten()
-        results.append(nms_per_class(Detections(refined[index], scores[index], labels[index]),
-                                     nms_iou, max_detections))
-    return results
+                      max_detections: int, passes: int = 1) -> list[Detections]:
+    """Refine every frame's detections `passes` times (each pass starts from the last
+    one's boxes and is followed by NMS within each class: refined duplicates can overlap
+    more); then scores become score^(1 - a) * IoU^a with the last pass's IoU
+    (a = rectify[class])."""
+    for done in range(passes):
+        if not detections:
+            return detections
+        boxes = torch.cat([d.boxes for d in detections]).float()
+        labels = torch.cat([d.labels for d in detections])
+        scores = torch.cat([d.scores for d in detections]).float()
+        frame = torch.cat([torch.full((len(d.boxes),), f, dtype=torch.long, device=boxes.device)
+                           for f, d in enumerate(detections)])
+        output = refiner(points, batch_index, boxes, frame, labels)
+        refined = apply_residual(boxes, output)
+        if done == passes - 1:
+            quality = torch.sigmoid(output[:, RESIDUAL_DIM + 1].float())
+            alpha = torch.tensor(rectify, dtype=scores.dtype, device=scores.device)[labels]
+            scores = scores.pow(1 - alpha) * quality.pow(alpha)
+        detections = [nms_per_class(Detections(refined[index], scores[index], labels[index]), nms_iou,
+                                    max_detections)
+                      for index in (torch.nonzero(frame == f).flatten() for f in range(len(detections)))]
+    return detections
 
 
 def training_proposals(detections: list[Detections], gt_boxes: list[torch.Tensor],

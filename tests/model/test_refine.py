@@ -162,6 +162,13 @@ def test_refined_detections_are_rescored_and_deterministic():
     assert torch.allclose(out[0].scores, expected, rtol=1e-5)  # sorted, as the scores were
     again = refine_detections(refiner, points, index, detections, [0.5, 0.5, 0.5], [0.2, 0.2, 0.2], 10)
     assert torch.equal(out[0].boxes, again[0].boxes)
+    # a second pass starts from the first's boxes; the scores are rescored once, after the last
+    refiner.out.bias.data[0] = 0.25  # every pass moves each box 0.25 m ahead
+    one = refine_detections(refiner, points, index, detections, [0.5, 0.5, 0.5], [0.2, 0.2, 0.2], 10)
+    two = refine_detections(refiner, points, index, detections, [0.5, 0.5, 0.5], [0.2, 0.2, 0.2], 10, passes=2)
+    assert torch.allclose(two[0].scores, expected, rtol=1e-5)
+    shift = (two[0].boxes[:, :2] - one[0].boxes[:, :2]).norm(dim=1)
+    assert torch.allclose(shift, torch.full_like(shift, 0.25), atol=1e-5)
 
 
 def test_detector_with_refiner_decodes_and_trains_jointly(tiny_model_config):
@@ -201,8 +208,10 @@ def test_refine_only_training_changes_only_the_refiner(tiny_config, tmp_path):
 def test_refine_presets_are_their_first_stage_preset_plus_a_refiner(base, refined):
     first, second = load_config(base), load_config(refined)
     assert second.model.refine and second.train.refine_only and not first.model.refine
-    strip = lambda model: {k: v for k, v in dataclasses.asdict(model).items() if not k.startswith("refine")}  # noqa: E731
-    assert strip(first.model) == strip(second.model)  # --init from a first-stage checkpoint fits
+    def first_stage(model):
+        return {k: v for k, v in dataclasses.asdict(model).items() if not k.startswith("refine")}
+
+    assert first_stage(first.model) == first_stage(second.model)  # --init from a first-stage checkpoint fits
     assert first.data == second.data
 
 
