@@ -62,7 +62,7 @@ def time_stages(model, points: torch.Tensor, device: torch.device) -> dict[str, 
         c = model.config
         kept = tokens.points
         refine_detections(model.refiner, kept.points, kept.batch_index, detections, c.refine_rectify, c.nms_iou,
-                          c.max_detections, c.refine_passes)
+                          c.max_detections, c.refine_passes, c.refine_min_score)
         _sync(device)
     times["refine"] = time.perf_counter() - start
     times["total"] = sum(times[s] for s in STAGES)

@@ -70,6 +70,7 @@ class ModelConfig:
     refine_points: int = 128  # per box, at most
     refine_context: float = 0.5  # metres around the box whose points the refiner sees
     refine_passes: int = 2  # at inference: each pass refines the last one's boxes
+    refine_min_score: float = 0.2  # at inference: first-stage boxes below this score are dropped, not refined
     refine_rectify: list[float] = field(default_factory=lambda: [0.68, 0.71, 0.65])
 
     def stage_thresholds(self) -> list[float]:
@@ -133,6 +134,7 @@ class ModelConfig:
                "needs at least one positive width")
         _check(self.refine_points >= 1, "model.refine_points", "must be >= 1")
         _check(self.refine_passes >= 1, "model.refine_passes", "must be >= 1")
+        _check(0 <= self.refine_min_score < 1, "model.refine_min_score", "must be in [0, 1)")
         _check(self.refine_context >= 0, "model.refine_context", "must be >= 0")
         _check(len(self.refine_rectify) == 3 and all(0 <= a <= 1 for a in self.refine_rectify),
                "model.refine_rectify", "needs one value in [0, 1] per class")

@@ -250,7 +250,7 @@ class Detector(nn.Module):
             return detections
         c = self.config
         return refine_detections(self.refiner, output.points.points, output.points.batch_index, detections,
-                                 c.refine_rectify, c.nms_iou, c.max_detections, c.refine_passes)
+                                 c.refine_rectify, c.nms_iou, c.max_detections, c.refine_passes, c.refine_min_score)
 
     @torch.no_grad()
     def detect(self, batch: PointBatch) -> list[Detections]:

@@ -157,7 +157,7 @@ class BoxRefiner(nn.Module):
         grid = _max_per_group(self.grid_net(point_features), gathered.box * self.cells + cell, k * self.cells)
         box_features = torch.cat([
             pooled,
-            grid.view(k, -1),
+            grid.view(k, self.cells * grid.shape[1]),  # explicit: k may be 0
             boxes[:, 3:6].float().clamp(min=1e-3).log(),
             F.one_hot(labels.long(), NUM_CLASSES).to(pooled.dtype),
             torch.log1p(gathered.counts.to(pooled.dtype))[:, None],
@@ -266,13 +266,15 @@ def refinement_loss(output: torch.Tensor, proposals: torch.Tensor, targets: Refi
 
 def refine_detections(refiner: BoxRefiner, points: torch.Tensor, batch_index: torch.Tensor,
                       detections: list[Detections], rectify: list[float], nms_iou: list[float],
-                      max_detections: int, passes: int = 1) -> list[Detections]:
-    """Refine every frame's detections `passes` times (each pass starts from the last
-    one's boxes and is followed by NMS within each class: refined duplicates can overlap
-    more); then scores become score^(1 - a) * IoU^a with the last pass's IoU
-    (a = rectify[class])."""
+                      max_detections: int, passes: int = 1, min_score: float = 0.0) -> list[Detections]:
+    """Refine every frame's detections with score >= min_score (the others are dropped)
+    `passes` times (each pass starts from the last one's boxes and is followed by NMS
+    within each class: refined duplicates can overlap more); then scores become
+    score^(1 - a) * IoU^a with the last pass's IoU (a = rectify[class])."""
+    detections = [Detections(d.boxes[keep], d.scores[keep], d.labels[keep])
+                  for d, keep in ((d, d.scores >= min_score) for d in detections)]
     for done in range(passes):
-        if not detections:
+        if not sum(len(d.boxes) for d in detections):
             return detections
         boxes = torch.cat([d.boxes for d in detections]).float()
         labels = torch.cat([d.labels for d in detections])

@@ -107,6 +107,9 @@ def test_untrained_refiner_changes_nothing_and_gives_iou_one_half():
                      torch.tensor([0, 1, 2]))
     assert torch.equal(apply_residual(BOXES, output), torch.cat([BOXES[:, :6], wrap_angle(BOXES[:, 6:])], 1))
     assert torch.sigmoid(output[:, RESIDUAL_DIM + 1]).eq(0.5).all()
+    none = refiner(points, torch.zeros(5000, dtype=torch.long), BOXES[:0], torch.zeros(0, dtype=torch.long),
+                   torch.zeros(0, dtype=torch.long))
+    assert none.shape == (0, RESIDUAL_DIM + 2)
 
 
 def test_refiner_learns_to_tighten_boxes():
@@ -160,6 +163,9 @@ def test_refined_detections_are_rescored_and_deterministic():
     assert len(out) == 2 and len(out[1].boxes) == 0
     expected = (torch.tensor([0.9, 0.5, 0.3]) * 0.8).sqrt()
     assert torch.allclose(out[0].scores, expected, rtol=1e-5)  # sorted, as the scores were
+    kept = refine_detections(refiner, points, index, detections, [0.5, 0.5, 0.5], [0.2, 0.2, 0.2], 10,
+                             min_score=0.4)  # the 0.3 box is dropped before refinement
+    assert torch.allclose(kept[0].scores, expected[:2], rtol=1e-5)
     again = refine_detections(refiner, points, index, detections, [0.5, 0.5, 0.5], [0.2, 0.2, 0.2], 10)
     assert torch.equal(out[0].boxes, again[0].boxes)
     # a second pass starts from the first's boxes; the scores are rescored once, after the last
@@ -183,6 +189,11 @@ def test_detector_with_refiner_decodes_and_trains_jointly(tiny_model_config):
     assert {"heatmap", "refine_box", "refine_flip", "refine_iou"} <= set(losses)
     losses["loss"].backward()
     assert model.refiner.out.weight.grad.abs().sum() > 0
+    # a batch with nothing to refine: no ground truth, no first-stage box >= 0.1
+    empty = [np.zeros((0, 7), dtype=np.float32)] * 2, [np.zeros(0, dtype=np.int64)] * 2
+    nothing = PointBatch.from_list([torch.tensor([[500.0, 0.0, 0.0, 0.5]]), torch.zeros(0, 4)])
+    losses = model.loss(model(nothing), model.targets(*empty), None, *empty)
+    assert losses["refine_box"] == 0 and torch.isfinite(losses["loss"])
     assert model.pillar_net.layers[0][0].weight.grad.abs().sum() > 0
     model.eval()
     first, second = model.detect(batch), model.detect(batch)
