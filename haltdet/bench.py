@@ -53,7 +53,7 @@ def time_stages(model, points: torch.Tensor, device: torch.device) -> dict[str, 
     _sync(device)
     times["bev_head"] = time.perf_counter() - start
     start = time.perf_counter()
-    output = DetectorOutput(heatmap, regression, tokens, encoded, iou, tokens.points)
+    output = DetectorOutput(heatmap, regression, tokens, encoded, iou)
     detections = model.decode_first_stage(output)
     _sync(device)
     times["decode"] = time.perf_counter() - start

@@ -27,9 +27,9 @@ class DetectorOutput:
     heatmap: (B, 3, H, W) class logits; regression: (B, 9, H, W);
     tokens: the pillar tokens entering the encoder (coords give each token's pillar);
     encoded: the encoder's output (features, layer at which each token halted, scores);
-    iou: (B, 1, H, W) predicted 2 * IoU - 1, or None (no IoU branch);
-    points: the points the pillar net kept (in range, finite, within the input caps),
-    which the second stage (model.refine) reads.
+    iou: (B, 1, H, W) predicted 2 * IoU - 1, or None (no IoU branch).
+    The second stage (model.refine) reads `tokens.points`: the points the pillar net kept
+    (in range, finite, within the input caps).
     """
 
     heatmap: torch.Tensor
@@ -37,7 +37,6 @@ class DetectorOutput:
     tokens: Tokens
     encoded: EncoderOutput | None = None
     iou: torch.Tensor | None = None
-    points: PointBatch | None = None
 
 
 class Detector(nn.Module):
@@ -120,7 +119,7 @@ class Detector(nn.Module):
         encoded = self.encoder(tokens.features, tokens.coords, batch.batch_size, masked)
         bev = scatter_to_bev(self.bev_features(encoded), tokens.coords, batch.batch_size, self.grid)
         heatmap, regression, iou = self.head(self.bev(bev))
-        return DetectorOutput(heatmap, regression, tokens, encoded, iou, tokens.points)
+        return DetectorOutput(heatmap, regression, tokens, encoded, iou)
 
     def first_stage(self) -> list[nn.Module]:
         """Every part but the second stage (frozen by train.refine_only)."""
@@ -189,7 +188,7 @@ class Detector(nn.Module):
         gt_labels = [torch.as_tensor(np.asarray(lab, dtype=np.int64), device=device) for lab in labels]
         proposals, frame, proposal_labels = training_proposals(first, gt_boxes, gt_labels, train.refine_proposals,
                                                                train.refine_jitter)
-        points = output.points
+        points = output.tokens.points
         prediction = self.refiner(points.points, points.batch_index, proposals, frame, proposal_labels)
         targets = refinement_targets(proposals, frame, proposal_labels, gt_boxes, gt_labels, train.refine_match_iou)
         return refinement_loss(prediction, proposals, targets)
@@ -246,10 +245,10 @@ class Detector(nn.Module):
     def decode(self, output: DetectorOutput) -> list[Detections]:
         """Boxes per frame: the head's, refined by the second stage if the model has one."""
         detections = self.decode_first_stage(output)
-        if self.refiner is None or output.points is None:
+        if self.refiner is None or output.tokens is None or output.tokens.points is None:
             return detections
-        c = self.config
-        return refine_detections(self.refiner, output.points.points, output.points.batch_index, detections,
+        c, points = self.config, output.tokens.points
+        return refine_detections(self.refiner, points.points, points.batch_index, detections,
                                  c.refine_rectify, c.nms_iou, c.max_detections, c.refine_passes, c.refine_min_score)
 
     @torch.no_grad()
