@@ -190,10 +190,10 @@ class TrainConfig:
     # second stage (models with model.refine)
     refine_only: bool = False  # train only the refiner; the rest is frozen (start from --init)
     refine_weight: float = 1.0  # smooth L1 of its box residual
-    refine_flip_weight: float = 0.2  # binary cross-entropy of its front/back flip
+    refine_flip_weight: float = 1.0  # binary cross-entropy of its front/back flip
     refine_iou_weight: float = 1.0  # binary cross-entropy of its IoU
     refine_proposals: int = 64  # per frame: the first stage's best detections (score >= 0.1)
-    refine_jitter: int = 2  # plus this many jittered copies of each ground-truth box
+    refine_jitter: int = 4  # plus this many jittered copies of each ground-truth box
     refine_match_iou: float = 0.3  # BEV IoU with a ground-truth box for a proposal to regress it
     # non-uniform token sparsity loss (halting models): lambda * mean(weight_i * score_i)
     sparsity_weight: float = 0.0  # lambda
