@@ -150,10 +150,8 @@ class Detector(nn.Module):
         if train.refine_only:
             if self.refiner is None:
                 raise ValueError("train.refine_only needs a model with model.refine: true")
-            losses = self.refiner_loss(output, boxes, labels, train)
-            total = (train.refine_weight * losses["refine_box"] + train.refine_flip_weight * losses["refine_flip"]
-                     + train.refine_iou_weight * losses["refine_iou"])
-            return {"loss": total, **{k: v.detach() for k, v in losses.items()}}
+            total, losses = self.refiner_loss(output, boxes, labels, train)
+            return {"loss": total, **losses}
         heatmap = heatmap_focal_loss(output.heatmap, targets.heatmap)
         regression, direction = regression_loss(output.regression, targets)
         total = (train.heatmap_weight * heatmap + train.regression_weight * regression
@@ -171,16 +169,16 @@ class Detector(nn.Module):
         if self.halting:
             losses["kept_fraction"] = output.encoded.gate.detach().mean()
         if self.refiner is not None:
-            refine = self.refiner_loss(output, boxes, labels, train)
-            total = total + (train.refine_weight * refine["refine_box"] + train.refine_flip_weight
-                             * refine["refine_flip"] + train.refine_iou_weight * refine["refine_iou"])
-            losses.update({k: v.detach() for k, v in refine.items()})
+            refine, parts = self.refiner_loss(output, boxes, labels, train)
+            total = total + refine
+            losses.update(parts)
         return {"loss": total, **losses}
 
     def refiner_loss(self, output: DetectorOutput, boxes: list[np.ndarray], labels: list[np.ndarray],
-                     train) -> dict[str, torch.Tensor]:
-        """The second stage's loss on the first stage's detections of this pass (no gradient
-        through them) plus jittered ground-truth boxes (`refine.training_proposals`)."""
+                     train) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The second stage's weighted loss and its detached parts, on the first stage's
+        detections of this pass (no gradient through them) plus jittered ground-truth boxes
+        (`refine.training_proposals`)."""
         device = output.heatmap.device
         with torch.no_grad():
             first = self.decode_first_stage(output)
@@ -191,7 +189,10 @@ class Detector(nn.Module):
         points = output.tokens.points
         prediction = self.refiner(points.points, points.batch_index, proposals, frame, proposal_labels)
         targets = refinement_targets(proposals, frame, proposal_labels, gt_boxes, gt_labels, train.refine_match_iou)
-        return refinement_loss(prediction, proposals, targets)
+        parts = refinement_loss(prediction, proposals, targets)
+        total = (train.refine_weight * parts["refine_box"] + train.refine_flip_weight * parts["refine_flip"]
+                 + train.refine_iou_weight * parts["refine_iou"])
+        return total, {k: v.detach() for k, v in parts.items()}
 
     def tokens_in_boxes(self, tokens: Tokens, boxes: list[np.ndarray], margin: float = 0.0) -> torch.Tensor:
         """(T,) bool: the token's pillar centre lies inside a box of its frame (in BEV, the

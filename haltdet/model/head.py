@@ -275,7 +275,7 @@ def decode(heatmap_logits: torch.Tensor, regression: torch.Tensor, range_min: tu
     regression = regression.float()
     peaks = F.max_pool2d(heatmap, 3, stride=1, padding=1) == heatmap
     heatmap = heatmap * peaks
-    batch, num_classes, height, width = heatmap.shape
+    batch, _, height, width = heatmap.shape
     results = []
     for frame in range(batch):
         scores, flat = heatmap[frame].reshape(-1).topk(min(pre_nms, heatmap[frame].numel()))
