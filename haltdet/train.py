@@ -23,6 +23,7 @@ import math
 import os
 import random
 import time
+import zlib
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -72,6 +73,12 @@ class EpochSampler(Sampler):
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The torch seed of one optimisation step of one process."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def frame_seed(seed: int, step: int, frame_id: str) -> int:
+    """The seed of one frame's draws at one optimisation step (the refiner's jittered
+    boxes): the same in every process that trains the frame, whatever its batch."""
+    return int(np.random.SeedSequence([seed, step, zlib.crc32(frame_id.encode())]).generate_state(1)[0])
 
 
 def _seed_everything(seed: int) -> None:
@@ -266,7 +273,8 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
                 output = ddp_model(batch.points.to(device))
             with global_batch_losses(world > 1):
                 step_config = dataclasses.replace(t, sparsity_weight=t.sparsity_at(step))
-                losses = model.loss(output, targets, step_config, boxes, labels)
+                seeds = [frame_seed(t.seed, step, frame_id) for frame_id in batch.frame_ids]
+                losses = model.loss(output, targets, step_config, boxes, labels, jitter_seeds=seeds)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trained, t.grad_clip)

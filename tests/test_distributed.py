@@ -24,7 +24,7 @@ from haltdet.checkpoint import load_checkpoint
 from haltdet.config import load_config
 from haltdet.distributed import GlobalBatchNorm2d, sync_batchnorm
 from haltdet.model.detector import Detector
-from haltdet.train import EpochSampler, _seed_everything
+from haltdet.train import EpochSampler, _seed_everything, train
 
 
 def test_sampler_gives_every_rank_its_slice_of_the_same_global_batches():
@@ -88,3 +88,35 @@ def test_two_gloo_processes_train_like_one(tiny_config, tmp_path):
     print("weights after 3 steps, |2 processes - 1| / |update|:", float(difference / update))
     assert difference <= 3e-2 * update, float(difference / update)
     assert all(torch.equal(a[k], b[k]) for k in b if not b[k].is_floating_point())  # BN batch counts
+
+
+def test_two_gloo_processes_train_the_refiner_like_one(tiny_config, tmp_path):
+    """Refine-only training (the refiner runs in the loss, outside the DDP-wrapped forward):
+    the same update as one process, because the jittered ground-truth proposals are drawn
+    per frame, not per process, and the losses are normalised over the global batch."""
+    first = train(load_config(tiny_config(max_steps=1)), tmp_path / "first", progress=False)
+    config = tiny_config(model={"refine": True, "refine_channels": [16, 32]}, refine_only=True, lr=0.01)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = ["-m", "haltdet.cli", "train", "--config", str(config), "--init", str(first), "--quiet", "--out"]
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for command in (ddp + run + [str(tmp_path / "ddp")], [sys.executable] + run + [str(tmp_path / "single")]):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    ddp_log, single_log = _log(tmp_path / "ddp"), _log(tmp_path / "single")
+    assert [e["step"] for e in ddp_log] == [e["step"] for e in single_log] == [1, 2, 3]
+    for a, b in zip(ddp_log, single_log):  # the refiner's loss at every step, not only the first
+        for key in ("refine_box", "refine_flip", "refine_iou"):
+            assert b[key] > 0 and abs(a[key] - b[key]) <= 1e-4 * b[key], (a["step"], key, a[key], b[key])
+
+    first_stage = load_checkpoint(first)["model"]
+    _seed_everything(0)
+    start = Detector(load_config(config).model).state_dict()  # the refiner as both runs initialise it
+    a = load_checkpoint(tmp_path / "ddp" / "final.pt")["model"]
+    b = load_checkpoint(tmp_path / "single" / "final.pt")["model"]
+    assert all(torch.equal(a[k], v) and torch.equal(b[k], v) for k, v in first_stage.items())  # frozen
+    refiner = [k for k in b if k.startswith("refiner.") and b[k].is_floating_point()]
+    difference = torch.cat([(a[k] - b[k]).flatten() for k in refiner]).norm()
+    update = torch.cat([(b[k] - start[k]).flatten() for k in refiner]).norm()
+    print("refiner after 3 steps, |2 processes - 1| / |update|:", float(difference / update))
+    assert update > 0 and difference <= 1e-3 * update

@@ -132,15 +132,16 @@ class Detector(nn.Module):
                              self.config.regression_radius)
 
     def loss(self, output: DetectorOutput, targets: HeadTargets, train=None,
-             boxes: list[np.ndarray] | None = None, labels: list[np.ndarray] | None = None
-             ) -> dict[str, torch.Tensor]:
+             boxes: list[np.ndarray] | None = None, labels: list[np.ndarray] | None = None,
+             jitter_seeds: list[int] | None = None) -> dict[str, torch.Tensor]:
         """Detection loss, plus lambda * the token sparsity loss for halting models, plus
         the second stage's loss for models with a refiner (only that with
         train.refine_only).
 
         train: a TrainConfig (loss weights); boxes, labels: the frames' ground-truth boxes
         and classes (ignored boxes removed): boxes make the sparsity loss non-uniform; the
-        refiner needs both.
+        refiner needs both. jitter_seeds: per frame, the seed of the refiner's jittered
+        ground-truth proposals (`refine.training_proposals`).
         """
         from haltdet.config import TrainConfig
 
@@ -150,7 +151,7 @@ class Detector(nn.Module):
         if train.refine_only:
             if self.refiner is None:
                 raise ValueError("train.refine_only needs a model with model.refine: true")
-            total, losses = self.refiner_loss(output, boxes, labels, train)
+            total, losses = self.refiner_loss(output, boxes, labels, train, jitter_seeds)
             return {"loss": total, **losses}
         heatmap = heatmap_focal_loss(output.heatmap, targets.heatmap)
         regression, direction = regression_loss(output.regression, targets)
@@ -169,13 +170,13 @@ class Detector(nn.Module):
         if self.halting:
             losses["kept_fraction"] = output.encoded.gate.detach().mean()
         if self.refiner is not None:
-            refine, parts = self.refiner_loss(output, boxes, labels, train)
+            refine, parts = self.refiner_loss(output, boxes, labels, train, jitter_seeds)
             total = total + refine
             losses.update(parts)
         return {"loss": total, **losses}
 
     def refiner_loss(self, output: DetectorOutput, boxes: list[np.ndarray], labels: list[np.ndarray],
-                     train) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     train, jitter_seeds: list[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The second stage's weighted loss and its detached parts, on the first stage's
         detections of this pass (no gradient through them) plus jittered ground-truth boxes
         (`refine.training_proposals`)."""
@@ -185,7 +186,7 @@ class Detector(nn.Module):
         gt_boxes = [torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 7), device=device) for b in boxes]
         gt_labels = [torch.as_tensor(np.asarray(lab, dtype=np.int64), device=device) for lab in labels]
         proposals, frame, proposal_labels = training_proposals(first, gt_boxes, gt_labels, train.refine_proposals,
-                                                               train.refine_jitter)
+                                                               train.refine_jitter, seeds=jitter_seeds)
         points = output.tokens.points
         prediction = self.refiner(points.points, points.batch_index, proposals, frame, proposal_labels)
         targets = refinement_targets(proposals, frame, proposal_labels, gt_boxes, gt_labels, train.refine_match_iou)

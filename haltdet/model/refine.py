@@ -295,17 +295,23 @@ def refine_detections(refiner: BoxRefiner, points: torch.Tensor, batch_index: to
 
 def training_proposals(detections: list[Detections], gt_boxes: list[torch.Tensor],
                        gt_labels: list[torch.Tensor], per_frame: int, jitter: int,
-                       min_score: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       min_score: float = 0.1, seeds: list[int] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(boxes, frame, labels) to train the refiner on: each frame's best `per_frame`
     first-stage detections with score >= min_score, plus `jitter` jittered copies of each
-    ground-truth box (`jitter_boxes`, torch's global generator: seeded per step)."""
+    ground-truth box (`jitter_boxes`, drawn from a generator seeded by the frame's entry of
+    `seeds`, else from torch's global generator). Per-frame seeds make the draws of a frame
+    independent of which process, and which batch neighbours, it is trained with."""
+    if seeds is not None and len(seeds) != len(detections):
+        raise ValueError(f"{len(seeds)} jitter seeds for {len(detections)} frames")
     boxes, frames, labels = [], [], []
     for f, (d, gt, gl) in enumerate(zip(detections, gt_boxes, gt_labels)):
         keep = torch.nonzero(d.scores >= min_score).flatten()[:per_frame]  # sorted by score
         b = [d.boxes[keep].float()]
         lab = [d.labels[keep]]
         if jitter and gt.shape[0]:
-            b.append(jitter_boxes(gt.float().repeat(jitter, 1)))
+            generator = None if seeds is None else torch.Generator().manual_seed(int(seeds[f]))
+            b.append(jitter_boxes(gt.float().repeat(jitter, 1), generator=generator))
             lab.append(gl.to(d.labels).repeat(jitter))
         b, lab = torch.cat(b), torch.cat(lab)
         boxes.append(b)

@@ -17,7 +17,7 @@ from haltdet.model.detector import Detector
 from haltdet.model.head import Detections
 from haltdet.model.pillars import PointBatch
 from haltdet.model.refine import (RESIDUAL_DIM, BoxRefiner, apply_residual, gather_box_points, jitter_boxes,
-                                  refine_detections, refinement_loss, refinement_targets)
+                                  refine_detections, refinement_loss, refinement_targets, training_proposals)
 from haltdet.train import train
 
 BOXES = torch.tensor([[1.0, 2.0, -1.0, 4.0, 2.0, 1.5, 0.5],
@@ -98,6 +98,21 @@ def test_matching_needs_the_same_class_and_overlap():
     assert torch.equal(same.residual[1], torch.zeros(RESIDUAL_DIM))
     other = refinement_targets(proposals, frame, torch.tensor([1, 1]), [BOXES[:1]], [torch.tensor([0])], 0.3)
     assert other.matched.tolist() == [False, False]
+
+
+def test_training_proposals_draw_each_frames_jitter_from_its_own_seed():
+    """A frame's jittered boxes depend on its seed only, not on the frames beside it in the
+    batch (what makes a DDP process draw what one process would for the same frame)."""
+    gt = [torch.tensor([[5.0, 0.0, -1.0, 4.0, 2.0, 1.5, 0.3]]), torch.tensor([[0.0, 8.0, -1.0, 0.8, 0.6, 1.7, 2.0]])]
+    labels = [torch.tensor([0]), torch.tensor([1])]
+    none = Detections(torch.zeros(0, 7), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    pair, frame, _ = training_proposals([none, none], gt, labels, 64, 4, seeds=[11, 22])
+    alone, _, _ = training_proposals([none], gt[1:], labels[1:], 64, 4, seeds=[22])
+    assert torch.equal(pair[frame == 1], alone) and not torch.equal(alone, gt[1].repeat(4, 1))
+    other, _, _ = training_proposals([none], gt[1:], labels[1:], 64, 4, seeds=[23])
+    assert not torch.equal(other, alone)
+    with pytest.raises(ValueError, match="seeds"):
+        training_proposals([none], gt[1:], labels[1:], 64, 4, seeds=[1, 2])
 
 
 def test_untrained_refiner_changes_nothing_and_gives_iou_one_half():
