@@ -34,7 +34,6 @@ def time_stages(model, points: torch.Tensor, device: torch.device) -> dict[str, 
     from haltdet.model.detector import DetectorOutput
     from haltdet.model.head import scatter_to_bev
     from haltdet.model.pillars import PointBatch
-    from haltdet.model.refine import refine_detections
 
     batch = PointBatch.from_list([points]).to(device)
     times = {}
@@ -59,10 +58,7 @@ def time_stages(model, points: torch.Tensor, device: torch.device) -> dict[str, 
     times["decode"] = time.perf_counter() - start
     start = time.perf_counter()
     if model.refiner is not None:
-        c = model.config
-        kept = tokens.points
-        refine_detections(model.refiner, kept.points, kept.batch_index, detections, c.refine_rectify, c.nms_iou,
-                          c.max_detections, c.refine_passes, c.refine_min_score)
+        model.refine(output, detections)
         _sync(device)
     times["refine"] = time.perf_counter() - start
     times["total"] = sum(times[s] for s in STAGES)

@@ -247,8 +247,13 @@ class Detector(nn.Module):
     def decode(self, output: DetectorOutput) -> list[Detections]:
         """Boxes per frame: the head's, refined by the second stage if the model has one."""
         detections = self.decode_first_stage(output)
-        if self.refiner is None or output.tokens is None or output.tokens.points is None:
+        if self.refiner is None or output.tokens.points is None:
             return detections
+        return self.refine(output, detections)
+
+    def refine(self, output: DetectorOutput, detections: list[Detections]) -> list[Detections]:
+        """The second stage on the first stage's detections, reading the points the pillar
+        net kept (`model.refine_passes` passes over the boxes with score >= `refine_min_score`)."""
         c, points = self.config, output.tokens.points
         return refine_detections(self.refiner, points.points, points.batch_index, detections,
                                  c.refine_rectify, c.nms_iou, c.max_detections, c.refine_passes, c.refine_min_score)
