@@ -502,28 +502,42 @@ def _vehicle_parts(rng, jitter: float) -> list[tuple]:
 
 
 def _pedestrian_parts(rng, jitter: float) -> list[tuple]:
+    """A person facing +x. Front and back differ as they do on real people: shoes reach
+    forward of the ankles, the head sits ahead of the spine, walkers lean forward and
+    many carry their forearms ahead of the hips (bent elbows, a phone, a bag)."""
     H = rng.uniform(1.5, 1.95)
     shoulder = rng.uniform(0.5, 0.7) / 2
     stride = rng.uniform(0.0, 0.55)
     cloth = float(rng.uniform(0.1, 0.5))
     skin = float(rng.uniform(0.25, 0.4))
     leg_r = rng.uniform(0.065, 0.09)
+    lean = rng.uniform(0.0, 0.06) * stride / 0.55  # walkers lean forward, standers do not
     hip = 0.47 * H
     parts: list[tuple] = []
+    foot_l = 0.145 * H
     for side, sign in ((-1, 1), (1, -1)):
-        parts.append(("cyl", sign * stride / 2, side * 0.1, 0.0, hip + 0.04, leg_r, cloth * 0.8))
+        x = sign * stride / 2
+        parts.append(("cyl", x, side * 0.1, 0.0, hip + 0.04, leg_r, cloth * 0.8))
+        # a shoe: heel just behind the leg, toes about two thirds of a foot ahead of it
+        parts.append(("box", x + foot_l * 0.5 - 0.06, side * 0.1, 0.0, 0.08, foot_l, 0.1, 0.0, 0.15))
     torso_lo, torso_hi = hip, 0.82 * H
-    parts.append(("ell", 0.0, 0.0, (torso_lo + torso_hi) / 2, rng.uniform(0.11, 0.16), shoulder - 0.06,
+    parts.append(("ell", lean / 2, 0.0, (torso_lo + torso_hi) / 2, rng.uniform(0.11, 0.16), shoulder - 0.06,
                   (torso_hi - torso_lo) / 2 + 0.03, 0.0, cloth))
-    swing = rng.uniform(0.0, 0.25)
-    arm_len = 0.17 * H
+    swing = rng.uniform(0.0, 0.2)
+    upper = 0.19 * H
+    forearms_forward = rng.random() < 0.6
     for side, sign in ((-1, -1), (1, 1)):
-        parts.append(("ell", sign * swing, side * (shoulder - 0.05), torso_hi - arm_len - 0.03, 0.05, 0.05,
-                      arm_len, 0.0, cloth))
+        y = side * (shoulder - 0.05)
+        elbow = torso_hi - upper
+        parts.append(("ell", lean + sign * swing / 2, y, torso_hi - upper / 2, 0.05, 0.05, upper / 2, 0.0, cloth))
+        if forearms_forward:  # elbow bent: the forearm points ahead
+            parts.append(("ell", lean + 0.13, y * 0.9, elbow - 0.03, 0.14, 0.045, 0.05, 0.0, skin))
+        else:  # hanging, swinging with the stride
+            parts.append(("ell", lean + sign * swing, y, elbow - 0.13, 0.045, 0.045, 0.13, 0.0, skin))
     head_r = rng.uniform(0.09, 0.115)
-    parts.append(("ell", 0.02, 0.0, H - head_r, head_r, head_r * 0.9, head_r, 0.0, skin))
+    parts.append(("ell", lean + 0.05, 0.0, H - head_r, head_r, head_r * 0.85, head_r, 0.0, skin))
     if rng.random() < 0.25:  # backpack
-        parts.append(("box", -0.2, 0.0, 0.55 * H, 0.78 * H, 0.18, 0.32, 0.0, float(rng.uniform(0.1, 0.5))))
+        parts.append(("box", lean - 0.2, 0.0, 0.55 * H, 0.78 * H, 0.18, 0.32, 0.0, float(rng.uniform(0.1, 0.5))))
     return parts
 
 

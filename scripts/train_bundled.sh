@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Trains every bundled checkpoint from scratch, as their model cards describe
+# (haltdet/checkpoints/*.md): synthetic data, the baseline (first stage, then its
+# refiner), the halting model (from the baseline's step 2,900, then its refiner), and
+# evaluates both on the validation split. About 2 h 20 min on a 2-core CPU; run it from
+# the repository root, in the background, on an otherwise idle machine:
+#   nohup bash scripts/train_bundled.sh runs > runs/train_bundled.log 2>&1 &
+# Then copy RUNS/baseline_refine/final.pt and RUNS/halting_refine/final.pt into
+# haltdet/checkpoints/ as baseline.pt and halting.pt.
+set -euo pipefail
+RUNS=${1:-runs}
+HALTDET=${HALTDET:-haltdet}
+mkdir -p "$RUNS"
+[ -f data/train/dataset.json ] || $HALTDET data synth --out data/train --frames 4000 --seed 0 --workers 2 --quiet
+[ -f data/val/dataset.json ] || $HALTDET data synth --out data/val --frames 200 --seed 1234 --workers 2 --quiet
+$HALTDET train --config configs/baseline.yaml --out "$RUNS/baseline"
+$HALTDET train --config configs/baseline_refine.yaml --init "$RUNS/baseline/final.pt" --out "$RUNS/baseline_refine"
+$HALTDET eval --checkpoint "$RUNS/baseline_refine/final.pt" --data data/val --json "$RUNS/eval_baseline.json"
+$HALTDET train --config configs/halting.yaml --init "$RUNS/baseline/step_2900.pt" --out "$RUNS/halting"
+$HALTDET train --config configs/halting_refine.yaml --init "$RUNS/halting/final.pt" --out "$RUNS/halting_refine"
+$HALTDET eval --checkpoint "$RUNS/halting_refine/final.pt" --data data/val --threshold 0.5 --json "$RUNS/eval_halting.json"
