@@ -45,6 +45,9 @@ from haltdet.data.frames import (
 VEHICLE, PEDESTRIAN, CYCLIST = (CLASSES.index(c) for c in ("Vehicle", "Pedestrian", "Cyclist"))
 
 TWO_PI = 2.0 * math.pi
+# Bumped whenever the same seed gives different frames; written to dataset.json.
+# 2: pedestrians show which way they face (shoes, head, lean, forearms).
+SIMULATOR_VERSION = 2
 
 
 # ============================================================================ configs
@@ -1354,7 +1357,8 @@ def generate_dataset(out_dir, frames: int, seed: int, sensor: SensorConfig | Non
         frames_dir = out / FRAMES_DIR
         if frames_dir.is_dir() and not any(frames_dir.iterdir()):
             shutil.rmtree(frames_dir)
-    meta = {"source": "synth", "seed": int(seed), "sensor": sensor.to_dict(), "scene": scene.to_dict()}
+    meta = {"source": "synth", "simulator_version": SIMULATOR_VERSION, "seed": int(seed),
+            "sensor": sensor.to_dict(), "scene": scene.to_dict()}
     # an index marked incomplete first: an interrupted run leaves a directory we may overwrite
     write_dataset_index(out, [], dict(meta, complete=False))
     (out / FRAMES_DIR).mkdir(parents=True, exist_ok=True)

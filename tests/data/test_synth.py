@@ -206,6 +206,7 @@ def test_generate_dataset_overwrites_existing_dataset(tmp_path):
     out = generate_dataset(out, frames=1, seed=1, sensor=tiny, progress=False)
     index = read_dataset_index(out)
     assert index["frames"] == ["000000"] and index["seed"] == 1 and index["complete"] is True
+    assert index["simulator_version"] == synth.SIMULATOR_VERSION
     assert sorted(p.name for p in (out / "frames").iterdir()) == ["000000.npz"]
     assert SensorConfig.from_dict(index["sensor"]) == tiny
     read_frame(out / "frames" / "000000.npz")
@@ -234,3 +235,25 @@ def test_culling_loses_no_hits(monkeypatch):
     brute = simulate_frame(21, sensor)
     np.testing.assert_array_equal(culled.points, brute.points)
     np.testing.assert_array_equal(culled.num_points, brute.num_points)
+
+
+def test_pedestrians_show_which_way_they_face():
+    """Real people are not front/back symmetric, and a detector is scored on their heading
+    (APH): shoes reach forward of the legs and the head sits ahead of the torso, in the
+    object frame (x = heading)."""
+    rng = np.random.default_rng(0)
+    toe_reach, head_ahead = [], []
+    for _ in range(200):
+        parts, _, _, _ = synth._centre_parts(synth._pedestrian_parts(rng, 0.1))
+        ext = np.array([synth._part_extent(p) for p in parts])  # x0, x1, y0, y1, z0, z1
+        legs = [p for p in parts if p[0] == "cyl"]
+        low = ext[:, 5] <= 0.1  # the shoes
+        leg_x = np.mean([p[1] for p in legs])
+        toe_reach.append((ext[low, 1].max() - leg_x) - (leg_x - ext[low, 0].min()))
+        ellipsoids = [p for p in parts if p[0] == "ell"]
+        head = max(ellipsoids, key=lambda p: p[3])  # the highest centre
+        torso = max(ellipsoids, key=lambda p: p[6])  # the tallest
+        head_ahead.append(head[1] - torso[1])
+    assert len(legs) == 2 and low.sum() == 2
+    assert min(toe_reach) > 0.08  # toes well ahead of the legs, heels just behind them
+    assert min(head_ahead) > 0.03
