@@ -109,9 +109,12 @@ def cmd_synth(args) -> None:
     from haltdet.data.synth import SensorConfig, generate_dataset
 
     sensor = SensorConfig.preset(args.sensor)
+    start = time.perf_counter()
     path = generate_dataset(args.out, frames=args.frames, seed=args.seed, sensor=sensor,
                             workers=args.workers, progress=not args.quiet)
-    print(f"wrote {args.frames} frames to {path}")
+    seconds = time.perf_counter() - start
+    print(f"wrote {args.frames} frames to {path} in {seconds:.1f} s "
+          f"({args.frames / max(seconds, 1e-9):.1f} frames/s with {args.workers} worker(s))")
 
 
 def cmd_train(args) -> None:
