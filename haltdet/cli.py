@@ -117,6 +117,21 @@ def cmd_synth(args) -> None:
           f"({args.frames / max(seconds, 1e-9):.1f} frames/s with {args.workers} worker(s))")
 
 
+def cmd_stats(args) -> None:
+    from tqdm import tqdm
+
+    from haltdet.data.formats import open_data
+    from haltdet.data.stats import dataset_statistics, format_statistics
+
+    source = open_data(args.data)
+    ids = _data_frame_ids(source, args.data, None)[: args.frames or None]
+    frames = (source.read(i) for i in tqdm(ids, desc="stats", unit="frame", disable=args.quiet, leave=False))
+    stats = dataset_statistics(frames)
+    print(format_statistics(stats))
+    if args.json:
+        Path(args.json).write_text(json.dumps(stats, indent=2))
+
+
 def cmd_train(args) -> None:
     from haltdet.config import load_config
     from haltdet.train import train
@@ -312,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_synth)
+    p = data.add_parser("stats", help="points, pillars and objects per frame of a dataset")
+    p.add_argument("data", help="dataset directory or FORMAT:PATH (e.g. kitti:DIR)")
+    p.add_argument("--frames", type=_count(0), default=0, help="only the first N frames (0: all)")
+    p.add_argument("--json", help="write the statistics here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("train", help="train a detector")
     p.add_argument("--config", required=True, help="YAML config file or preset name")
