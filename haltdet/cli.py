@@ -159,11 +159,13 @@ def cmd_eval(args) -> None:
             raise HaltdetError(f"{args.checkpoint}: --threshold/--keep-ratio/--max-tokens need a "
                                "halting model; this one has no halting stages")
         model.set_halting(args.threshold, args.keep_ratio, args.max_tokens)
-    if (args.first_stage or args.refine_passes) and model.refiner is None:
-        raise HaltdetError(f"{args.checkpoint}: --first-stage/--refine-passes need a model with a second stage "
-                           "(model.refine)")
+    if (args.first_stage or args.refine_passes or args.refine_mirror is not None) and model.refiner is None:
+        raise HaltdetError(f"{args.checkpoint}: --first-stage/--refine-passes/--refine-mirror need a model with a "
+                           "second stage (model.refine)")
     if args.refine_passes:
         model.config.refine_passes = args.refine_passes
+    if args.refine_mirror is not None:
+        model.config.refine_mirror = args.refine_mirror
     if args.first_stage:
         model.refiner = None
     start = time.perf_counter()
@@ -173,6 +175,7 @@ def cmd_eval(args) -> None:
     result["halting"] = {"layers": config.model.halting_layers, "thresholds": model.encoder.thresholds,
                          "keep_ratios": model.encoder.keep_ratios, "max_tokens": model.encoder.max_tokens}
     result["refine_passes"] = model.config.refine_passes if model.refiner is not None else 0
+    result["refine_mirror"] = bool(model.refiner is not None and model.config.refine_mirror)
     result["seconds"] = round(time.perf_counter() - start, 1)
     print(format_table(result))
     tokens = result.get("tokens")
@@ -357,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-stage", action="store_true",
                    help="score the head's boxes without the model's second stage (refiner)")
     p.add_argument("--refine-passes", type=_count(1), help="refinement passes (default: the model's)")
+    p.add_argument("--refine-mirror", action=argparse.BooleanOptionalAction,
+                   help="average the refiner over each box's points and their left-right mirror (default: "
+                        "the model's model.refine_mirror, true unless its config says otherwise)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -71,6 +71,7 @@ class ModelConfig:
     refine_context: float = 0.5  # metres around the box whose points the refiner sees
     refine_passes: int = 2  # at inference: each pass refines the last one's boxes
     refine_min_score: float = 0.2  # at inference: first-stage boxes below this score are dropped, not refined
+    refine_mirror: bool = True  # at inference: average the refiner over the points and their left-right mirror
     refine_rectify: list[float] = field(default_factory=lambda: [0.68, 0.71, 0.65])
 
     def stage_thresholds(self) -> list[float]:

@@ -62,12 +62,14 @@ def test_eval_of_a_two_stage_model_with_and_without_its_refiner(tiny_run, capsys
     assert main(["train", "--config", str(tiny_run / "tiny_refine.yaml"), "--out", str(tiny_run / "refine"),
                  "--init", str(tiny_run / "run" / "final.pt"), "--quiet"]) == 0
     results = {}
-    for name, extra in (("default", []), ("one", ["--refine-passes", "1"]), ("first", ["--first-stage"])):
+    for name, extra in (("default", []), ("one", ["--refine-passes", "1"]), ("first", ["--first-stage"]),
+                        ("plain", ["--no-refine-mirror"])):
         out = tiny_run / f"refine_{name}.json"
         assert main(["eval", "--checkpoint", str(tiny_run / "refine" / "final.pt"), "--data", str(tiny_run / "val"),
                      "--json", str(out), "--quiet", *extra]) == 0
         results[name] = json.loads(out.read_text())
-    assert [results[k]["refine_passes"] for k in ("default", "one", "first")] == [2, 1, 0]
+    assert [results[k]["refine_passes"] for k in ("default", "one", "first", "plain")] == [2, 1, 0, 2]
+    assert [results[k]["refine_mirror"] for k in ("default", "one", "first", "plain")] == [True, True, False, False]
     assert main(["eval", "--checkpoint", str(tiny_run / "run" / "final.pt"), "--data", str(tiny_run / "val"),
                  "--first-stage", "--quiet"]) == 2  # a one-stage model: a clear error
     assert "need a model with a second stage" in capsys.readouterr().err

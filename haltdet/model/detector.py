@@ -256,7 +256,8 @@ class Detector(nn.Module):
         net kept (`model.refine_passes` passes over the boxes with score >= `refine_min_score`)."""
         c, points = self.config, output.tokens.points
         return refine_detections(self.refiner, points.points, points.batch_index, detections,
-                                 c.refine_rectify, c.nms_iou, c.max_detections, c.refine_passes, c.refine_min_score)
+                                 c.refine_rectify, c.nms_iou, c.max_detections, c.refine_passes, c.refine_min_score,
+                                 c.refine_mirror)
 
     @torch.no_grad()
     def detect(self, batch: PointBatch) -> list[Detections]:

@@ -145,9 +145,23 @@ class BoxRefiner(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, points: torch.Tensor, batch_index: torch.Tensor, boxes: torch.Tensor,
-                box_frame: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """-> (K, RESIDUAL_DIM + 2): residual, flip logit, IoU logit per box."""
+                box_frame: torch.Tensor, labels: torch.Tensor, mirror: bool = False) -> torch.Tensor:
+        """-> (K, RESIDUAL_DIM + 2): residual, flip logit, IoU logit per box. With `mirror`,
+        the mean of the outputs for the points as they are and mirrored left-right in each
+        box's frame (objects are nearly symmetric across their heading; the mirrored
+        output's across offset and heading change are mirrored back)."""
         gathered = gather_box_points(points, batch_index, boxes, box_frame, self.context, self.num_points)
+        output = self._predict(gathered, boxes, labels)
+        if not mirror:
+            return output
+        across = torch.tensor([1.0, -1.0, 1.0], device=output.device)
+        mirrored = BoxPoints(gathered.features * torch.cat([across, across, torch.ones(1, device=output.device)]),
+                             gathered.box, gathered.counts, gathered.position * across)
+        back = torch.ones(output.shape[1], device=output.device)
+        back[[1, 6]] = -1.0  # across offset, heading change
+        return (output + self._predict(mirrored, boxes, labels) * back) / 2
+
+    def _predict(self, gathered: BoxPoints, boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         point_features = self.point_net(gathered.features)
         k = boxes.shape[0]
         pooled = _max_per_group(point_features, gathered.box, k)
@@ -266,11 +280,13 @@ def refinement_loss(output: torch.Tensor, proposals: torch.Tensor, targets: Refi
 
 def refine_detections(refiner: BoxRefiner, points: torch.Tensor, batch_index: torch.Tensor,
                       detections: list[Detections], rectify: list[float], nms_iou: list[float],
-                      max_detections: int, passes: int = 1, min_score: float = 0.0) -> list[Detections]:
+                      max_detections: int, passes: int = 1, min_score: float = 0.0,
+                      mirror: bool = False) -> list[Detections]:
     """Refine every frame's detections with score >= min_score (the others are dropped)
     `passes` times (each pass starts from the last one's boxes and is followed by NMS
     within each class: refined duplicates can overlap more); then scores become
-    score^(1 - a) * IoU^a with the last pass's IoU (a = rectify[class])."""
+    score^(1 - a) * IoU^a with the last pass's IoU (a = rectify[class]). `mirror`: see
+    `BoxRefiner.forward`."""
     detections = [Detections(d.boxes[keep], d.scores[keep], d.labels[keep])
                   for d, keep in ((d, d.scores >= min_score) for d in detections)]
     for done in range(passes):
@@ -281,7 +297,7 @@ def refine_detections(refiner: BoxRefiner, points: torch.Tensor, batch_index: to
         scores = torch.cat([d.scores for d in detections]).float()
         frame = torch.cat([torch.full((len(d.boxes),), f, dtype=torch.long, device=boxes.device)
                            for f, d in enumerate(detections)])
-        output = refiner(points, batch_index, boxes, frame, labels)
+        output = refiner(points, batch_index, boxes, frame, labels, mirror=mirror)
         refined = apply_residual(boxes, output)
         if done == passes - 1:
             quality = torch.sigmoid(output[:, RESIDUAL_DIM + 1].float())

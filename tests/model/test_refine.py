@@ -127,6 +127,27 @@ def test_untrained_refiner_changes_nothing_and_gives_iou_one_half():
     assert none.shape == (0, RESIDUAL_DIM + 2)
 
 
+def test_mirror_averaging_is_the_mean_over_a_cloud_and_its_mirror_image():
+    torch.manual_seed(0)
+    refiner = BoxRefiner([16, 32], 0.5, 0).eval()  # no per-box cap: both clouds keep every point
+    torch.nn.init.normal_(refiner.out.weight, std=0.3)  # a refiner with an opinion
+    box = torch.tensor([[0.0, 0.0, -1.0, 4.0, 2.0, 1.5, 0.0]])  # heading along +x: mirror is y -> -y
+    g = torch.Generator().manual_seed(4)
+    points = torch.cat([_surface_points(box[0], 300, g), _cloud(2000, 5)])
+    points[:, 1] += 0.013  # no point on the box's centre line (a cell boundary of the grid)
+    mirrored = points * torch.tensor([1.0, -1.0, 1.0, 1.0])
+    index, frame, label = torch.zeros(len(points), dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(1)
+    with torch.no_grad():
+        plain, image = (refiner(p, index, box, frame, label.long()) for p in (points, mirrored))
+        both = refiner(points, index, box, frame, label.long(), mirror=True)
+        both_image = refiner(mirrored, index, box, frame, label.long(), mirror=True)
+    back = torch.ones(RESIDUAL_DIM + 2)
+    back[[1, 6]] = -1.0  # the mirror image's across offset and heading change, mirrored back
+    assert not torch.allclose(plain, image * back, atol=1e-3)  # the plain refiner is not symmetric ...
+    assert torch.allclose(both, (plain + image * back) / 2, atol=1e-5)  # ... mirror averages the two
+    assert torch.allclose(both_image, both * back, atol=1e-5)  # and is symmetric by construction
+
+
 def test_refiner_learns_to_tighten_boxes():
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
