@@ -154,9 +154,11 @@ class BoxRefiner(nn.Module):
         output = self._predict(gathered, boxes, labels)
         if not mirror:
             return output
-        across = torch.tensor([1.0, -1.0, 1.0], device=output.device)
-        mirrored = BoxPoints(gathered.features * torch.cat([across, across, torch.ones(1, device=output.device)]),
-                             gathered.box, gathered.counts, gathered.position * across)
+        across = gathered.position.new_tensor([1.0, -1.0, 1.0])
+        # the point features (POINT_FEATURES) are box-frame x, y, z, the same over the half
+        # sizes, and the intensity: mirroring negates the two y columns
+        sign = torch.cat([across, across, across.new_ones(1)]).to(gathered.features.dtype)
+        mirrored = BoxPoints(gathered.features * sign, gathered.box, gathered.counts, gathered.position * across)
         back = torch.ones(output.shape[1], device=output.device)
         back[[1, 6]] = -1.0  # across offset, heading change
         return (output + self._predict(mirrored, boxes, labels) * back) / 2
