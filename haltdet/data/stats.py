@@ -11,16 +11,17 @@ from typing import Iterable
 import numpy as np
 
 from haltdet import CLASSES
+from haltdet.config import ModelConfig
 from haltdet.data.frames import IGNORED, LEVEL_2, Frame
 
-DEFAULT_RANGE = (-61.44, -61.44, -4.0, 61.44, 61.44, 3.0)  # the presets' point_cloud_range
-DEFAULT_PILLAR = 0.32
 
-
-def frame_statistics(frame: Frame, point_cloud_range=DEFAULT_RANGE, pillar_size: float = DEFAULT_PILLAR) -> dict:
-    """Counts of one frame: points, non-empty pillars within the range, points inside the
-    labelled boxes (the sum of the labels' `num_points`), and labels per class and
-    difficulty."""
+def frame_statistics(frame: Frame, point_cloud_range=None, pillar_size: float | None = None) -> dict:
+    """Counts of one frame: points, non-empty pillars within the range (default: the
+    model's default `point_cloud_range` and `pillar_size`), points inside the labelled
+    boxes (the sum of the labels' `num_points`), and labels per class and difficulty."""
+    defaults = ModelConfig()
+    point_cloud_range = defaults.point_cloud_range if point_cloud_range is None else point_cloud_range
+    pillar_size = defaults.pillar_size if pillar_size is None else pillar_size
     points = frame.points
     lo, hi = np.asarray(point_cloud_range[:3]), np.asarray(point_cloud_range[3:])
     in_range = np.all((points[:, :3] >= lo) & (points[:, :3] < hi), axis=1)
