@@ -131,8 +131,10 @@ class BoxRefiner(nn.Module):
         self.register_buffer("grid", torch.tensor(grid, dtype=torch.long), persistent=False)
         self.cells = math.prod(grid)
         layers, in_dim = [], POINT_FEATURES
-        for out_dim in channels:
-            layers += [nn.Linear(in_dim, out_dim, bias=False), nn.LayerNorm(out_dim), nn.ReLU(inplace=True)]
+        for i, out_dim in enumerate(channels):
+            # The first layer has a bias: LayerNorm(W f) would see only the direction of a
+            # point's features f, not how far the point lies from the box centre.
+            layers += [nn.Linear(in_dim, out_dim, bias=i == 0), nn.LayerNorm(out_dim), nn.ReLU(inplace=True)]
             in_dim = out_dim
         self.point_net = nn.Sequential(*layers)
         self.grid_net = nn.Sequential(nn.Linear(in_dim, grid_channels), nn.ReLU(inplace=True))
@@ -143,6 +145,13 @@ class BoxRefiner(nn.Module):
         self.out = nn.Linear(channels[-1], RESIDUAL_DIM + 2)
         nn.init.zeros_(self.out.weight)  # start as the identity: no change, no flip
         nn.init.zeros_(self.out.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the first layer had a bias: a zero bias is their network.
+        weight, bias = prefix + "point_net.0.weight", prefix + "point_net.0.bias"
+        if weight in state_dict and bias not in state_dict:
+            state_dict[bias] = state_dict[weight].new_zeros(state_dict[weight].shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, points: torch.Tensor, batch_index: torch.Tensor, boxes: torch.Tensor,
                 box_frame: torch.Tensor, labels: torch.Tensor, mirror: bool = False) -> torch.Tensor:

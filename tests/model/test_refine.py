@@ -127,6 +127,20 @@ def test_untrained_refiner_changes_nothing_and_gives_iou_one_half():
     assert none.shape == (0, RESIDUAL_DIM + 2)
 
 
+def test_point_features_keep_the_points_distance_and_old_checkpoints_load():
+    torch.manual_seed(0)
+    refiner = BoxRefiner([16, 32], 0.5, 32)
+    features = torch.randn(50, 7)
+    # A point twice as far from the box centre, with twice the intensity, is another point:
+    # without the first layer's bias, LayerNorm would give both the same features.
+    assert not torch.allclose(refiner.point_net(features), refiner.point_net(2 * features), atol=1e-3)
+    old = {k: v for k, v in refiner.state_dict().items() if k != "point_net.0.bias"}  # the earlier layout
+    loaded = BoxRefiner([16, 32], 0.5, 32)
+    loaded.load_state_dict(old)  # strict: the missing bias is filled in
+    assert torch.equal(loaded.point_net[0].bias, torch.zeros(16))
+    assert torch.allclose(loaded.point_net(features), loaded.point_net(2 * features), atol=1e-4)
+
+
 def test_mirror_averaging_is_the_mean_over_a_cloud_and_its_mirror_image():
     torch.manual_seed(0)
     refiner = BoxRefiner([16, 32], 0.5, 0).eval()  # no per-box cap: both clouds keep every point
