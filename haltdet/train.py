@@ -10,8 +10,9 @@ Logged values are the global batch's.
 
 Everything random is seeded from `train.seed`, the epoch, the frame and the step, so a
 run resumed from `latest.pt` (also after `kill -9`) continues exactly as the
-uninterrupted run would have: bit-exact on CPU for the same thread count, and on CUDA
-with `train.deterministic: true`.
+uninterrupted run would have: bit-exact on CPU for the same thread count
+(tests/test_resume.py), and on CUDA with `train.deterministic: true`. Two fresh runs of
+the full baseline config have differed in the last bits (docs/design.md, Determinism).
 """
 
 from __future__ import annotations
