@@ -6,6 +6,15 @@ CLASSES: tuple[str, ...] = ("Vehicle", "Pedestrian", "Cyclist")
 """The detection classes, in the order used for class indices everywhere."""
 
 
+def load(name_or_path: str = "halting", device: str = "cpu"):
+    """A detector from a checkpoint file or a bundled name ("halting", "baseline"), in
+    eval mode on `device`. `load("halting").detect(points)` gives the boxes, scores and
+    class indices (into CLASSES) of one (N, 4) cloud: x, y, z, intensity in [0, 1]."""
+    from haltdet.checkpoint import load_model
+
+    return load_model(name_or_path, device)[0]
+
+
 class HaltdetError(Exception):
     """Base class of every error the project raises on purpose (bad input, bad config)."""
 

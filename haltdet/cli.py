@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from haltdet import CLASSES, HaltdetError, InputError
+from haltdet import CLASSES, HaltdetError, InputError, __version__
 
 DEFAULT_CHECKPOINT = "halting"
 DEMO_SEED = 20261124  # not a seed of the training or validation splits
@@ -172,8 +172,9 @@ def cmd_eval(args) -> None:
     result = evaluate_model(model, args.data, args.batch_size, args.device, progress=not args.quiet)
     result["checkpoint"] = str(args.checkpoint)
     result["data"] = str(args.data)
-    result["halting"] = {"layers": config.model.halting_layers, "thresholds": model.encoder.thresholds,
-                         "keep_ratios": model.encoder.keep_ratios, "max_tokens": model.encoder.max_tokens}
+    result["halting"] = {"layers": config.model.halting_layers, "thresholds": model.encoder.halting.thresholds,
+                         "keep_ratios": model.encoder.halting.keep_ratios,
+                         "max_tokens": model.encoder.halting.max_tokens}
     result["refine_passes"] = model.config.refine_passes if model.refiner is not None else 0
     result["refine_mirror"] = bool(model.refiner is not None and model.config.refine_mirror)
     result["seconds"] = round(time.perf_counter() - start, 1)
@@ -287,6 +288,18 @@ def cmd_diagnose(args) -> None:
         Path(args.json).write_text(json.dumps({"oracle": rows, "residuals": residuals}, indent=2))
 
 
+def cmd_gradcheck(args) -> None:
+    from haltdet.gradcheck import format_report, gradcheck
+
+    if not 0 < args.temperature < 1:
+        raise InputError(f"--temperature must be in (0, 1), got {args.temperature}")
+    report = gradcheck(args.cases, args.temperature, seed=args.seed, progress=not args.quiet)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report written to {args.json}")
+
+
 def cmd_bench(args) -> None:
     from haltdet.bench import run_benchmark
 
@@ -308,6 +321,7 @@ def _count(minimum: int):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haltdet", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"haltdet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="detect objects in a synthetic frame with the bundled model")
@@ -325,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("synth", help="generate a synthetic LiDAR dataset")
     p.add_argument("--out", required=True)
     p.add_argument("--frames", type=int, required=True)
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0); each frame's seed derives from it and the frame index")
     p.add_argument("--sensor", default="default", help="sensor preset (default, hdl64, waymo_top, nuscenes32)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--quiet", action="store_true")
@@ -400,6 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("gradcheck", help="how close the halting pseudo-gradient is to the gradient of a smooth "
+                                         "relaxation, on small random token sets")
+    p.add_argument("--cases", type=_count(1), default=50, help="random cases (default 50)")
+    p.add_argument("--temperature", type=float, default=0.01,
+                   help="the relaxation's temperature T: gates sigmoid((score - threshold) / T) (default 0.01)")
+    p.add_argument("--seed", type=_count(0), default=0, help="seed of the first case (default 0)")
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_gradcheck)
 
     p = sub.add_parser("bench", help="latency, throughput and memory of models, against the first")
     p.add_argument("--checkpoint", action="append",

@@ -19,6 +19,8 @@ import yaml
 from haltdet import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "configs"
+# Which entries of the halting training pass carry the gate's gradient (haltdet/model/halting.py).
+GRADIENT_PATHS = ("both", "attention", "residual", "hard")
 
 
 @dataclass
@@ -62,6 +64,9 @@ class ModelConfig:
     halting_max_tokens: int = 0  # per frame and stage; 0 = no cap
     halting_scorer: str = "mlp"  # mlp (per token) | bev (token + 3x3 BEV context)
     recycling: bool = True  # halted tokens reach the BEV map with their last feature
+    # training pass: which entries carry the halting gate's gradient (haltdet/model/halting.py):
+    # both (attention weights and residual updates) | attention | residual | hard (removal)
+    halting_gradient: str = "both"
     halt_stage_embedding: bool = False  # add a learned embedding of the halting stage
     # second stage (haltdet/model/refine.py): refine every detection from the raw points
     # around it; scores become score^(1-a) * IoU^a with the refiner's IoU (a per class)
@@ -131,6 +136,8 @@ class ModelConfig:
                "needs one value in (0, 1] per halting stage, or none")
         _check(self.halting_max_tokens >= 0, "model.halting_max_tokens", "must be >= 0")
         _check(self.halting_scorer in ("mlp", "bev"), "model.halting_scorer", "must be 'mlp' or 'bev'")
+        _check(self.halting_gradient in GRADIENT_PATHS, "model.halting_gradient",
+               f"must be one of {', '.join(GRADIENT_PATHS)}")
         _check(len(self.refine_channels) >= 1 and min(self.refine_channels) >= 1, "model.refine_channels",
                "needs at least one positive width")
         _check(self.refine_points >= 1, "model.refine_points", "must be >= 1")
@@ -202,6 +209,12 @@ class TrainConfig:
     sparsity_fg_weight: float = 0.0  # tokens inside (enlarged) ground-truth boxes; < 0 keeps them
     sparsity_bg_weight: float = 1.0  # every other token
     sparsity_margin: float = 0.5  # metres added to each box half-extent for "inside"
+    # 0: the term is weight * score; m > 0: a hinge, a score is pushed only until it lies on
+    # its side of the stage threshold by m (haltdet/model/halting.py, sparsity_loss)
+    sparsity_hinge: float = 0.0
+    # average foreground and background tokens apart and add the two means (each group weighs
+    # the same whatever its token count)
+    sparsity_balance: bool = False
     # lambda is 0 until sparsity_start * max_steps, then rises linearly to sparsity_weight
     # over sparsity_ramp * max_steps: from scratch, the scores must learn what an object
     # looks like before background is pushed to halt (without it every token halts early)
@@ -227,6 +240,7 @@ class TrainConfig:
             _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
         _check(0 < self.refine_match_iou <= 1, "train.refine_match_iou", "must be in (0, 1]")
         _check(self.sparsity_margin >= 0, "train.sparsity_margin", "must be >= 0")
+        _check(0 <= self.sparsity_hinge <= 1, "train.sparsity_hinge", "must be in [0, 1]")
         _check(0 <= self.sparsity_start < 1 and 0 <= self.sparsity_ramp <= 1, "train.sparsity_start",
                "sparsity_start must be in [0, 1) and sparsity_ramp in [0, 1]")
 

@@ -8,23 +8,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from haltdet.data.dataset import FrameFolder, collate
-from haltdet.data.frames import validate_points
 from haltdet.evaluate import FrameBoxes, evaluate
 from haltdet.model.detector import Detector
 from haltdet.model.head import Detections
-from haltdet.model.pillars import PointBatch
 
 
 def detect_points(model: Detector, points: np.ndarray, device="cpu") -> Detections:
-    """Detect objects in one cloud: points (N, 4) numbers -> Detections on the CPU.
-
-    Rows with NaN/inf are dropped and counted (`DroppedPointsWarning`); another shape or a
-    non-numeric dtype is an InputError; an empty cloud (or one with no point in range)
-    has no detections. Clouds of any size run within the model's input caps.
-    """
-    batch = PointBatch.from_list([torch.from_numpy(validate_points(points, "points"))])
-    (detections,) = model.detect(batch.to(device))
-    return Detections(detections.boxes.cpu(), detections.scores.cpu(), detections.labels.cpu())
+    """Detect objects in one cloud: points (N, 4) numbers -> Detections on the CPU
+    (`Detector.detect`). An empty cloud (or one with no point in range) has no
+    detections; clouds of any size run within the model's input caps."""
+    return model.to(device).detect(points)
 
 
 @torch.no_grad()

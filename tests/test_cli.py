@@ -180,7 +180,7 @@ def test_init_from_a_baseline_keeps_its_weights_and_adds_scorers(tiny_run, tmp_p
                  "--init", str(tiny_run / "run" / "final.pt"), "--max-steps", "1", "--quiet"]) == 0
     baseline = load_checkpoint(tiny_run / "run" / "final.pt")["model"]
     tuned = load_checkpoint(out / "final.pt")["model"]
-    assert any(k.startswith("encoder.scorers.") for k in tuned)
+    assert any(k.startswith("encoder.halting.scorers.") for k in tuned)
     # Shared parameters started from the baseline: after one small step they are close to it.
     key = "encoder.layers.0.attention.value.weight"
     assert (tuned[key] - baseline[key]).abs().max() < 0.05
@@ -200,7 +200,7 @@ def test_bench_times_a_halting_model_at_several_thresholds(tiny_run, tmp_path, c
     assert keep_all["checkpoint"].endswith("@0.0") and halt_all["checkpoint"].endswith("@1.0")
     from haltdet.bench import load_spec
 
-    assert load_spec(halting + "@0.3,0.7", "cpu").encoder.thresholds == [0.3, 0.7]
+    assert load_spec(halting + "@0.3,0.7", "cpu").encoder.halting.thresholds == [0.3, 0.7]
     assert main(["bench", "--checkpoint", baseline + "@0.5", "--frames", "1"]) == 2
     assert "has no halting" in capsys.readouterr().err
 
@@ -216,3 +216,15 @@ def test_diagnose_prints_and_writes_both_tables(tiny_run, capsys):
     vehicle = result["residuals"]["Vehicle"]
     assert vehicle["matched"] > 0 and set(vehicle["mean"]) == {"along", "across", "z", "l", "w", "h"}
     assert 0.0 <= vehicle["reversed"] <= 1.0
+
+
+def test_gradcheck_writes_cosines_per_path(tmp_path, capsys):
+    out = tmp_path / "g.json"
+    assert main(["gradcheck", "--cases", "2", "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert report["cases"] == 2
+    assert set(report["paths"]) == {"both", "attention", "residual", "hard"}
+    for row in report["paths"].values():
+        assert -1 <= row["cosine_median"] <= 1 and row["cosine_p10"] <= row["cosine_median"]
+    assert "both" in capsys.readouterr().out
+    assert main(["gradcheck", "--temperature", "2"]) == 2

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from haltdet.boxes import points_in_boxes
+from haltdet.data.frames import validate_points
 from haltdet.config import ModelConfig, per_stage
-from haltdet.distributed import batch_count
 from haltdet.model.encoder import EncoderOutput, SparseWindowEncoder
+from haltdet.model.halting import sparsity_loss, token_statistics, token_weights
 from haltdet.model.head import (BEVBackbone, CenterHead, Detections, HeadTargets, build_targets,
                                 decode, heatmap_focal_loss, iou_loss, regression_loss, scatter_to_bev)
 from haltdet.model.pillars import PillarFeatureNet, PointBatch, Tokens, pillar_centres
@@ -50,7 +51,8 @@ class Detector(nn.Module):
                                            config.max_points_per_pillar)
         self.encoder = SparseWindowEncoder(config.d_model, config.num_heads, config.ffn_dim,
                                            config.num_layers, config.window_size, config.dropout,
-                                           config.halting_layers, config.halting_scorer, self.grid)
+                                           config.halting_layers, config.halting_scorer, self.grid,
+                                           config.halting_gradient)
         self.set_halting(config.stage_thresholds(), config.halting_keep_ratio or None,
                          config.halting_max_tokens)
         # Embedding of the stage at which a token halted (last row: never halted).
@@ -61,9 +63,16 @@ class Detector(nn.Module):
         self.head = CenterHead(config.bev_channels, config.head_channels, config.iou_head)
         self.refiner = (BoxRefiner(config.refine_channels, config.refine_context, config.refine_points)
                         if config.refine else None)
-        # CPU convolutions (oneDNN) run about twice as fast on channels-last tensors.
-        self.bev.to(memory_format=torch.channels_last)
-        self.head.to(memory_format=torch.channels_last)
+        self.train()
+
+    def train(self, mode: bool = True) -> "Detector":
+        """Also lays out the dense stage for the mode: CPU convolutions (oneDNN) run forward
+        faster on channels-last tensors, but their backward pass about 1.8x slower."""
+        super().train(mode)
+        memory_format = torch.contiguous_format if mode else torch.channels_last
+        self.bev.to(memory_format=memory_format)
+        self.head.to(memory_format=memory_format)
+        return self
 
     @property
     def cell_size(self) -> float:
@@ -92,12 +101,13 @@ class Detector(nn.Module):
             c, halting_threshold=c.halting_threshold if thresholds is None else per_stage(thresholds, stages),
             halting_keep_ratio=c.halting_keep_ratio if keep_ratios is None else per_stage(keep_ratios, stages),
             halting_max_tokens=c.halting_max_tokens if max_tokens is None else max_tokens).validate()
+        halting = self.encoder.halting
         if thresholds is not None:
-            self.encoder.thresholds = per_stage(thresholds, stages)
+            halting.thresholds = per_stage(thresholds, stages)
         if keep_ratios is not None:
-            self.encoder.keep_ratios = per_stage(keep_ratios, stages) or None
+            halting.keep_ratios = per_stage(keep_ratios, stages) or None
         if max_tokens is not None:
-            self.encoder.max_tokens = max_tokens
+            halting.max_tokens = max_tokens
 
     def bev_features(self, encoded: EncoderOutput) -> torch.Tensor:
         """The feature each token contributes to the BEV map: with recycling every token's
@@ -118,6 +128,8 @@ class Detector(nn.Module):
         tokens = self.pillar_net(batch)
         encoded = self.encoder(tokens.features, tokens.coords, batch.batch_size, masked)
         bev = scatter_to_bev(self.bev_features(encoded), tokens.coords, batch.batch_size, self.grid)
+        if self.training:  # the layout `train` gave the dense stage
+            bev = bev.contiguous()
         heatmap, regression, iou = self.head(self.bev(bev))
         return DetectorOutput(heatmap, regression, tokens, encoded, iou)
 
@@ -211,26 +223,18 @@ class Detector(nn.Module):
             inside[index] = points_in_boxes(centres[index], flat_boxes, margin=margin).any(0)
         return inside.to(tokens.coords.device)
 
-    def token_weights(self, tokens: Tokens, boxes: list[np.ndarray] | None, train) -> torch.Tensor:
-        """Per-token weight of the sparsity loss: foreground weight inside a ground-truth box
-        (enlarged by the margin), background weight elsewhere; one weight if uniform."""
-        weights = torch.full((tokens.coords.shape[0],), train.sparsity_bg_weight,
-                             device=tokens.coords.device)
-        if train.sparsity_uniform or boxes is None:
-            return weights
-        foreground = self.tokens_in_boxes(tokens, boxes, train.sparsity_margin)
-        return weights.masked_fill(foreground, train.sparsity_fg_weight)
-
     def sparsity_loss(self, output: DetectorOutput, train, boxes) -> torch.Tensor:
-        """Mean over halting stages of the weighted mean score of the tokens scored there:
-        minimising it pushes scores down (towards halting), background hardest."""
-        weights = self.token_weights(output.tokens, boxes, train)
-        encoded = output.encoded
-        per_stage = []
-        for layer, scores in zip(self.config.halting_layers, encoded.scores):
-            scored = (encoded.halted_at >= layer).float()
-            per_stage.append((weights * scores * scored).sum() / batch_count(scored.sum()))
-        return torch.stack(per_stage).mean()
+        """The token sparsity loss (`halting.sparsity_loss`): per-token weights from the
+        ground-truth boxes (enlarged by train.sparsity_margin), one weight if uniform."""
+        tokens, encoded = output.tokens, output.encoded
+        if train.sparsity_uniform or boxes is None:
+            foreground = torch.zeros(tokens.coords.shape[0], dtype=torch.bool, device=tokens.coords.device)
+        else:
+            foreground = self.tokens_in_boxes(tokens, boxes, train.sparsity_margin)
+        weights = token_weights(foreground, train.sparsity_fg_weight, train.sparsity_bg_weight)
+        return sparsity_loss(encoded.scores, encoded.halted_at, self.config.halting_layers, weights,
+                             self.encoder.halting.thresholds, train.sparsity_hinge,
+                             foreground if train.sparsity_balance and not train.sparsity_uniform else None)
 
     def decode_first_stage(self, output: DetectorOutput) -> list[Detections]:
         """The head's boxes per frame; a frame without tokens (no point in range) has none."""
@@ -260,39 +264,22 @@ class Detector(nn.Module):
                                  c.refine_mirror)
 
     @torch.no_grad()
-    def detect(self, batch: PointBatch) -> list[Detections]:
-        return self.decode(self.forward(batch))
+    def detect(self, points: PointBatch | np.ndarray | torch.Tensor) -> list[Detections] | Detections:
+        """Boxes of a batch (a PointBatch: a list of Detections, one per frame) or of one
+        cloud ((N, 4) x, y, z, intensity in [0, 1], array or tensor: its Detections, on
+        the CPU). A cloud's rows with NaN/inf are dropped and counted
+        (`DroppedPointsWarning`); another shape or a non-numeric dtype is an InputError."""
+        if isinstance(points, PointBatch):
+            return self.decode(self.forward(points))
+        if isinstance(points, torch.Tensor):
+            points = points.detach().cpu().numpy()
+        cloud = torch.from_numpy(validate_points(points, "points"))
+        device = next(self.parameters()).device
+        (detections,) = self.decode(self.forward(PointBatch.from_list([cloud]).to(device)))
+        return Detections(detections.boxes.cpu(), detections.scores.cpu(), detections.labels.cpu())
 
     def token_statistics(self, output: DetectorOutput, boxes: list[np.ndarray]) -> list[dict]:
-        """Per frame: how many tokens each layer processed, split into foreground (pillar
-        inside a ground-truth box) and background.
-
-        Returns per frame {"tokens", "foreground_tokens", "active_per_layer" (list, one
-        count per layer), "token_layers" (executed token-layers / (tokens * layers)),
-        "foreground_token_layers", "background_token_layers", "foreground_mean_layers",
-        "background_mean_layers"}.
-        """
-        layers = self.config.num_layers
-        foreground = self.tokens_in_boxes(output.tokens, boxes).cpu()
-        halted_at = output.encoded.halted_at.cpu()
-        frame = output.tokens.coords[:, 0].cpu()
-        stats = []
-        for f in range(len(boxes)):
-            in_frame = frame == f
-            depth = halted_at[in_frame].double()
-            fg = foreground[in_frame]
-
-            def mean(x):
-                return float(x.mean()) if x.numel() else float("nan")
-
-            stats.append({
-                "tokens": int(in_frame.sum()),
-                "foreground_tokens": int(fg.sum()),
-                "active_per_layer": [int((depth > layer).sum()) for layer in range(layers)],
-                "token_layers": mean(depth) / layers,
-                "foreground_token_layers": mean(depth[fg]) / layers,
-                "background_token_layers": mean(depth[~fg]) / layers,
-                "foreground_mean_layers": mean(depth[fg]),
-                "background_mean_layers": mean(depth[~fg]),
-            })
-        return stats
+        """Per frame: how many tokens each layer processed, objects against background
+        (`halting.token_statistics`)."""
+        return token_statistics(output.encoded.halted_at, self.tokens_in_boxes(output.tokens, boxes),
+                                output.tokens.coords[:, 0], len(boxes), self.config.num_layers)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from haltdet.model.halting import TokenHalting
+
 # Bucket capacities as fractions of the window's pillar count (the last is the full window).
 BUCKET_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
 
@@ -142,34 +144,56 @@ class WindowAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor, partition: WindowPartition,
-                key_active: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (T, C) tokens; key_active: optional (T,) bool, False = may not be attended
-        to (halted tokens in the training pass). Returns (T, C)."""
+                key_gate: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (T, C) tokens. key_gate: optional (T,) weight of each token as a key (the
+        halting gate of the training pass): bool, False = may not be attended to; or float,
+        key j's attention weight becomes g_j exp(l_ij) / sum_k g_k exp(l_ik), so the gate's
+        gradient sees what attending to the key changes. A query always attends to itself.
+        Returns (T, C)."""
         num_tokens, channels = x.shape
         heads, head_dim = self.num_heads, channels // self.num_heads
         qkv = torch.cat([self.query_key(x + partition.position.to(x.dtype)), self.value(x)], dim=1)
         qkv = torch.cat([qkv, qkv.new_zeros(1, 3 * channels)])  # row T: padding
         packed_all = qkv.index_select(0, partition.gather_index)
-        if key_active is not None:
-            active_all = torch.cat([key_active, key_active.new_zeros(1)])[partition.gather_index]
+        if key_gate is not None:  # padding slots: gate 0
+            gate_all = torch.cat([key_gate, key_gate.new_zeros(1)])[partition.gather_index]
         outputs, offset = [], 0
         for bucket in partition.buckets:
             rows = slice(offset, offset + bucket.gather_index.numel())
             offset = rows.stop
             packed = packed_all[rows].view(bucket.num_windows, bucket.slots, 3, heads, head_dim)
             q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)  # (W, H, S, D) each
-            if key_active is None:
-                mask = bucket.key_valid[:, None, None, :]  # (W, 1, 1, S)
+            if key_gate is None:
+                attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.key_valid[:, None, None, :])
             else:
-                active = active_all[rows].view_as(bucket.key_valid)
-                # A query may always attend to itself, so no row is fully masked.
+                gate = gate_all[rows].view_as(bucket.key_valid)
                 self_slot = torch.eye(bucket.slots, dtype=torch.bool, device=x.device)
-                mask = (active[:, None, :] | self_slot)[:, None]  # (W, 1, S, S)
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                if gate.dtype == torch.bool:
+                    mask = (gate[:, None, :] | self_slot)[:, None]  # (W, 1, S, S)
+                    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                else:
+                    attended = gated_attention(q, k, v, torch.where(self_slot, 1.0, gate[:, None, :].to(q.dtype)))
             outputs.append(attended.permute(0, 2, 1, 3).reshape(-1, channels))
         if not outputs:  # no tokens: an empty result that keeps every parameter in the
             return self.out(qkv[:num_tokens, 2 * channels:])  # graph, as DDP requires
         return self.out(torch.cat(outputs).index_select(0, partition.scatter_index))
+
+
+def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Attention whose key weights carry a gate: A_ij = g_ij exp(l_ij) / sum_k g_ik exp(l_ik).
+
+    q, k, v: (W, H, S, D); gate: (W, S, S) per query and key, >= 0, positive on the
+    diagonal. With a 0/1 gate this is attention over the keys with gate 1 (the same values
+    as a boolean mask); its gradient with respect to a zero gate is what including that key
+    would change. Returns (W, H, S, D).
+    """
+    logits = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    gate = gate[:, None]
+    # Shift by the largest logit among the weighted keys; a zero-gated key whose logit lies
+    # far above them is clamped (its weight is 0 either way; only its gradient is capped).
+    shift = logits.detach().masked_fill(gate.detach() <= 0, -math.inf).amax(-1, keepdim=True)
+    weights = torch.exp((logits - shift).clamp(max=30.0)) * gate
+    return (weights / weights.sum(-1, keepdim=True)) @ v
 
 
 class EncoderLayer(nn.Module):
@@ -185,8 +209,8 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, partition: WindowPartition,
-                key_active: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.norm1(x + self.dropout(self.attention(x, partition, key_active)))
+                key_gate: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm1(x + self.dropout(self.attention(x, partition, key_gate)))
         return self.norm2(x + self.dropout(self.ffn(x)))
 
 
@@ -200,8 +224,8 @@ class EncoderOutput:
       never halted).
     scores: per halting stage, (T,) halting scores (0 for tokens already halted before that
       stage; in the removal pass also for tokens never scored). Training uses them.
-    gate: (T,) float mask of the last stage, 1 = active to the end. Its forward value is
-      exactly 0/1; in training its gradient reaches the scores (straight-through).
+    gate: (T,) float gate after the last stage, 1 = active to the end. Its forward value
+      is exactly 0/1; in the masked pass its gradient reaches the scores (haltdet/model/halting.py).
     """
 
     features: torch.Tensor
@@ -210,111 +234,29 @@ class EncoderOutput:
     gate: torch.Tensor
 
 
-class TokenScorer(nn.Module):
-    """Halting score in (0, 1) from each token's own feature (a small MLP)."""
-
-    def __init__(self, d_model: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(d_model, d_model // 2), nn.ReLU(inplace=True),
-                                 nn.Linear(d_model // 2, 1))
-        # Start with every token kept (score ~0.95): the sparsity loss teaches halting.
-        nn.init.constant_(self.net[-1].bias, 3.0)
-
-    def forward(self, x: torch.Tensor, coords: torch.Tensor, active: torch.Tensor,
-                batch_size: int) -> torch.Tensor:
-        return torch.sigmoid(self.net(x).squeeze(1).float())
-
-
-class BEVContextScorer(nn.Module):
-    """Halting score from a token and its neighbourhood: active tokens are reduced to a few
-    channels, scattered to the pillar grid, passed through two 3x3 convolutions, and read
-    back at the tokens. Halted tokens are not scattered, so the training (masked) and
-    inference (removed) passes see the same map."""
-
-    def __init__(self, d_model: int, grid: tuple[int, int], channels: int = 16):
-        super().__init__()
-        self.grid = grid
-        self.reduce = nn.Linear(d_model, channels)
-        self.context = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
-                                     nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True))
-        self.out = nn.Linear(2 * channels, 1)
-        nn.init.constant_(self.out.bias, 3.0)
-
-    def forward(self, x: torch.Tensor, coords: torch.Tensor, active: torch.Tensor,
-                batch_size: int) -> torch.Tensor:
-        ny, nx = self.grid
-        reduced = torch.relu(self.reduce(x)) * active[:, None].to(x.dtype)
-        flat = (coords[:, 0] * ny + coords[:, 1]) * nx + coords[:, 2]
-        canvas = reduced.new_zeros(batch_size * ny * nx, reduced.shape[1]).index_copy(0, flat, reduced)
-        bev = canvas.view(batch_size, ny, nx, -1).permute(0, 3, 1, 2)
-        context = self.context(bev).permute(0, 2, 3, 1).reshape(batch_size * ny * nx, -1)[flat]
-        return torch.sigmoid(self.out(torch.cat([reduced, context], dim=1)).squeeze(1).float())
-
-
-def select_per_frame(scores: torch.Tensor, frame: torch.Tensor, candidates: torch.Tensor,
-                     threshold: float, keep_ratio: float | None, max_tokens: int) -> torch.Tensor:
-    """Which candidate tokens stay active after a halting stage (bool (T,)).
-
-    threshold: keep tokens with score >= threshold (ignored when keep_ratio is given);
-    keep_ratio: keep the ceil(ratio * n) best-scored candidates of each frame;
-    max_tokens: keep at most this many per frame (0 = no cap), the best-scored ones.
-    Per frame, so a frame's result never depends on the other frames of its batch; ties
-    are broken by token order, so the choice is deterministic.
-    """
-    keep = candidates & (scores >= threshold) if keep_ratio is None else candidates.clone()
-    if keep_ratio is None and max_tokens <= 0:
-        return keep
-    # Rank the candidates of each frame by descending score (stable: token order on ties).
-    order = torch.argsort(scores.masked_fill(~keep, -1.0), descending=True, stable=True)
-    order = order[torch.argsort(frame[order], stable=True)]
-    sorted_frame = frame[order]
-    num_frames = int(frame.max().item()) + 1 if frame.numel() else 0
-    counts = torch.bincount(frame, minlength=num_frames)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device) - starts[sorted_frame]
-    limit = torch.bincount(frame[keep], minlength=num_frames).to(torch.float64)
-    if keep_ratio is not None:
-        limit = torch.ceil(limit * keep_ratio)
-    if max_tokens > 0:
-        limit = limit.clamp(max=max_tokens)
-    return keep & (rank < limit.long()[frame])
-
-
 class SparseWindowEncoder(nn.Module):
     """A stack of window-attention layers alternating unshifted and shifted windows, with
-    optional token halting after chosen layers.
+    optional token halting after chosen layers (`self.halting`, haltdet/model/halting.py).
 
-    Halting (METHOD.md section 2). After `halting_layers[k]` layers, a scorer gives every
-    still-active token a score; tokens below the stage's threshold halt and no later layer
-    processes them. Two passes compute the same values:
+    Two passes compute the same values:
       * removal (inference): halted tokens are physically dropped, later layers run on the
         active tokens only, so their cost falls with the count;
-      * masked (training): every token goes through every layer, but halted tokens are
-        excluded from the attention keys and their features are not updated, through a
-        gate whose forward value is the hard 0/1 decision and whose gradient reaches the
-        score (straight-through: gate = hard + score - stopgrad(score)).
+      * masked (training): every token goes through every layer, but a halted token's
+        attention weight as a key and its update are multiplied by its gate, whose forward
+        value is the hard 0/1 decision and whose gradient reaches the scores.
+    With `halting.gradient == "hard"` training runs the removal pass too.
     """
 
     def __init__(self, d_model: int, num_heads: int, ffn_dim: int, num_layers: int,
                  window_size: int, dropout: float = 0.0, halting_layers: list[int] | None = None,
-                 scorer: str = "mlp", grid: tuple[int, int] | None = None):
+                 scorer: str = "mlp", grid: tuple[int, int] | None = None, gradient: str = "both"):
         super().__init__()
         self.d_model = d_model
         self.window_size = window_size
         self.layers = nn.ModuleList(
             EncoderLayer(d_model, num_heads, ffn_dim, dropout) for _ in range(num_layers))
-        self.halting_layers = list(halting_layers or [])
-        self.scorers = nn.ModuleList(
-            TokenScorer(d_model) if scorer == "mlp" else BEVContextScorer(d_model, grid)
-            for _ in self.halting_layers)
-        # Decision knobs, per stage; plain attributes so evaluation can override them.
-        self.thresholds = [0.5] * len(self.halting_layers)
-        self.keep_ratios: list[float] | None = None
-        self.max_tokens = 0
-        # None: straight-through gate (the method). A temperature T replaces the gate by the
-        # smooth relaxation sigmoid((score - threshold) / T), only to compare gradients.
-        self.relaxed_temperature: float | None = None
+        self.halting = TokenHalting(d_model, halting_layers or [], scorer, grid, gradient)
+        self._register_load_state_dict_pre_hook(_rename_scorers)
 
     def shift_of_layer(self, layer: int) -> int:
         return 0 if layer % 2 == 0 else self.window_size // 2
@@ -324,48 +266,42 @@ class SparseWindowEncoder(nn.Module):
         shifts = {self.shift_of_layer(i) for i in range(len(self.layers))}
         return {s: partition_windows(coords, self.window_size, s, self.d_model) for s in shifts}
 
-    def _decide(self, stage: int, scores, frame, active) -> torch.Tensor:
-        ratio = self.keep_ratios[stage] if self.keep_ratios else None
-        return select_per_frame(scores, frame, active, self.thresholds[stage], ratio, self.max_tokens)
-
     def forward(self, features: torch.Tensor, coords: torch.Tensor, batch_size: int = 1,
                 masked: bool | None = None) -> EncoderOutput:
         """features: (T, C); coords: (T, 3) (frame, iy, ix).
 
-        masked: run the masked (training) pass; default: in training mode. Without
-        halting stages both passes are the plain encoder.
+        masked: run the masked (training) pass; default: in training mode, unless the
+        halting gradient is "hard". Without halting stages both passes are the plain encoder.
         """
         if masked is None:
-            masked = self.training
-        if masked or not self.halting_layers:
+            masked = self.training and self.halting.gradient != "hard"
+        if masked or not self.halting:
             return self._forward_masked(features, coords, batch_size)
         return self._forward_removal(features, coords, batch_size)
 
     def _forward_masked(self, x, coords, batch_size) -> EncoderOutput:
-        num_tokens = x.shape[0]
+        num_tokens, halting = x.shape[0], self.halting
         partitions = self.partitions(coords)
         halted_at = torch.full((num_tokens,), len(self.layers), dtype=torch.long, device=x.device)
         active = torch.ones(num_tokens, dtype=torch.bool, device=x.device)
-        gate = torch.ones(num_tokens, dtype=torch.float32, device=x.device)
+        gate = torch.ones(num_tokens, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         all_scores = []
         for i, layer in enumerate(self.layers):
-            if i in self.halting_layers:
-                stage = self.halting_layers.index(i)
-                scores = self.scorers[stage](x, coords, active, batch_size) * active
-                keep = self._decide(stage, scores.detach(), coords[:, 0], active)
-                halted_at[active & ~keep] = i
-                active = keep
-                if self.relaxed_temperature is None:
-                    # (scores - scores.detach()) is exactly 0 forward: the gate stays exactly 0/1.
-                    gate = gate * (keep.float() + (scores - scores.detach()))
-                else:
-                    gate = gate * torch.sigmoid((scores - self.thresholds[stage]) / self.relaxed_temperature)
-                all_scores.append(scores)
-            if not self.halting_layers:
-                x = layer(x, partitions[self.shift_of_layer(i)])
+            stage = halting.stage_before(i)
+            if stage is not None:
+                decision = halting(stage, x, coords, active, batch_size)
+                halted_at[active & ~decision.keep] = i
+                # A stage's factor joins the gates of the tokens it decided on only: a token
+                # halted earlier keeps the gate of the decision that halted it.
+                gate = torch.where(active, gate * decision.factor, gate)
+                active = decision.keep
+                all_scores.append(decision.scores)
+            partition = partitions[self.shift_of_layer(i)]
+            if not all_scores:  # before the first stage every token is active
+                x = layer(x, partition)
                 continue
-            updated = layer(x, partitions[self.shift_of_layer(i)], key_active=active)
-            g = gate.to(x.dtype)[:, None]
+            updated = layer(x, partition, gate if halting.attention_path else active)
+            g = (gate if halting.residual_path else active.float()).to(x.dtype)[:, None]
             x = g * updated + (1 - g) * x
         return EncoderOutput(x, halted_at, all_scores, gate)
 
@@ -376,22 +312,38 @@ class SparseWindowEncoder(nn.Module):
         alive = torch.arange(num_tokens, device=x.device)  # original index of each active token
         alive_coords = coords
         partitions = self.partitions(coords)
+        # Training with the "hard" gradient: the survivors' updates carry their gates.
+        alive_gate = torch.ones(num_tokens, device=x.device) if self.training and torch.is_grad_enabled() else None
         all_scores = []
         for i, layer in enumerate(self.layers):
-            if i in self.halting_layers:
-                stage = self.halting_layers.index(i)
+            stage = self.halting.stage_before(i)
+            if stage is not None:
                 everyone = torch.ones(alive.numel(), dtype=torch.bool, device=x.device)
-                scores = self.scorers[stage](x, alive_coords, everyone, batch_size)
-                keep = self._decide(stage, scores, alive_coords[:, 0], everyone)
-                stage_scores = torch.zeros(num_tokens, dtype=scores.dtype, device=x.device)
-                all_scores.append(stage_scores.index_copy(0, alive, scores))
+                decision = self.halting(stage, x, alive_coords, everyone, batch_size)
+                keep = decision.keep
+                stage_scores = torch.zeros(num_tokens, dtype=decision.scores.dtype, device=x.device)
+                all_scores.append(stage_scores.index_copy(0, alive, decision.scores))
                 # Halted tokens leave with their current feature (kept for recycling).
                 features = features.index_copy(0, alive, x)
                 halted_at[alive[~keep]] = i
+                if alive_gate is not None:
+                    alive_gate = (alive_gate * decision.factor)[keep]
                 alive, x, alive_coords = alive[keep], x[keep], alive_coords[keep]
                 partitions = self.partitions(alive_coords)
-            x = layer(x, partitions[self.shift_of_layer(i)])
+            updated = layer(x, partitions[self.shift_of_layer(i)])
+            if alive_gate is None or not all_scores:
+                x = updated
+            else:
+                g = alive_gate.to(x.dtype)[:, None]
+                x = g * updated + (1 - g) * x
         features = features.index_copy(0, alive, x)
         gate = torch.zeros(num_tokens, dtype=torch.float32, device=x.device)
         gate[alive] = 1.0
         return EncoderOutput(features, halted_at, all_scores, gate)
+
+
+def _rename_scorers(state_dict, prefix, *args) -> None:
+    """Checkpoints written before the halting module kept the scorers at `encoder.scorers`."""
+    old = prefix + "scorers."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "halting." + key[len(prefix):]] = state_dict.pop(key)

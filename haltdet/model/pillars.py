@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from haltdet import InputError
-from haltdet.model.encoder import select_per_frame
+from haltdet.model.halting import select_per_frame
 
 
 @dataclass

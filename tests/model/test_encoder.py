@@ -49,21 +49,24 @@ def test_window_attention_matches_per_window_reference(shift, num_tokens):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_masked_keys_are_not_attended():
+@pytest.mark.parametrize("gate_dtype", [torch.bool, torch.float32])
+def test_masked_keys_are_not_attended(gate_dtype):
+    """A boolean key mask and a 0/1 float key gate (the halting gate) both exclude keys."""
     torch.manual_seed(2)
     coords = random_coords(500)
     x = torch.randn(500, 32)
     active = torch.rand(500) < 0.5
     attention = WindowAttention(32, 4)
     partition = partition_windows(coords, 6, 0, 32)
-    got = attention(x, partition, key_active=active)
+    gate = active.to(gate_dtype)
+    got = attention(x, partition, gate)
     expected = reference_attention(attention, x, coords, 6, 0, key_active=active)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # Changing an inactive token's feature changes no other token's output.
     inactive = torch.nonzero(~active).flatten()[0]
     x2 = x.clone()
     x2[inactive] += 10.0
-    got2 = attention(x2, partition, key_active=active)
+    got2 = attention(x2, partition, gate)
     others = torch.arange(500) != inactive
     torch.testing.assert_close(got2[others], got[others], atol=1e-5, rtol=1e-5)
 

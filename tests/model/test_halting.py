@@ -1,5 +1,6 @@
 """Token halting: the masked training pass equals the removal inference pass, gradients
-reach the scores, decisions are deterministic, monotone and per frame."""
+reach the scores through attention and residual paths and per-stage gates, decisions are
+deterministic, monotone and per frame."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 from haltdet.config import ModelConfig, TrainConfig
 from haltdet.model.detector import Detector
-from haltdet.model.encoder import SparseWindowEncoder, select_per_frame
+from haltdet.gradcheck import factor_gradients, finite_differences, gradcheck, random_case
+from haltdet.model.halting import select_per_frame, sparsity_loss, token_weights
 from haltdet.model.pillars import PointBatch
 
 HALTING = dict(point_cloud_range=[-19.2, -19.2, -4.0, 19.2, 19.2, 3.0], d_model=32,
@@ -23,7 +25,7 @@ def random_cloud(n: int, seed: int) -> torch.Tensor:
 
 def spread_scores(model: Detector) -> None:
     """Random scorer weights give scores spread over (0, 1) instead of the kept-all init."""
-    for scorer in model.encoder.scorers:
+    for scorer in model.encoder.halting.scorers:
         for name, p in scorer.named_parameters():
             torch.nn.init.normal_(p, std=0.0 if name.endswith("bias") else 0.4)
 
@@ -41,8 +43,10 @@ BATCH = PointBatch.from_list([random_cloud(6000, 1), random_cloud(2500, 2)])
 @pytest.mark.parametrize("recycling", [True, False])
 @pytest.mark.parametrize("scorer", ["mlp", "bev"])
 @pytest.mark.parametrize("quantile", [0.2, 0.5, 0.8])
-def test_masked_training_pass_equals_removal_pass(recycling, scorer, quantile):
-    model = make_model(0, recycling=recycling, halting_scorer=scorer, halt_stage_embedding=True)
+@pytest.mark.parametrize("gradient", ["both", "attention", "residual"])
+def test_masked_training_pass_equals_removal_pass(recycling, scorer, quantile, gradient):
+    model = make_model(0, recycling=recycling, halting_scorer=scorer, halt_stage_embedding=True,
+                       halting_gradient=gradient)
     # Thresholds at quantiles of the first stage's scores, so every case halts some tokens.
     model.set_halting(thresholds=[0.0])
     with torch.no_grad():
@@ -62,8 +66,9 @@ def test_masked_training_pass_equals_removal_pass(recycling, scorer, quantile):
 
 @pytest.mark.parametrize("knobs", [dict(keep_ratios=[0.6, 0.5]), dict(max_tokens=900),
                                    dict(thresholds=[0.3, 0.6], max_tokens=1500)])
-def test_keep_ratio_and_cap_equal_in_both_passes(knobs):
-    model = make_model(1)
+@pytest.mark.parametrize("gradient", ["both", "residual"])
+def test_keep_ratio_and_cap_equal_in_both_passes(knobs, gradient):
+    model = make_model(1, halting_gradient=gradient)
     model.set_halting(**knobs)
     with torch.no_grad():
         masked = model(BATCH, masked=True).encoded
@@ -125,50 +130,109 @@ def test_select_per_frame_by_hand():
     assert select_per_frame(tied, frame, candidates, 0.0, 0.34, 0).tolist() == [1, 1, 0, 0, 1, 0]
 
 
-def training_loss(model: Detector, batch: PointBatch, boxes) -> torch.Tensor:
-    targets = model.targets(boxes, [np.zeros(len(b), dtype=np.int64) for b in boxes])
-    train = TrainConfig(sparsity_weight=0.1)
-    return model.loss(model(batch, masked=True), targets, train, boxes)["loss"]
+def halting_case(seed: int = 0, gradient: str = "both"):
+    """A small float64 encoder with two halting stages that halts part of the tokens."""
+    encoder, features, coords, loss_weights = random_case(seed)
+    encoder.halting.gradient = gradient
+    return encoder.train(), features, coords, loss_weights
 
 
-def score_gradient(model, batch, boxes) -> torch.Tensor:
-    """Gradient of the loss with respect to the stage-1 scores, captured by a hook."""
+def test_hard_gradient_trains_on_the_removal_pass():
+    encoder, features, coords, _ = halting_case(1, "hard")
+    out = encoder(features, coords)  # training mode: the removal pass with straight-through gates
+    encoder.eval()
+    with torch.no_grad():
+        removed = encoder(features, coords)
+        masked = encoder(features, coords, masked=True)
+    assert torch.equal(out.halted_at, removed.halted_at)
+    torch.testing.assert_close(out.features, removed.features, atol=1e-12, rtol=0)
+    torch.testing.assert_close(out.features, masked.features, atol=1e-10, rtol=0)
+
+
+def test_first_stage_score_gets_gradient_from_the_last_layer():
+    """Per-stage gates: a token halted at the first stage keeps that stage's gate, so a loss
+    on the last layer's output alone still reaches its first-stage score (through the layers
+    after the second stage, where its frozen feature is a key of the active tokens)."""
+    encoder, features, coords, loss_weights = halting_case(2)
     captured = {}
-
-    def keep_output(module, inputs, output):
-        output.retain_grad()
-        captured["s"] = output
-
-    handle = model.encoder.scorers[0].register_forward_hook(keep_output)
-    model.zero_grad()
-    training_loss(model, batch, boxes).backward()
+    handle = encoder.halting.register_forward_hook(lambda m, args, d: captured.setdefault(args[0], d))
+    out = encoder(features, coords)
     handle.remove()
-    return captured["s"].grad
+    first, second = captured[0], captured[1]
+    halted_first = ~first.keep
+    assert halted_first.any() and (first.keep & ~second.keep).any()
+    # A loss on what the last layer computes: the tokens active to the end.
+    alive = out.halted_at == len(encoder.layers)
+    (score_grad,) = torch.autograd.grad((out.features[alive] * loss_weights[alive]).sum(), first.scores)
+    assert (score_grad[halted_first] != 0).float().mean() > 0.5
 
 
-def test_scores_get_gradient_and_pseudo_gradient_agrees_with_relaxation():
-    torch.manual_seed(4)
-    model = Detector(ModelConfig(**{**HALTING, "halting_layers": [1], "num_layers": 2}))
-    spread_scores(model)
-    model.train()
-    for module in model.modules():  # batch-norm statistics must not move between passes
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.eval()
-    batch = PointBatch.from_list([random_cloud(1500, 5)])
-    boxes = [np.array([[2.0, 1.0, -1.0, 4.0, 2.0, 1.5, 0.3], [-6.0, 5.0, -1.0, 0.8, 0.7, 1.8, 1.0]],
-                      dtype=np.float32)]
-    pseudo = score_gradient(model, batch, boxes)
-    assert pseudo.abs().sum() > 0
-    for p in model.encoder.scorers[0].parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0
-    model.encoder.relaxed_temperature = 0.05
-    relaxed = score_gradient(model, batch, boxes)
-    model.encoder.relaxed_temperature = None
-    # Compare directions over the tokens the relaxation still sees (its sigmoid gate has a
-    # usable slope only near the threshold).
-    cosine = torch.nn.functional.cosine_similarity(pseudo.flatten(), relaxed.flatten(), dim=0)
-    print(f"cosine(pseudo-gradient, relaxed-gate gradient) = {float(cosine):.3f}")
-    assert cosine > 0
+def test_attention_path_reaches_a_halted_keys_score_from_another_token():
+    encoder, features, coords, loss_weights = halting_case(3, "attention")
+    captured = {}
+    handle = encoder.halting.register_forward_hook(lambda m, args, d: captured.setdefault(args[0], d))
+    out = encoder(features, coords)
+    handle.remove()
+    halted = ~captured[0].keep
+    alive = out.halted_at == len(encoder.layers)
+    # The outputs of the tokens active to the end only (a weighted sum: the plain sum of a
+    # LayerNorm output is constant): a halted token's own output is not in the loss, it acts
+    # as a key of the others.
+    assert alive.any()
+    (grad,) = torch.autograd.grad((out.features[alive] * loss_weights[alive]).sum(), captured[0].scores)
+    assert (grad[halted] != 0).float().mean() > 0.5
+    # Without the attention path, another token's output gives a halted token nothing.
+    encoder.halting.gradient = "residual"
+    captured.clear()
+    handle = encoder.halting.register_forward_hook(lambda m, args, d: captured.setdefault(args[0], d))
+    out = encoder(features, coords)
+    handle.remove()
+    (grad,) = torch.autograd.grad((out.features[alive] * loss_weights[alive]).sum(), captured[0].scores)
+    assert torch.all(grad[halted] == 0)
+
+
+@pytest.mark.parametrize("gradient", ["both", "attention", "residual"])
+def test_pseudo_gradient_is_the_derivative_with_respect_to_the_gate(gradient):
+    """At the hard 0/1 gates the last stage's pseudo-gradient of each path is exactly the
+    derivative of the masked pass with respect to that path's gate (central differences in
+    float64). (An earlier stage's also flows through the later stage's straight-through
+    factor, which finite differences of the hard pass do not see.)"""
+    encoder, features, coords, loss_weights = halting_case(2, gradient)  # 76 tokens reach stage 2
+    grads, candidates = factor_gradients(encoder, features, coords, loss_weights)
+    probes = [torch.nonzero(c).flatten()[:12] for c in candidates]
+    numeric = finite_differences(encoder, features, coords, loss_weights, probes, eps=1e-6)
+    assert numeric[-1].abs().max() > 1e-3
+    torch.testing.assert_close(grads[-1][:12], numeric[-1], atol=1e-6, rtol=1e-5)
+
+
+def test_gradcheck_pseudo_gradient_follows_the_relaxation():
+    report = gradcheck(cases=6, progress=False)
+    # The finite differences check the relaxation's own gradient.
+    assert report["relaxed_vs_fd_median"] > 0.999
+    both = report["paths"]["both"]
+    assert both["cosine_median"] >= 0.8
+    # Both paths follow the relaxation better than either alone.
+    for path in ("attention", "residual", "hard"):
+        assert both["cosine_median"] > report["paths"][path]["cosine_median"]
+
+
+def test_sparsity_hinge_by_hand():
+    scores = [torch.tensor([0.9, 0.45, 0.2, 0.55])]
+    halted_at = torch.full((4,), 4)
+    weights = torch.tensor([1.0, 1.0, -2.0, -2.0])
+    # linear: mean of w * s
+    linear = sparsity_loss(scores, halted_at, [2], weights, [0.5])
+    assert float(linear) == pytest.approx((0.9 + 0.45 - 0.4 - 1.1) / 4)
+    # hinge 0.1 at threshold 0.5: background pushed while s > 0.4, foreground while s < 0.6
+    hinge = sparsity_loss(scores, halted_at, [2], weights, [0.5], hinge=0.1)
+    assert float(hinge) == pytest.approx((0.5 + 0.05 + 2 * 0.4 + 2 * 0.05) / 4)
+    # balanced: the background (first two) and foreground means added
+    foreground = torch.tensor([False, False, True, True])
+    balanced = sparsity_loss(scores, halted_at, [2], weights, [0.5], hinge=0.1, foreground=foreground)
+    assert float(balanced) == pytest.approx((0.5 + 0.05) / 2 + (2 * 0.4 + 2 * 0.05) / 2)
+    # tokens halted before the stage are not scored there
+    early = torch.tensor([4, 1, 4, 4])
+    assert float(sparsity_loss(scores, early, [2], weights, [0.5])) == pytest.approx((0.9 - 0.4 - 1.1) / 3)
 
 
 def test_sparsity_loss_weights_foreground_and_background():
@@ -176,15 +240,14 @@ def test_sparsity_loss_weights_foreground_and_background():
     tokens = model.pillar_net(BATCH)
     boxes = [np.array([[0.0, 0.0, -1.0, 4.0, 2.0, 1.5, 0.0]], dtype=np.float32), np.zeros((0, 7), np.float32)]
     train = TrainConfig(sparsity_weight=1.0, sparsity_fg_weight=-0.5, sparsity_bg_weight=2.0, sparsity_margin=0.0)
-    weights = model.token_weights(tokens, boxes, train)
+    weights = token_weights(model.tokens_in_boxes(tokens, boxes, train.sparsity_margin),
+                            train.sparsity_fg_weight, train.sparsity_bg_weight)
     r, s = -19.2, 0.32
     cx = r + (tokens.coords[:, 2].float() + 0.5) * s
     cy = r + (tokens.coords[:, 1].float() + 0.5) * s
     inside = (tokens.coords[:, 0] == 0) & (cx.abs() <= 2.0) & (cy.abs() <= 1.0)
     assert inside.any()
     assert torch.all(weights[inside] == -0.5) and torch.all(weights[~inside] == 2.0)
-    train.sparsity_uniform = True
-    assert torch.all(model.token_weights(tokens, boxes, train) == 2.0)
 
 
 def test_sparsity_weight_waits_then_ramps():

@@ -1,0 +1,256 @@
+"""Token halting: the method in one module (docs/method.md).
+
+After chosen encoder layers a scorer gives every still-active token a score in (0, 1);
+tokens below the stage's threshold halt and no later layer processes them. This module
+holds everything that decides and trains that:
+
+* the scorers (`TokenScorer`, `BEVContextScorer`);
+* the keep decision (`select_per_frame`: threshold, keep ratio, cap, per frame);
+* the gate of the differentiable training pass (`TokenHalting`): per stage, a factor whose
+  forward value is the hard 0/1 decision and whose gradient reaches the score
+  (`keep + s - stopgrad(s)`), or the smooth relaxation `sigmoid((s - threshold) / T)` that
+  `haltdet gradcheck` compares it with;
+* the non-uniform sparsity loss and its per-token weights;
+* token statistics (how many layers processed each token, objects against background).
+
+The encoder (`haltdet/model/encoder.py`) runs the two passes that use it: removal at
+inference, masked in training.
+
+The gate of a token is the product of the factors of the stages that decided on it; a
+stage does not touch the gate of a token halted before it. In the masked pass the gate
+enters twice (`TokenHalting.gradient` chooses which entries carry the gradient):
+
+* attention: key j's attention weight is `g_j exp(l_ij) / sum_k g_k exp(l_ik)` (a query
+  always attends to itself), so a score learns how much the other tokens lose when it halts;
+* residual: `x = g * layer(x) + (1 - g) * x`, so a score learns how much its own
+  feature would still change.
+
+`hard` removes halted tokens in training too: only the survivors' residual factors carry a
+gradient, nothing reaches a halted token's score but the sparsity loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from haltdet.config import GRADIENT_PATHS
+from haltdet.distributed import batch_count
+
+
+class TokenScorer(nn.Module):
+    """Halting score in (0, 1) from each token's own feature (a small MLP)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, d_model // 2), nn.ReLU(inplace=True),
+                                 nn.Linear(d_model // 2, 1))
+        # Start with every token kept (score ~0.95): the sparsity loss teaches halting.
+        nn.init.constant_(self.net[-1].bias, 3.0)
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor, active: torch.Tensor,
+                batch_size: int) -> torch.Tensor:
+        return torch.sigmoid(_at_least_float32(self.net(x).squeeze(1)))
+
+
+class BEVContextScorer(nn.Module):
+    """Halting score from a token and its neighbourhood: active tokens are reduced to a few
+    channels, scattered to the pillar grid, passed through two 3x3 convolutions, and read
+    back at the tokens. Halted tokens are not scattered, so the training (masked) and
+    inference (removed) passes see the same map."""
+
+    def __init__(self, d_model: int, grid: tuple[int, int], channels: int = 16):
+        super().__init__()
+        self.grid = grid
+        self.reduce = nn.Linear(d_model, channels)
+        self.context = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
+                                     nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True))
+        self.out = nn.Linear(2 * channels, 1)
+        nn.init.constant_(self.out.bias, 3.0)
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor, active: torch.Tensor,
+                batch_size: int) -> torch.Tensor:
+        ny, nx = self.grid
+        reduced = torch.relu(self.reduce(x)) * active[:, None].to(x.dtype)
+        flat = (coords[:, 0] * ny + coords[:, 1]) * nx + coords[:, 2]
+        canvas = reduced.new_zeros(batch_size * ny * nx, reduced.shape[1]).index_copy(0, flat, reduced)
+        bev = canvas.view(batch_size, ny, nx, -1).permute(0, 3, 1, 2)
+        context = self.context(bev).permute(0, 2, 3, 1).reshape(batch_size * ny * nx, -1)[flat]
+        return torch.sigmoid(_at_least_float32(self.out(torch.cat([reduced, context], dim=1)).squeeze(1)))
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Scores in float32 under reduced-precision autocast, float64 in float64 models."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def select_per_frame(scores: torch.Tensor, frame: torch.Tensor, candidates: torch.Tensor,
+                     threshold: float, keep_ratio: float | None, max_tokens: int) -> torch.Tensor:
+    """Which candidate tokens stay active after a halting stage (bool (T,)).
+
+    threshold: keep tokens with score >= threshold (ignored when keep_ratio is given);
+    keep_ratio: keep the ceil(ratio * n) best-scored candidates of each frame;
+    max_tokens: keep at most this many per frame (0 = no cap), the best-scored ones.
+    Per frame, so a frame's result never depends on the other frames of its batch; ties
+    are broken by token order, so the choice is deterministic.
+    """
+    keep = candidates & (scores >= threshold) if keep_ratio is None else candidates.clone()
+    if keep_ratio is None and max_tokens <= 0:
+        return keep
+    # Rank the candidates of each frame by descending score (stable: token order on ties).
+    order = torch.argsort(scores.masked_fill(~keep, -1.0), descending=True, stable=True)
+    order = order[torch.argsort(frame[order], stable=True)]
+    sorted_frame = frame[order]
+    num_frames = int(frame.max().item()) + 1 if frame.numel() else 0
+    counts = torch.bincount(frame, minlength=num_frames)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device) - starts[sorted_frame]
+    limit = torch.bincount(frame[keep], minlength=num_frames).to(torch.float64)
+    if keep_ratio is not None:
+        limit = torch.ceil(limit * keep_ratio)
+    if max_tokens > 0:
+        limit = limit.clamp(max=max_tokens)
+    return keep & (rank < limit.long()[frame])
+
+
+@dataclass
+class StageDecision:
+    """One halting stage's outcome for every token.
+
+    scores: (T,) float32 halting scores (0 for tokens that were not candidates).
+    keep: (T,) bool, active after the stage.
+    factor: (T,) float32 the stage's gate factor: forward value `keep` exactly, gradient
+      into `scores` (straight-through); under the relaxation sigmoid((s - threshold) / T).
+    """
+
+    scores: torch.Tensor
+    keep: torch.Tensor
+    factor: torch.Tensor
+
+
+class TokenHalting(nn.Module):
+    """The halting stages of an encoder: scorers, decision knobs and the training gate.
+
+    `halting_layers[k]` counts layers: stage k scores the tokens after that many layers.
+    Knobs (per stage; plain attributes, set through `Detector.set_halting`):
+    thresholds, keep_ratios (None: use thresholds), max_tokens (0: no cap).
+    gradient: which entries of the masked pass carry the gate's gradient (module docstring).
+    relaxation: None, or a temperature T: every token's factor becomes the smooth
+      sigmoid((score - threshold) / T) and nothing is removed (`haltdet gradcheck`).
+    """
+
+    def __init__(self, d_model: int, halting_layers: list[int], scorer: str = "mlp",
+                 grid: tuple[int, int] | None = None, gradient: str = "both"):
+        super().__init__()
+        if gradient not in GRADIENT_PATHS:
+            raise ValueError(f"halting gradient must be one of {GRADIENT_PATHS}, got {gradient!r}")
+        self.halting_layers = list(halting_layers)
+        self.scorers = nn.ModuleList(
+            TokenScorer(d_model) if scorer == "mlp" else BEVContextScorer(d_model, grid)
+            for _ in self.halting_layers)
+        self.thresholds = [0.5] * len(self.halting_layers)
+        self.keep_ratios: list[float] | None = None
+        self.max_tokens = 0
+        self.gradient = gradient
+        self.relaxation: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.halting_layers)
+
+    def stage_before(self, layer: int) -> int | None:
+        """The stage that decides right before `layer` runs (after `layer` layers), or None."""
+        return self.halting_layers.index(layer) if layer in self.halting_layers else None
+
+    @property
+    def attention_path(self) -> bool:
+        return self.relaxation is not None or self.gradient in ("both", "attention")
+
+    @property
+    def residual_path(self) -> bool:
+        return self.relaxation is not None or self.gradient in ("both", "residual")
+
+    def forward(self, stage: int, x: torch.Tensor, coords: torch.Tensor, active: torch.Tensor,
+                batch_size: int) -> StageDecision:
+        """Score the active tokens `x` (T, C) at `coords` (T, 3) and decide which stay."""
+        scores = self.scorers[stage](x, coords, active, batch_size) * active
+        threshold = self.thresholds[stage]
+        if self.relaxation is not None:
+            return StageDecision(scores, active, torch.sigmoid((scores - threshold) / self.relaxation))
+        ratio = self.keep_ratios[stage] if self.keep_ratios else None
+        keep = select_per_frame(scores.detach(), coords[:, 0], active, threshold, ratio, self.max_tokens)
+        # (scores - scores.detach()) is exactly 0 forward: the factor stays exactly 0/1.
+        return StageDecision(scores, keep, keep.float() + (scores - scores.detach()))
+
+
+def token_weights(foreground: torch.Tensor, fg_weight: float, bg_weight: float) -> torch.Tensor:
+    """Per-token weight of the sparsity loss: `fg_weight` on foreground tokens (bool (T,)),
+    `bg_weight` elsewhere. A negative weight pushes scores up (keeps the token)."""
+    return torch.full(foreground.shape, bg_weight, device=foreground.device).masked_fill(foreground, fg_weight)
+
+
+def sparsity_loss(scores: list[torch.Tensor], halted_at: torch.Tensor, halting_layers: list[int],
+                  weights: torch.Tensor, thresholds: list[float], hinge: float = 0.0,
+                  foreground: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over halting stages of the weighted mean term of the tokens scored there.
+
+    The term of a token with weight w and score s is `w * s` (hinge 0): minimising it
+    pushes scores down, background hardest, and up where w < 0. With a hinge margin m > 0
+    it is `|w| * relu(m + (s - threshold))` for w > 0 and `|w| * relu(m - (s - threshold))`
+    for w < 0: a score is pushed only until it is on its side of the threshold by m.
+    foreground: optional (T,) bool; given, the foreground and the background tokens are
+    averaged apart and the two means added, so each group weighs the same whatever its
+    token count (objects are a few percent of the tokens).
+    """
+    groups = [None] if foreground is None else [foreground, ~foreground]
+    per_stage = []
+    for layer, stage_scores, threshold in zip(halting_layers, scores, thresholds):
+        if hinge > 0:
+            direction = torch.sign(weights)
+            terms = weights.abs() * torch.relu(hinge + direction * (stage_scores - threshold))
+        else:
+            terms = weights * stage_scores
+        stage = 0.0
+        for group in groups:
+            scored = halted_at >= layer
+            scored = (scored if group is None else scored & group).float()
+            stage = stage + (terms * scored).sum() / batch_count(scored.sum())
+        per_stage.append(stage)
+    return torch.stack(per_stage).mean()
+
+
+def token_statistics(halted_at: torch.Tensor, foreground: torch.Tensor, frame: torch.Tensor,
+                     num_frames: int, num_layers: int) -> list[dict]:
+    """Per frame: how many tokens each layer processed, split into foreground (bool (T,):
+    pillar inside a ground-truth box) and background. halted_at: (T,) layers that
+    processed each token; frame: (T,) frame of each token.
+
+    Returns per frame {"tokens", "foreground_tokens", "active_per_layer" (list, one
+    count per layer), "token_layers" (executed token-layers / (tokens * layers)),
+    "foreground_token_layers", "background_token_layers", "foreground_mean_layers",
+    "background_mean_layers"}.
+    """
+    halted_at, foreground, frame = halted_at.cpu(), foreground.cpu(), frame.cpu()
+
+    def mean(x):
+        return float(x.mean()) if x.numel() else math.nan
+
+    stats = []
+    for f in range(num_frames):
+        in_frame = frame == f
+        depth = halted_at[in_frame].double()
+        fg = foreground[in_frame]
+        stats.append({
+            "tokens": int(in_frame.sum()),
+            "foreground_tokens": int(fg.sum()),
+            "active_per_layer": [int((depth > layer).sum()) for layer in range(num_layers)],
+            "token_layers": mean(depth) / num_layers,
+            "foreground_token_layers": mean(depth[fg]) / num_layers,
+            "background_token_layers": mean(depth[~fg]) / num_layers,
+            "foreground_mean_layers": mean(depth[fg]),
+            "background_mean_layers": mean(depth[~fg]),
+        })
+    return stats
