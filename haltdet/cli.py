@@ -136,7 +136,7 @@ def cmd_train(args) -> None:
     from haltdet.config import load_config
     from haltdet.train import train
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     if args.max_steps:
         config.train.max_steps = args.max_steps
     if args.train_data:
@@ -356,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/latest.pt")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.add_argument("--max-steps", type=_count(1), help="override train.max_steps")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override one config value, in YAML syntax (repeatable), e.g. --set train.max_minutes=0")
     p.add_argument("--init", help="start from this checkpoint's weights (fine-tuning; new parameters keep their init)")
     p.add_argument("--train-data", help="override data.train (dataset directory or FORMAT:PATH)")
     p.add_argument("--quiet", action="store_true")

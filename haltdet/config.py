@@ -326,8 +326,10 @@ def config_from_dict(values: dict) -> Config:
     return _build(Config, values or {}, "").validate()
 
 
-def load_config(path_or_preset: str | Path) -> Config:
-    """Load a YAML config file, or a bundled preset by name (e.g. 'baseline')."""
+def load_config(path_or_preset: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file, or a bundled preset by name (e.g. 'baseline'), with
+    `section.key=value` overrides applied (values in YAML syntax: `train.max_steps=1200`,
+    `model.halting_layers=[2,4]`)."""
     path = Path(path_or_preset)
     if not path.exists():
         preset = PRESET_DIR / f"{path_or_preset}.yaml"
@@ -341,7 +343,31 @@ def load_config(path_or_preset: str | Path) -> Config:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    config = config_from_dict(values or {})
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(values).__name__}")
+    for override in overrides or []:
+        apply_override(values, override)
+    config = config_from_dict(values)
     if config.name == "custom":
         config.name = path.stem
     return config
+
+
+def apply_override(values: dict, override: str) -> None:
+    """Set `section.key=value` (value parsed as YAML) in a config's raw mapping."""
+    key, sep, text = override.partition("=")
+    path = key.strip().split(".")
+    if not sep or len(path) != 2 or not all(path):
+        raise ConfigError(f"override {override!r}: expected section.key=value, e.g. train.max_steps=1200")
+    section, name = path
+    if section not in ("model", "data", "train"):
+        raise ConfigError(f"override {override!r}: unknown section '{section}' (model, data, train)")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML: {err}") from None
+    target = values.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"config section '{section}' must be a mapping")
+    target[name] = value
