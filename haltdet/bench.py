@@ -63,6 +63,7 @@ def time_stages(model, points: torch.Tensor, device: torch.device) -> dict[str, 
     times["refine"] = time.perf_counter() - start
     times["total"] = sum(times[s] for s in STAGES)
     times["tokens"] = tokens.features.shape[0]
+    times["token_layers"] = int(encoded.halted_at.sum())  # layers run, summed over tokens
     times["points_used"] = tokens.points_used
     return times
 
@@ -121,12 +122,16 @@ def run_benchmark(args) -> dict:
         median = {k: float(np.median([r[k] for r in rows])) for k in (*STAGES, "total", "tokens", "points_used")}
         entry = {"checkpoint": str(name), "median_seconds": {k: median[k] for k in (*STAGES, "total")},
                  "tokens": median["tokens"], "points_used": median["points_used"],
+                 "token_layers": float(np.sum([r["token_layers"] for r in rows])),
                  "frames_per_second": 1.0 / median["total"],
                  "encoder_share": median["encoder"] / median["total"]}
         report["models"].append(entry)
-    base = report["models"][0]["median_seconds"]
+    first = report["models"][0]
     for entry in report["models"]:
-        entry["ratio_to_first"] = {k: entry["median_seconds"][k] / base[k] for k in ("encoder", "total")}
+        entry["ratio_to_first"] = {k: entry["median_seconds"][k] / first["median_seconds"][k]
+                                   for k in ("encoder", "total")}
+        # What the encoder ratio would be if its time were proportional to the layers it runs.
+        entry["ideal_encoder_ratio"] = entry["token_layers"] / max(first["token_layers"], 1.0)
     if device.type == "cuda":
         report["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
@@ -143,12 +148,14 @@ def _print_report(report: dict) -> None:
     print(f"device {report['device']}, {report['threads']} threads, {report['frames']} frames, "
           f"{report['points_per_frame']:.0f} points/frame; medians in ms")
     header = f"{'checkpoint':<28}{'points':>9}{'tokens':>8}" + "".join(f"{s:>10}" for s in (*STAGES, "total")) \
-        + f"{'fps':>7}{'enc share':>10}{'enc x':>7}{'total x':>8}"
+        + f"{'fps':>7}{'enc share':>10}{'enc x':>7}{'ideal x':>8}{'total x':>8}"
     print(header)
     for m in report["models"]:
         t = m["median_seconds"]
         print(f"{m['checkpoint'][-28:]:<28}{m['points_used']:>9.0f}{m['tokens']:>8.0f}"
               + "".join(f"{t[s] * 1000:>10.1f}" for s in (*STAGES, "total"))
               + f"{m['frames_per_second']:>7.2f}{m['encoder_share']:>10.2f}"
-              + f"{m['ratio_to_first']['encoder']:>7.2f}{m['ratio_to_first']['total']:>8.2f}")
-    print(f"peak memory: {report['peak_memory_mb']:.0f} MB")
+              + f"{m['ratio_to_first']['encoder']:>7.2f}{m['ideal_encoder_ratio']:>8.2f}"
+              + f"{m['ratio_to_first']['total']:>8.2f}")
+    print(f"peak memory: {report['peak_memory_mb']:.0f} MB; ideal x: the encoder ratio if its time "
+          "followed the token-layers it runs")

@@ -196,8 +196,15 @@ def test_bench_times_a_halting_model_at_several_thresholds(tiny_run, tmp_path, c
                  "--checkpoint", halting + "@1.0", "--frames", "1", "--warmup", "0", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     first, keep_all, halt_all = report["models"]
-    assert first["ratio_to_first"] == {"encoder": 1.0, "total": 1.0}
     assert keep_all["checkpoint"].endswith("@0.0") and halt_all["checkpoint"].endswith("@1.0")
+    # Same frames, same tokens: the 3-layer halting model at threshold 0 runs every token
+    # through 3 layers against the 2-layer baseline's 2; at threshold 1 every token halts
+    # at the first stage, after 1 layer.
+    assert first["tokens"] == keep_all["tokens"] == halt_all["tokens"] > 0
+    assert keep_all["ideal_encoder_ratio"] == 1.5 and halt_all["ideal_encoder_ratio"] == 0.5
+    for entry in (keep_all, halt_all):
+        ratio = entry["median_seconds"]["encoder"] / first["median_seconds"]["encoder"]
+        assert entry["ratio_to_first"]["encoder"] == pytest.approx(ratio)
     from haltdet.bench import load_spec
 
     assert load_spec(halting + "@0.3,0.7", "cpu").encoder.halting.thresholds == [0.3, 0.7]

@@ -4,7 +4,7 @@ global batch.
 Tolerances (float rounding differs: sums over 2 + 2 frames vs 4, all-reduced BatchNorm
 statistics). At step 1, where both start from the same weights, the logged global-batch
 loss and gradient norm agree to 1e-5 relative. After 3 AdamW steps the weight updates
-agree to 1 % (relative norm of the difference; measured about 0.3 %): Adam divides each
+agree to 1 % (relative norm of the difference; measured 0.04 %): Adam divides each
 gradient by its own running magnitude, so where the true gradient is zero (the attention
 key bias: softmax ignores a constant shift of the keys) float noise becomes a full-size
 step in either run. For contrast, per-process BatchNorm statistics give a 13 % difference
@@ -86,7 +86,7 @@ def test_two_gloo_processes_train_like_one(tiny_config, tmp_path):
     difference = torch.cat([(a[k] - b[k]).flatten() for k in floats]).norm()
     update = torch.cat([(b[k] - start[k]).flatten() for k in floats]).norm()
     print("weights after 3 steps, |2 processes - 1| / |update|:", float(difference / update))
-    assert difference <= 3e-2 * update, float(difference / update)
+    assert difference <= 1e-2 * update, float(difference / update)
     assert all(torch.equal(a[k], b[k]) for k in b if not b[k].is_floating_point())  # BN batch counts
 
 
