@@ -212,6 +212,8 @@ def cmd_detect(args) -> None:
         raise InputError("detect: give either a points file or --data (not both)")
     if args.frame and args.data is None:
         raise InputError("detect: --frame needs --data")
+    if not 0 <= args.min_score <= 1:
+        raise InputError(f"detect: --min-score must be in [0, 1], got {args.min_score}")
     model, _ = load_model(args.checkpoint, _device(args.device))
     if args.data is not None:
         data = open_data(args.data)
@@ -225,12 +227,15 @@ def cmd_detect(args) -> None:
                                  disable=len(ids) < 2, dynamic_ncols=True):
         with torch.no_grad():
             detections = detect_points(model, points, args.device)
+        keep = detections.scores >= args.min_score
         frames.append({"frame_id": frame_id,
-                       "boxes": detections.boxes.tolist(),
-                       "labels": [CLASSES[i] for i in detections.labels.tolist()],
-                       "scores": detections.scores.tolist()})
-    text = json.dumps({"box_convention": "x, y, z (centre), l, w, h, yaw (ccw from +x), LiDAR frame, metres",
-                       "frames": frames}, indent=1)
+                       "boxes": [[round(v, 4) for v in box] for box in detections.boxes[keep].tolist()],
+                       "labels": [CLASSES[i] for i in detections.labels[keep].tolist()],
+                       "scores": [round(s, 4) for s in detections.scores[keep].tolist()]})
+    # One frame per line, numbers to 0.1 mm / 1e-4.
+    convention = json.dumps("x, y, z (centre), l, w, h, yaw (ccw from +x), LiDAR frame, metres")
+    text = (f'{{"box_convention": {convention},\n "frames": [\n'
+            + ",\n".join(json.dumps(frame) for frame in frames) + "\n]}")
     if args.json:
         Path(args.json).write_text(text)
         print(f"{sum(len(f['boxes']) for f in frames)} detections in {len(frames)} frame(s) written to {args.json}")
@@ -394,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame", action="append", help="frame id of --data (repeatable; default: every frame)")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--columns", type=int, default=4, help="float32 columns per point in a .bin file")
+    p.add_argument("--min-score", type=float, default=0.0,
+                   help="only detections scoring at least this (default 0: all the model returns)")
     p.add_argument("--json", help="write detections here (default: print)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_detect)

@@ -252,3 +252,24 @@ def test_train_set_overrides_config_values(tiny_run, tmp_path, capsys):
                      "--set", bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("haltdet: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_detect_min_score_keeps_the_confident_subset(tmp_path):
+    from haltdet.data.synth import simulate_frame
+
+    np.save(tmp_path / "frame.npy", np.asarray(simulate_frame(7).points, dtype=np.float32))
+    results = {}
+    for score in ("0", "0.5"):
+        out = tmp_path / f"det{score}.json"
+        assert main(["detect", "--checkpoint", "baseline", str(tmp_path / "frame.npy"), "--min-score", score,
+                     "--json", str(out)]) == 0
+        text = out.read_text()
+        assert len(text.splitlines()) == 4  # convention, "frames": [, one line per frame, ]}
+        results[score] = json.loads(text)["frames"][0]
+    everything, confident = results["0"], results["0.5"]
+    expected = [(b, label) for b, label, s in zip(everything["boxes"], everything["labels"], everything["scores"])
+                if s >= 0.5]
+    assert 0 < len(expected) < len(everything["boxes"])
+    assert list(zip(confident["boxes"], confident["labels"])) == expected
+    assert min(confident["scores"]) >= 0.5
+    assert main(["detect", "--checkpoint", "baseline", str(tmp_path / "frame.npy"), "--min-score", "2"]) == 2
