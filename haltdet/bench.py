@@ -100,14 +100,27 @@ def load_spec(spec: str, device):
 
 
 def run_benchmark(args) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    names = list(args.checkpoint)
+    """`haltdet bench`: `benchmark` with the command's arguments, printed and written."""
+    report = benchmark(args.checkpoint, args.frames, args.points, args.warmup, args.device, args.threads)
+    _print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"results written to {args.json}")
+    return report
+
+
+def benchmark(specs: list[str], frames: int = 5, points: int = 0, warmup: int = 1, device="cpu",
+              threads: int = 0) -> dict:
+    """Time the models `specs` (`NAME` or `NAME@T[,T2..]`) on the same `frames` synthetic
+    frames, interleaved frame by frame; threads 0: torch's default."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    names = list(specs)
     models = [load_spec(name, device) for name in names]
-    clouds = [bench_cloud(10_000 + i, args.points) for i in range(args.frames)]
+    clouds = [bench_cloud(10_000 + i, points) for i in range(frames)]
     for model in models:  # warm-up: allocator, thread pools, lazy init
-        for cloud in clouds[:args.warmup]:
+        for cloud in clouds[:warmup]:
             time_stages(model, cloud, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -137,10 +150,6 @@ def run_benchmark(args) -> dict:
     else:
         # Peak resident set of the whole process (Linux reports KiB), models and data included.
         report["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    _print_report(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"results written to {args.json}")
     return report
 
 

@@ -305,6 +305,14 @@ def cmd_gradcheck(args) -> None:
         print(f"report written to {args.json}")
 
 
+def cmd_pareto(args) -> None:
+    from haltdet.pareto import run_pareto
+
+    result = run_pareto(args.spec, args.out, progress=not args.quiet)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"{len(result['points'])} points written to {args.out}: pareto.json, pareto.png, results.md")
+
+
 def cmd_bench(args) -> None:
     from haltdet.bench import run_benchmark
 
@@ -433,6 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report here")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_gradcheck)
+
+    p = sub.add_parser("pareto", help="accuracy against encoder and end-to-end latency of listed models and "
+                                      "operating points: one evaluation each, one interleaved bench run")
+    p.add_argument("spec", help="YAML spec: data, bench options, points (see haltdet/pareto.py)")
+    p.add_argument("--out", required=True, help="directory for pareto.json, pareto.png and results.md")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_pareto)
 
     p = sub.add_parser("bench", help="latency, throughput and memory of models, against the first")
     p.add_argument("--checkpoint", action="append",

@@ -273,3 +273,48 @@ def test_detect_min_score_keeps_the_confident_subset(tmp_path):
     assert list(zip(confident["boxes"], confident["labels"])) == expected
     assert min(confident["scores"]) >= 0.5
     assert main(["detect", "--checkpoint", "baseline", str(tmp_path / "frame.npy"), "--min-score", "2"]) == 2
+
+
+def test_pareto_evaluates_times_and_writes_the_frontier(tiny_run, tmp_path, capsys):
+    baseline, halting = str(tiny_run / "run" / "final.pt"), str(tiny_run / "halting" / "final.pt")
+    spec = {"data": str(tiny_run / "val"), "bench": {"frames": 1, "warmup": 0},
+            "points": [{"method": "baseline", "name": "base", "checkpoint": baseline},
+                       {"method": "halting", "name": "keep all", "checkpoint": halting, "threshold": 0.0},
+                       {"method": "halting", "name": "halt all", "checkpoint": halting, "threshold": [1.0, 1.0]}]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "pareto"
+    assert main(["pareto", str(tmp_path / "spec.yaml"), "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "pareto.json").read_text())
+    base, keep_all, halt_all = result["points"]
+    assert [p["method"] for p in result["points"]] == ["baseline", "halting", "halting"]
+    for point in result["points"]:
+        assert 0 <= point["mAPH_L2"] <= 1 and point["encoder_ms"] > 0 and point["total_ms"] >= point["encoder_ms"]
+    assert base["token_layers"] == keep_all["token_layers"] == 1.0 and halt_all["token_layers"] == pytest.approx(1 / 3)
+    assert (out / "pareto.png").stat().st_size > 10_000
+    table = (out / "results.md").read_text()
+    assert "| halting | halt all | 1 |" in table and "haltdet pareto" in table
+    assert main(["pareto", str(tmp_path / "missing.yaml"), "--out", str(out)]) == 2
+
+
+def test_pareto_dominance_by_hand():
+    from haltdet.pareto import dominating, grouped, markdown
+
+    def point(method, name, seed, accuracy, encoder, total):
+        return {"method": method, "name": name, "seed": seed, "mAPH_L2": accuracy, "mAPH_L2_first_stage": accuracy,
+                "token_layers": 1.0, "encoder_ms": encoder, "total_ms": total}
+
+    points = [point("baseline", "b", 0, 0.60, 60, 200), point("random", "r", 0, 0.50, 35, 150),
+              point("halting", "h", 0, 0.58, 30, 160), point("halting", "h", 1, 0.56, 32, 162),
+              point("topk", "k", 0, 0.59, 31, 150)]
+    rows = {r["name"]: r for r in grouped(points)}
+    assert rows["h"]["seeds"] == 2 and rows["h"]["mAPH_L2"] == pytest.approx(0.57)
+    assert rows["h"]["mAPH_L2_min"] == 0.56 and rows["h"]["encoder_ms"] == 31
+    rows = list(rows.values())
+    by_name = {r["name"]: r for r in rows}
+    assert dominating(by_name["r"], rows, "encoder_ms") == "h"      # 0.57 >= 0.50 at 31 <= 35 ms
+    assert dominating(by_name["r"], rows, "total_ms") is None       # 161 > 150 ms
+    assert dominating(by_name["k"], rows, "encoder_ms") is None     # 0.59 beats the halting mean
+    assert dominating(by_name["b"], rows, "encoder_ms") is None     # more accurate than every halting point
+    assert "| topk | k | 1 |" in markdown({"points": points, "data": "val", "spec": "s.yaml",
+                                           "bench": {"frames": 1, "threads": 1, "device": "cpu"},
+                                           "machine": {"processor": "x", "torch": "t"}})

@@ -1,0 +1,209 @@
+"""Accuracy against latency for a set of models and operating points (`haltdet pareto`).
+
+A spec (YAML) lists the points; every point is evaluated on the same split and all of
+them are timed in one interleaved `haltdet bench` run, so their times compare:
+
+```yaml
+data: data/val                       # the evaluation split
+bench: {frames: 20, threads: 2}      # `haltdet bench` options (warmup, points, device too)
+points:
+  - {method: baseline, name: baseline, checkpoint: baseline}
+  - {method: halting, name: "halting t=0.5", checkpoint: halting, threshold: [0.5], seed: 0}
+```
+
+`method` is one of METHODS; points that share a name (several training seeds) are drawn
+as their mean with the seeds' range as an error bar. The outputs: `pareto.json`
+(`{"points": [...], "bench": ..., "machine": ...}`), `pareto.png` (mAPH_L2 against
+encoder and against end-to-end milliseconds) and `results.md` (the table, which halting
+point dominates each other point, the command and the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from haltdet import InputError
+
+METHODS = ("baseline", "halting", "random", "topk", "act", "coarse", "size", "ablation")
+BENCH_KEYS = {"frames": 20, "threads": 0, "warmup": 1, "points": 0, "device": "cpu"}
+POINT_KEYS = {"method", "name", "checkpoint", "threshold", "seed"}
+
+
+def load_spec(path: str | Path) -> dict:
+    """Read and check a pareto spec; returns {"data", "bench", "points"}."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: cannot read the spec ({err})") from None
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("points"), list) or not spec["points"]:
+        raise InputError(f"{path}: a spec needs 'data' and a non-empty list 'points'")
+    if not isinstance(spec.get("data"), str):
+        raise InputError(f"{path}: 'data' must name the evaluation split (a directory or FORMAT:PATH)")
+    bench = {**BENCH_KEYS, **(spec.get("bench") or {})}
+    if set(bench) - set(BENCH_KEYS):
+        raise InputError(f"{path}: unknown bench keys {sorted(set(bench) - set(BENCH_KEYS))}")
+    points = []
+    for i, point in enumerate(spec["points"]):
+        where = f"{path}: points[{i}]"
+        if not isinstance(point, dict) or set(point) - POINT_KEYS:
+            raise InputError(f"{where}: a mapping of {sorted(POINT_KEYS)}")
+        if point.get("method") not in METHODS:
+            raise InputError(f"{where}: method must be one of {', '.join(METHODS)}")
+        if not isinstance(point.get("checkpoint"), str):
+            raise InputError(f"{where}: needs 'checkpoint' (a file or a bundled name)")
+        threshold = point.get("threshold")
+        if threshold is not None:
+            threshold = [threshold] if isinstance(threshold, (int, float)) else threshold
+            if not (isinstance(threshold, list) and all(isinstance(t, (int, float)) for t in threshold)):
+                raise InputError(f"{where}: threshold must be a number or a list of numbers")
+        points.append({"method": point["method"], "name": str(point.get("name", point["checkpoint"])),
+                       "checkpoint": point["checkpoint"], "threshold": threshold,
+                       "seed": int(point.get("seed", 0))})
+    keys = [(p["name"], p["seed"]) for p in points]
+    if len(set(keys)) != len(keys):
+        raise InputError(f"{path}: two points share a name and seed")
+    return {"data": spec["data"], "bench": bench, "points": points}
+
+
+def bench_name(point: dict) -> str:
+    """The `haltdet bench` spec of a point: CHECKPOINT or CHECKPOINT@T1,T2."""
+    if point["threshold"] is None:
+        return point["checkpoint"]
+    return point["checkpoint"] + "@" + ",".join(str(t) for t in point["threshold"])
+
+
+def evaluate_point(point: dict, data, progress: bool = True) -> dict:
+    """mAPH_L2 of a point with and without its second stage, and its token-layers."""
+    from haltdet.bench import load_spec as load_model_spec
+    from haltdet.predict import evaluate_model
+
+    model = load_model_spec(bench_name(point), "cpu")
+    result = evaluate_model(model, data, progress=progress)
+    scores = {"mAPH_L2": result["mAPH_L2"], "token_layers": result.get("tokens", {}).get("token_layers", 1.0)}
+    if model.refiner is None:
+        scores["mAPH_L2_first_stage"] = result["mAPH_L2"]
+    else:
+        model.refiner = None
+        scores["mAPH_L2_first_stage"] = evaluate_model(model, data, progress=progress)["mAPH_L2"]
+    return scores
+
+
+def run_pareto(spec_path: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
+    from haltdet.bench import benchmark
+
+    spec = load_spec(spec_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    points = [dict(p) for p in spec["points"]]
+    for point in points:
+        if progress:
+            print(f"evaluating {point['name']} (seed {point['seed']})")
+        point.update(evaluate_point(point, spec["data"], progress))
+    b = spec["bench"]
+    report = benchmark([bench_name(p) for p in points], b["frames"], b["points"], b["warmup"], b["device"],
+                       b["threads"])
+    for point, timing in zip(points, report["models"]):
+        point["encoder_ms"] = 1000 * timing["median_seconds"]["encoder"]
+        point["total_ms"] = 1000 * timing["median_seconds"]["total"]
+    import torch
+
+    result = {"points": points, "data": spec["data"],
+              "bench": {"frames": report["frames"], "threads": report["threads"], "device": report["device"]},
+              "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__,
+                          "python": platform.python_version()},
+              "spec": str(spec_path)}
+    (out_dir / "pareto.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out_dir / "pareto.png")
+    (out_dir / "results.md").write_text(markdown(result))
+    return result
+
+
+def grouped(points: list[dict]) -> list[dict]:
+    """Points sharing a name (training seeds): mean and range of accuracy and times."""
+    groups = defaultdict(list)
+    for point in points:
+        groups[(point["method"], point["name"])].append(point)
+    rows = []
+    for (method, name), members in groups.items():
+        row = {"method": method, "name": name, "seeds": len(members)}
+        for key in ("mAPH_L2", "mAPH_L2_first_stage", "encoder_ms", "total_ms", "token_layers"):
+            values = np.array([m[key] for m in members], dtype=np.float64)
+            row[key], row[key + "_min"], row[key + "_max"] = values.mean(), values.min(), values.max()
+        rows.append(row)
+    return rows
+
+
+def dominating(row: dict, rows: list[dict], time_key: str) -> str | None:
+    """The name of a halting row at no more time with no less accuracy than `row`."""
+    for other in rows:
+        if (other["method"] == "halting" and other is not row and other[time_key] <= row[time_key]
+                and other["mAPH_L2"] >= row["mAPH_L2"]):
+            return other["name"]
+    return None
+
+
+def markdown(result: dict) -> str:
+    rows = sorted(grouped(result["points"]), key=lambda r: (METHODS.index(r["method"]), r["encoder_ms"]))
+    b, m = result["bench"], result["machine"]
+    lines = [
+        "# Accuracy against latency",
+        "",
+        f"Generated by `haltdet pareto {result['spec']} --out DIR` from its `pareto.json`: every point "
+        f"evaluated on `{result['data']}`, all of them timed in one interleaved `haltdet bench` run "
+        f"({b['frames']} frames, {b['threads']} threads, {b['device']}; {m['processor']}, torch {m['torch']}). "
+        "Times are medians; compare rows of this table only.",
+        "",
+        "| method | point | seeds | mAPH_L2 | first stage | token-layers | encoder ms | total ms "
+        "| dominated on encoder ms by | on total ms by |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        spread = f" ({row['mAPH_L2_min']:.4f}-{row['mAPH_L2_max']:.4f})" if row["seeds"] > 1 else ""
+        lines.append(
+            f"| {row['method']} | {row['name']} | {row['seeds']} | {row['mAPH_L2']:.4f}{spread} "
+            f"| {row['mAPH_L2_first_stage']:.4f} | {row['token_layers']:.3f} | {row['encoder_ms']:.1f} "
+            f"| {row['total_ms']:.1f} | {dominating(row, rows, 'encoder_ms') or '-'} "
+            f"| {dominating(row, rows, 'total_ms') or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = grouped(result["points"])
+    colours = dict(zip(METHODS, plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, key, label in ((axes[0], "encoder_ms", "encoder (ms)"), (axes[1], "total_ms", "whole detector (ms)")):
+        for method in METHODS:
+            members = [r for r in rows if r["method"] == method]
+            if not members:
+                continue
+            x = [r[key] for r in members]
+            y = [r["mAPH_L2"] for r in members]
+            yerr = [[r["mAPH_L2"] - r["mAPH_L2_min"] for r in members],
+                    [r["mAPH_L2_max"] - r["mAPH_L2"] for r in members]]
+            ax.errorbar(x, y, yerr=yerr, fmt="o", color=colours[method], label=method, capsize=3)
+            for r in members:
+                ax.annotate(r["name"], (r[key], r["mAPH_L2"]), fontsize=7, xytext=(4, 3),
+                            textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mAPH_L2")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"accuracy against latency ({result['bench']['threads']} threads, {result['bench']['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
