@@ -13,6 +13,7 @@ caps bound time and memory; "points" and "tokens" are what reached the model aft
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from pathlib import Path
@@ -64,8 +65,52 @@ def time_stages(model, points: torch.Tensor, device: torch.device) -> dict[str, 
     times["total"] = sum(times[s] for s in STAGES)
     times["tokens"] = tokens.features.shape[0]
     times["token_layers"] = int(encoded.halted_at.sum())  # layers run, summed over tokens
+    times["encoder_flop"] = encoder_flop(model.encoder, tokens.coords, encoded.halted_at)
     times["points_used"] = tokens.points_used
     return times
+
+
+def encoder_flop(encoder, coords: torch.Tensor, halted_at: torch.Tensor) -> float:
+    """Useful floating-point operations of the encoder's layers on these tokens: per
+    token-layer the linear layers (query/key, value, output, FFN), per window and layer
+    the attention products over the window's active tokens; no padding, no scorer."""
+    layer = encoder.layers[0]
+    channels, ffn = layer.attention.out.in_features, layer.ffn[0].out_features
+    per_token = 2 * (4 * channels * channels + 2 * channels * ffn)
+    total = 0.0
+    for i in range(len(encoder.layers)):
+        active = coords[halted_at > i]
+        if not len(active):
+            continue
+        shift = encoder.shift_of_layer(i)
+        window = torch.stack([active[:, 0], torch.div(active[:, 1] + shift, encoder.window_size, rounding_mode="floor"),
+                              torch.div(active[:, 2] + shift, encoder.window_size, rounding_mode="floor")], 1)
+        counts = torch.unique(window, dim=0, return_counts=True)[1].double()
+        total += per_token * len(active) + 4 * channels * float((counts ** 2).sum())  # Q K^T and A V
+    return total
+
+
+def matmul_peak(max_size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of a dense square matmul, best of `repeats`, per dtype: the CPU's limit for
+    the encoder's linear layers. The size doubles from 256 up to `max_size` while one
+    product takes under 50 ms (CPUs without bfloat16 units take minutes at 2048)."""
+    peak = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        size = 256
+        while True:
+            a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+            start = time.perf_counter()
+            a @ b  # also the warm-up
+            if size >= max_size or time.perf_counter() - start > 0.05:
+                break
+            size *= 2
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        peak[name] = 2 * size ** 3 / best / 1e9
+    return peak
 
 
 def bench_cloud(seed: int, points: int = 0) -> torch.Tensor:
@@ -131,10 +176,17 @@ def benchmark(specs: list[str], frames: int = 5, points: int = 0, warmup: int = 
 
     report = {"device": str(device), "threads": torch.get_num_threads(), "frames": len(clouds),
               "points_per_frame": float(np.mean([len(c) for c in clouds])), "models": []}
+    if device.type == "cpu":
+        report["matmul_peak_gflops"] = matmul_peak()
     for name, rows in zip(names, records):
         median = {k: float(np.median([r[k] for r in rows])) for k in (*STAGES, "total", "tokens", "points_used")}
+        flop = float(np.sum([r["encoder_flop"] for r in rows]))
         entry = {"checkpoint": str(name), "median_seconds": {k: median[k] for k in (*STAGES, "total")},
+                 "p10_seconds": {k: float(np.percentile([r[k] for r in rows], 10)) for k in (*STAGES, "total")},
+                 "p90_seconds": {k: float(np.percentile([r[k] for r in rows], 90)) for k in (*STAGES, "total")},
                  "tokens": median["tokens"], "points_used": median["points_used"],
+                 "encoder_gflop": flop / len(rows) / 1e9,  # per frame, useful work only
+                 "encoder_gflops": flop / 1e9 / max(float(np.sum([r["encoder"] for r in rows])), 1e-12),
                  "token_layers": float(np.sum([r["token_layers"] for r in rows])),
                  "frames_per_second": 1.0 / median["total"],
                  "encoder_share": median["encoder"] / median["total"]}
@@ -168,3 +220,11 @@ def _print_report(report: dict) -> None:
               + f"{m['ratio_to_first']['total']:>8.2f}")
     print(f"peak memory: {report['peak_memory_mb']:.0f} MB; ideal x: the encoder ratio if its time "
           "followed the token-layers it runs")
+    peak = report.get("matmul_peak_gflops")
+    for m in report["models"]:
+        share = f" = {m['encoder_gflops'] / peak['float32']:.0%} of the float32 matmul peak" if peak else ""
+        print(f"{m['checkpoint'][-28:]}: encoder {m['encoder_gflop']:.2f} useful GFLOP per frame at "
+              f"{m['encoder_gflops']:.1f} GFLOP/s{share}; total p10-p90 {m['p10_seconds']['total'] * 1000:.1f}-"
+              f"{m['p90_seconds']['total'] * 1000:.1f} ms")
+    if peak:
+        print(f"dense matmul peak: {peak['float32']:.0f} GFLOP/s float32, {peak['bfloat16']:.0f} GFLOP/s bfloat16")

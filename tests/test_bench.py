@@ -1,0 +1,26 @@
+"""Benchmark accounting: useful encoder work, the matmul peak."""
+
+import torch
+
+from haltdet.bench import encoder_flop, matmul_peak
+from haltdet.model.encoder import SparseWindowEncoder
+
+
+def test_encoder_flop_by_hand():
+    """Two layers of width 8, FFN 16, windows of 4: per token-layer 2 * (4 * 64 + 2 * 128)
+    = 1,024 for the linear layers; per window of n active tokens 4 * 8 * n^2 for Q K^T and A V."""
+    encoder = SparseWindowEncoder(d_model=8, num_heads=2, ffn_dim=16, num_layers=2, window_size=4)
+    # Three tokens: two share the unshifted window (0, 0), the third is at (1, 5).
+    coords = torch.tensor([[0, 0, 0], [0, 1, 1], [0, 1, 5]])
+    everyone = torch.tensor([2, 2, 2])
+    # layer 0 (no shift): windows {2 tokens, 1 token}; layer 1 (shift 2): cells + 2 -> (2, 2),
+    # (3, 3) in window (0, 0), (3, 7) in window (0, 1): again {2, 1}
+    per_layer = 3 * 1024 + 32 * (2 ** 2 + 1 ** 2)
+    assert encoder_flop(encoder, coords, everyone) == 2 * per_layer
+    # the third token halts after the first layer: the second layer runs one window of 2
+    assert encoder_flop(encoder, coords, torch.tensor([2, 2, 1])) == per_layer + 2 * 1024 + 32 * 4
+
+
+def test_matmul_peak_reports_both_dtypes():
+    peak = matmul_peak(max_size=256, repeats=1)
+    assert set(peak) == {"float32", "bfloat16"} and all(v > 0 for v in peak.values())
