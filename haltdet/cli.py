@@ -465,11 +465,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_output_file(path: str, option: str) -> None:
+    """A file the command will write: refused before any work if it names a folder or
+    lies in a folder that does not exist."""
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"{option} {path}: is a folder; give a file name")
+    if not target.parent.is_dir():
+        raise InputError(f"{option} {path}: folder {target.parent} does not exist")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "json", None):
+            check_output_file(args.json, "--json")
+        if args.command == "demo":
+            check_output_file(args.out, "--out")
         args.func(args)
     except HaltdetError as err:
         print(f"haltdet: error: {err}", file=sys.stderr)

@@ -106,11 +106,17 @@ def test_resume_continues_to_more_steps(tiny_run):
     (["detect", "--checkpoint", "no-such-model", "x.npy"], "no checkpoint file"),
     (["train", "--config", "no-such-config", "--out", "x"], "no config file"),
     (["eval-boxes", "--gt", "missing.json", "--pred", "missing.json"], "missing.json"),
+    # output files are checked before any work: a folder, or a file in a missing folder
+    (["eval", "--checkpoint", "no-such-model", "--data", "d", "--json", "."], "is a folder"),
+    (["detect", "--checkpoint", "no-such-model", "x.npy", "--json", "nowhere/det.json"], "does not exist"),
+    (["demo", "--out", "."], "is a folder"),
+    (["gradcheck", "--json", "nowhere/g.json"], "does not exist"),
 ])
 def test_bad_input_is_a_clear_error(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
 def test_bad_points_file_is_a_clear_error(tiny_run, tmp_path, capsys):
