@@ -329,29 +329,58 @@ def config_from_dict(values: dict) -> Config:
 def load_config(path_or_preset: str | Path, overrides: list[str] | None = None) -> Config:
     """Load a YAML config file, or a bundled preset by name (e.g. 'baseline'), with
     `section.key=value` overrides applied (values in YAML syntax: `train.max_steps=1200`,
-    `model.halting_layers=[2,4]`)."""
-    path = Path(path_or_preset)
-    if not path.exists():
-        preset = PRESET_DIR / f"{path_or_preset}.yaml"
-        if preset.exists():
-            path = preset
-        else:
-            names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-            raise ConfigError(f"no config file '{path_or_preset}' and no preset of that name "
-                              f"(presets: {', '.join(names)})")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    values = values or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(values).__name__}")
+    `model.halting_layers=[2,4]`).
+
+    A config may start from another: `base: baseline.yaml` (a file beside it, or a preset
+    name) takes every value of that config, and this file's sections change some of them.
+    """
+    path = _config_path(path_or_preset)
+    values = _read_with_base(path, [])
     for override in overrides or []:
         apply_override(values, override)
     config = config_from_dict(values)
     if config.name == "custom":
         config.name = path.stem
     return config
+
+
+def _config_path(path_or_preset: str | Path, beside: Path | None = None) -> Path:
+    """A config file: the path itself, the path beside another config, or a preset."""
+    path = Path(path_or_preset)
+    for candidate in ([beside / path] if beside is not None else []) + [path, PRESET_DIR / path,
+                                                                        PRESET_DIR / f"{path_or_preset}.yaml"]:
+        if candidate.is_file():
+            return candidate
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(f"no config file '{path_or_preset}' and no preset of that name (presets: {', '.join(names)})")
+
+
+def _read_with_base(path: Path, chain: list[Path]) -> dict:
+    """A config file's raw mapping with its `base` (recursively) merged in, section by section."""
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config ({err})") from None
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(values).__name__}")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must name a config file or preset")
+    merged = _read_with_base(_config_path(base, beside=path.parent), chain + [path.resolve()])
+    merged.pop("name", None)
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def apply_override(values: dict, override: str) -> None:

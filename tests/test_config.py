@@ -1,0 +1,40 @@
+"""Configs: presets start from one another (`base`), overrides on the command line."""
+
+import pytest
+
+from haltdet import ConfigError
+from haltdet.config import load_config
+
+
+def test_presets_inherit_and_change_only_what_they_name():
+    baseline, halting = load_config("baseline"), load_config("halting")
+    assert halting.name == "halting" and halting.model.halting_layers == [2, 4]
+    assert halting.train.max_steps == 1100 and baseline.train.max_steps == 4000
+    # everything the preset does not name comes from its base
+    for key in ("d_model", "num_layers", "window_size", "point_cloud_range", "bev_channels"):
+        assert getattr(halting.model, key) == getattr(baseline.model, key)
+    assert halting.data == baseline.data
+    # two levels: halting_refine <- baseline_refine <- baseline
+    refine = load_config("halting_refine")
+    assert refine.train.refine_only and refine.train.batch_size == 4 and refine.model.refine
+    assert refine.model.halting_layers == [2, 4] and refine.model.d_model == baseline.model.d_model
+
+
+def test_base_beside_the_file_and_overrides(tmp_path):
+    (tmp_path / "parent.yaml").write_text("base: baseline\nname: parent\nmodel: {d_model: 32, pfn_channels: [16, 32]}\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\ntrain: {max_steps: 7}\n")
+    child = load_config(tmp_path / "child.yaml", ["train.lr=0.01"])
+    assert child.name == "child"  # a base's name is not inherited
+    assert child.model.d_model == 32 and child.train.max_steps == 7 and child.train.lr == 0.01
+    assert child.model.num_layers == load_config("baseline").model.num_layers
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: loop.yaml\n", "loops back"),
+    ("base: no_such_config\n", "no config file"),
+    ("base: [1]\n", "must name a config"),
+])
+def test_bad_base_is_a_config_error(tmp_path, text, message):
+    (tmp_path / "loop.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "loop.yaml")
