@@ -130,6 +130,8 @@ def test_halting_model_eval_overrides_and_demo(tiny_run, tmp_path, capsys):
     checkpoint = str(tiny_run / "halting" / "final.pt")
     logged = json.loads((tiny_run / "halting" / "log.jsonl").read_text().splitlines()[-1])
     assert "sparsity" in logged and 0 <= logged["kept_fraction"] <= 1
+    # the share of the layers that object and background tokens ran (at most 3 of 3)
+    assert 1 / 3 <= logged["foreground_layers"] <= 1 and 1 / 3 <= logged["background_layers"] <= 1
     out = tmp_path / "metrics.json"
     assert main(["eval", "--checkpoint", checkpoint, "--data", str(tiny_run / "val"), "--json", str(out),
                  "--keep-ratio", "0.5", "--max-tokens", "3000", "--quiet"]) == 0

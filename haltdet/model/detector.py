@@ -175,12 +175,19 @@ class Detector(nn.Module):
             iou = iou_loss(output.iou, output.regression, targets, self.range_min, self.cell_size)
             total = total + train.iou_weight * iou
             losses["iou"] = iou.detach()
-        if self.halting and train.sparsity_weight > 0:
-            sparsity = self.sparsity_loss(output, train, boxes)
-            total = total + train.sparsity_weight * sparsity
-            losses["sparsity"] = sparsity.detach()
         if self.halting:
-            losses["kept_fraction"] = output.encoded.gate.detach().mean()
+            encoded = output.encoded
+            foreground = (self.tokens_in_boxes(output.tokens, boxes, train.sparsity_margin)
+                          if boxes is not None else None)
+            if train.sparsity_weight > 0:
+                sparsity = self.sparsity_loss(output, train, foreground)
+                total = total + train.sparsity_weight * sparsity
+                losses["sparsity"] = sparsity.detach()
+            losses["kept_fraction"] = encoded.gate.detach().mean()
+            if foreground is not None:  # share of the layers run by object and background tokens
+                depth = encoded.halted_at.float() / self.config.num_layers
+                losses["foreground_layers"] = depth[foreground].mean() if foreground.any() else depth.new_tensor(0.0)
+                losses["background_layers"] = depth[~foreground].mean() if (~foreground).any() else depth.new_tensor(0.0)
         if self.refiner is not None:
             refine, parts = self.refiner_loss(output, boxes, labels, train, jitter_seeds)
             total = total + refine
@@ -223,18 +230,19 @@ class Detector(nn.Module):
             inside[index] = points_in_boxes(centres[index], flat_boxes, margin=margin).any(0)
         return inside.to(tokens.coords.device)
 
-    def sparsity_loss(self, output: DetectorOutput, train, boxes) -> torch.Tensor:
-        """The token sparsity loss (`halting.sparsity_loss`): per-token weights from the
-        ground-truth boxes (enlarged by train.sparsity_margin), one weight if uniform."""
-        tokens, encoded = output.tokens, output.encoded
-        if train.sparsity_uniform or boxes is None:
-            foreground = torch.zeros(tokens.coords.shape[0], dtype=torch.bool, device=tokens.coords.device)
+    def sparsity_loss(self, output: DetectorOutput, train, foreground: torch.Tensor | None) -> torch.Tensor:
+        """The token sparsity loss (`halting.sparsity_loss`): per-token weights from
+        `foreground` (bool (T,): pillar inside a ground-truth box enlarged by
+        train.sparsity_margin; None: no boxes), one weight if uniform."""
+        encoded = output.encoded
+        if train.sparsity_uniform or foreground is None:
+            foreground = torch.zeros_like(encoded.halted_at, dtype=torch.bool)
+            balance = None
         else:
-            foreground = self.tokens_in_boxes(tokens, boxes, train.sparsity_margin)
+            balance = foreground if train.sparsity_balance else None
         weights = token_weights(foreground, train.sparsity_fg_weight, train.sparsity_bg_weight)
         return sparsity_loss(encoded.scores, encoded.halted_at, self.config.halting_layers, weights,
-                             self.encoder.halting.thresholds, train.sparsity_hinge,
-                             foreground if train.sparsity_balance and not train.sparsity_uniform else None)
+                             self.encoder.halting.thresholds, train.sparsity_hinge, balance)
 
     def decode_first_stage(self, output: DetectorOutput) -> list[Detections]:
         """The head's boxes per frame; a frame without tokens (no point in range) has none."""
