@@ -186,6 +186,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     save_steps: list[int] = field(default_factory=list)  # also keep RUN_DIR/step_N.pt at these steps
     log_every: int = 20
+    # validation on data.val every N steps (0: never): mAPH_L2 logged, the best kept as best.pt
+    val_every: int = 0
+    val_frames: int = 0  # only the first N frames of data.val (0: all)
     amp: bool = True  # mixed precision on CUDA (ignored on CPU unless cpu_bf16)
     cpu_bf16: bool = False  # bfloat16 autocast on CPU (AMX units make it much faster)
     max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
@@ -234,6 +237,8 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         _check(all(s >= 1 for s in self.save_steps), "train.save_steps", "must be step numbers >= 1")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.val_every >= 0 and self.val_frames >= 0, "train.val_every",
+               "val_every and val_frames must be >= 0")
         _check(self.max_minutes >= 0, "train.max_minutes", "must be >= 0")
         _check(self.sparsity_weight >= 0, "train.sparsity_weight", "must be >= 0")
         for key in ("refine_weight", "refine_flip_weight", "refine_iou_weight", "refine_proposals", "refine_jitter"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from haltdet.data.dataset import FrameFolder, collate
@@ -22,11 +22,13 @@ def detect_points(model: Detector, points: np.ndarray, device="cpu") -> Detectio
 
 @torch.no_grad()
 def predict_dataset(model: Detector, data_dir, batch_size: int = 2, device="cpu",
-                    progress: bool = True, num_workers: int = 1
+                    progress: bool = True, num_workers: int = 1, frames: int = 0
                     ) -> tuple[list[FrameBoxes], list[FrameBoxes], list[dict]]:
     """Detections, ground truth and token statistics (`Detector.token_statistics`) for
-    every frame of a dataset directory."""
+    every frame of a dataset directory (the first `frames` only, if > 0)."""
     dataset = FrameFolder(data_dir)
+    if frames:
+        dataset = Subset(dataset, range(min(frames, len(dataset))))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
     predictions, ground_truth, token_stats = [], [], []
     model.eval()
@@ -55,10 +57,11 @@ def summarise_tokens(token_stats: list[dict]) -> dict:
 
 
 def evaluate_model(model: Detector, data_dir, batch_size: int = 2, device="cpu",
-                   progress: bool = True) -> dict:
-    """Waymo-style AP/APH of a model on a dataset directory, with its token statistics
-    averaged per frame under "tokens"."""
-    predictions, ground_truth, token_stats = predict_dataset(model, data_dir, batch_size, device, progress)
+                   progress: bool = True, num_workers: int = 1, frames: int = 0) -> dict:
+    """Waymo-style AP/APH of a model on a dataset directory (its first `frames`, if > 0),
+    with its token statistics averaged per frame under "tokens"."""
+    predictions, ground_truth, token_stats = predict_dataset(model, data_dir, batch_size, device, progress,
+                                                             num_workers, frames)
     result = evaluate(ground_truth, predictions)
     if token_stats:
         result["tokens"] = summarise_tokens(token_stats)

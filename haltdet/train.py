@@ -224,6 +224,8 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
             raise InputError(f"--init {init}: parameters this model does not have: {', '.join(unexpected[:5])}")
         log.info("initialised from %s (%d parameters kept their initialisation)", init, len(missing))
     dataset = FrameFolder(config.data.train, augment=config.data, seed=t.seed)
+    if t.val_every:  # a missing validation split is an error now, not after the first steps
+        FrameFolder(config.data.val)
     batches_per_epoch = len(dataset) // t.batch_size
     if batches_per_epoch == 0:
         raise InputError(f"{config.data.train}: {len(dataset)} frames, fewer than one batch of {t.batch_size}")
@@ -248,6 +250,7 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
             module.eval()
     start_time = time.time() - elapsed
     stopped_early, skipped = False, 0
+    best_val = _best_val(out_dir / "best.pt") if resume else -math.inf
 
     def checkpoint(path: Path) -> None:
         if rank == 0:
@@ -295,6 +298,8 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
                               seconds=round(time.time() - start_time, 1), epoch=epoch, skipped_steps=skipped)
                 logger.write(step, values)
                 bar.set_postfix(loss=f"{values['loss']:.3f}")
+            if t.val_every and step % t.val_every == 0:
+                best_val = _validate(model, config, out_dir, step, start_time, best_val, logger, rank, world, device)
             if step % t.checkpoint_every == 0:
                 checkpoint(latest)
             if step in t.save_steps:
@@ -316,6 +321,39 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
     if world > 1:
         dist.barrier()
     return final
+
+
+def _validate(model: Detector, config: Config, out_dir: Path, step: int, start_time: float, best: float,
+              logger, rank: int, world: int, device) -> float:
+    """Evaluate on data.val (rank 0; the others wait), log val_mAPH_L2 and the token-layers
+    run, and keep the best weights so far as best.pt. Returns the best mAPH_L2 so far."""
+    from haltdet.predict import evaluate_model
+
+    t = config.train
+    if rank == 0:
+        result = evaluate_model(model, config.data.val, device=device, progress=False, num_workers=0,
+                                frames=t.val_frames)
+        value = float(result["mAPH_L2"])
+        logger.write(step, {"val_mAPH_L2": value, "val_token_layers": result.get("tokens", {}).get("token_layers"),
+                            "val_seconds": round(time.time() - start_time, 1)})
+        if value > best:
+            best = value
+            save_checkpoint(out_dir / "best.pt", {"config": config.to_dict(), "model": model.state_dict(),
+                                                  "step": step, "val_mAPH_L2": value})
+        model.train()
+        if t.refine_only:  # the first stage stays as at inference
+            for module in model.first_stage():
+                module.eval()
+    if world > 1:
+        dist.barrier()
+    return best
+
+
+def _best_val(path: Path) -> float:
+    """The validation mAPH_L2 of a run's best.pt (-inf if none yet)."""
+    if not path.exists():
+        return -math.inf
+    return float(load_checkpoint(path).get("val_mAPH_L2", -math.inf))
 
 
 def _restore(latest: Path, model, optimizer, scheduler, device: torch.device,

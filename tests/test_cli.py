@@ -326,3 +326,21 @@ def test_pareto_dominance_by_hand():
     assert "| topk | k | 1 |" in markdown({"points": points, "data": "val", "spec": "s.yaml",
                                            "bench": {"frames": 1, "threads": 1, "device": "cpu"},
                                            "machine": {"processor": "x", "torch": "t"}})
+
+
+def test_validation_during_training_logs_and_keeps_the_best(tiny_run, tmp_path):
+    from haltdet.checkpoint import load_checkpoint, load_model
+
+    out = tmp_path / "val"
+    assert main(["train", "--config", str(tiny_run / "tiny.yaml"), "--out", str(out), "--quiet",
+                 "--set", "train.max_steps=4", "--set", "train.val_every=2", "--set", "train.val_frames=1"]) == 0
+    entries = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    validations = [e for e in entries if "val_mAPH_L2" in e]
+    assert [e["step"] for e in validations] == [2, 4]
+    assert all(0 <= e["val_mAPH_L2"] <= 1 and e["val_token_layers"] == 1.0 for e in validations)
+    best = load_checkpoint(out / "best.pt")
+    assert best["val_mAPH_L2"] == max(e["val_mAPH_L2"] for e in validations)
+    assert best["step"] == next(e["step"] for e in validations if e["val_mAPH_L2"] == best["val_mAPH_L2"])
+    load_model(out / "best.pt")
+    assert main(["train", "--config", str(tiny_run / "tiny.yaml"), "--out", str(tmp_path / "x"), "--quiet",
+                 "--set", "train.val_every=2", "--set", "data.val=/no/such/split"]) == 2
