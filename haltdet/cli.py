@@ -465,6 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(err: Exception) -> str:
+    """An error's message; for one raised in a DataLoader worker (which PyTorch re-raises
+    with the worker's whole traceback as its message) the original message alone."""
+    message = str(err).strip()
+    if "Original Traceback" in message:
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    return message
+
+
 def check_output_file(path: str, option: str) -> None:
     """A file the command will write: refused before any work if it names a folder or
     lies in a folder that does not exist."""
@@ -486,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             check_output_file(args.out, "--out")
         args.func(args)
     except HaltdetError as err:
-        print(f"haltdet: error: {err}", file=sys.stderr)
+        print(f"haltdet: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("haltdet: interrupted", file=sys.stderr)

@@ -344,3 +344,16 @@ def test_validation_during_training_logs_and_keeps_the_best(tiny_run, tmp_path):
     load_model(out / "best.pt")
     assert main(["train", "--config", str(tiny_run / "tiny.yaml"), "--out", str(tmp_path / "x"), "--quiet",
                  "--set", "train.val_every=2", "--set", "data.val=/no/such/split"]) == 2
+
+
+def test_a_corrupt_frame_read_by_a_loader_worker_is_a_one_line_error(tiny_run, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "val"
+    shutil.copytree(tiny_run / "val", data)
+    frame = sorted((data / "frames").glob("*.npz"))[0]
+    frame.write_bytes(frame.read_bytes()[:100])  # truncated
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tiny_run / "run" / "final.pt"), "--data", str(data), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and frame.name in err and "Traceback" not in err
