@@ -67,6 +67,9 @@ class ModelConfig:
     # training pass: which entries carry the halting gate's gradient (haltdet/model/halting.py):
     # both (attention weights and residual updates) | attention | residual | hard (removal)
     halting_gradient: str = "both"
+    # a halted key's attention gradient: the change attending to it would make (bounded),
+    # not the derivative at gate 0 (unbounded when its logit exceeds the attended keys')
+    halting_secant: bool = True
     halt_stage_embedding: bool = False  # add a learned embedding of the halting stage
     # second stage (haltdet/model/refine.py): refine every detection from the raw points
     # around it; scores become score^(1-a) * IoU^a with the refiner's IoU (a per class)

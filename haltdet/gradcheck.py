@@ -27,6 +27,10 @@ from tqdm import tqdm
 from haltdet.config import GRADIENT_PATHS
 from haltdet.model.encoder import SparseWindowEncoder
 
+# The training passes compared: each gradient path with the secant attention gradient for
+# halted keys (the default), and both paths with the exact derivative at gate 0 instead.
+VARIANTS = {path: (path, True) for path in GRADIENT_PATHS} | {"both_tangent": ("both", False)}
+
 # The small encoder of every case: two halting stages, windows of 6 x 6 pillars over an
 # 18 x 18 grid (9 windows before shifting), about 9 tokens per window.
 CASE = dict(d_model=16, num_heads=2, ffn_dim=32, num_layers=4, window_size=6, halting_layers=[1, 3])
@@ -136,14 +140,14 @@ def run_case(seed: int, temperature: float, eps: float, probes: int = 12) -> dic
     encoder.train()
     result = {}
     pseudo, candidates = {}, None
-    for path in GRADIENT_PATHS:
-        encoder.halting.gradient = path
+    for path, (gradient, secant) in VARIANTS.items():
+        encoder.halting.gradient, encoder.halting.secant = gradient, secant
         encoder.zero_grad()
         # Every path halts the same tokens; the first one's candidates are everyone's.
         grads, found = factor_gradients(encoder, features, coords, loss_weights, candidates)
         candidates = candidates or found
         pseudo[path] = grads
-    encoder.halting.gradient = "both"
+    encoder.halting.gradient, encoder.halting.secant = "both", True
     encoder.halting.relaxation = temperature
     relaxed, _ = factor_gradients(encoder, features, coords, loss_weights, candidates)
     generator = torch.Generator().manual_seed(seed)
@@ -182,7 +186,7 @@ def gradcheck(cases: int = 50, temperature: float = 0.01, eps: float = 1e-6, see
         "cases": cases, "temperature": temperature, "tokens": TOKENS, "encoder": CASE,
         "paths": {path: {"cosine_median": quantile(path, 0.5), "cosine_p10": quantile(path, 0.1),
                          "cosine_fd_median": quantile(path + "_fd", 0.5),
-                         "cosine_fd_p10": quantile(path + "_fd", 0.1)} for path in GRADIENT_PATHS},
+                         "cosine_fd_p10": quantile(path + "_fd", 0.1)} for path in VARIANTS},
         "relaxed_vs_fd_median": quantile("relaxed_vs_fd", 0.5),
         "halted_fraction_mean": float(np.mean([r["halted_fraction"] for r in results])),
     }
@@ -192,9 +196,9 @@ def format_report(report: dict) -> str:
     lines = [f"{report['cases']} cases, relaxation temperature {report['temperature']}, "
              f"{report['halted_fraction_mean']:.0%} of tokens halted on average",
              "cosine of the pseudo-gradient against the relaxed gradient (and its finite differences)",
-             f"{'path':<10} {'median':>8} {'p10':>8} {'fd median':>10} {'fd p10':>8}"]
+             f"{'path':<13} {'median':>8} {'p10':>8} {'fd median':>10} {'fd p10':>8}"]
     for path, row in report["paths"].items():
-        lines.append(f"{path:<10} {row['cosine_median']:8.3f} {row['cosine_p10']:8.3f} "
+        lines.append(f"{path:<13} {row['cosine_median']:8.3f} {row['cosine_p10']:8.3f} "
                      f"{row['cosine_fd_median']:10.3f} {row['cosine_fd_p10']:8.3f}")
     lines.append(f"relaxed gradient against its finite differences: median cosine "
                  f"{report['relaxed_vs_fd_median']:.4f}")

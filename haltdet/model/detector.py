@@ -52,7 +52,7 @@ class Detector(nn.Module):
         self.encoder = SparseWindowEncoder(config.d_model, config.num_heads, config.ffn_dim,
                                            config.num_layers, config.window_size, config.dropout,
                                            config.halting_layers, config.halting_scorer, self.grid,
-                                           config.halting_gradient)
+                                           config.halting_gradient, config.halting_secant)
         self.set_halting(config.stage_thresholds(), config.halting_keep_ratio or None,
                          config.halting_max_tokens)
         # Embedding of the stage at which a token halted (last row: never halted).

@@ -144,12 +144,12 @@ class WindowAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor, partition: WindowPartition,
-                key_gate: torch.Tensor | None = None) -> torch.Tensor:
+                key_gate: torch.Tensor | None = None, secant: bool = False) -> torch.Tensor:
         """x: (T, C) tokens. key_gate: optional (T,) weight of each token as a key (the
         halting gate of the training pass): bool, False = may not be attended to; or float,
         key j's attention weight becomes g_j exp(l_ij) / sum_k g_k exp(l_ik), so the gate's
-        gradient sees what attending to the key changes. A query always attends to itself.
-        Returns (T, C)."""
+        gradient sees what attending to the key changes (`gated_attention`, `secant`). A
+        query always attends to itself. Returns (T, C)."""
         num_tokens, channels = x.shape
         heads, head_dim = self.num_heads, channels // self.num_heads
         qkv = torch.cat([self.query_key(x + partition.position.to(x.dtype)), self.value(x)], dim=1)
@@ -172,27 +172,38 @@ class WindowAttention(nn.Module):
                     mask = (gate[:, None, :] | self_slot)[:, None]  # (W, 1, S, S)
                     attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                 else:
-                    attended = gated_attention(q, k, v, torch.where(self_slot, 1.0, gate[:, None, :].to(q.dtype)))
+                    attended = gated_attention(q, k, v, torch.where(self_slot, 1.0, gate[:, None, :].to(q.dtype)),
+                                               secant)
             outputs.append(attended.permute(0, 2, 1, 3).reshape(-1, channels))
         if not outputs:  # no tokens: an empty result that keeps every parameter in the
             return self.out(qkv[:num_tokens, 2 * channels:])  # graph, as DDP requires
         return self.out(torch.cat(outputs).index_select(0, partition.scatter_index))
 
 
-def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor,
+                    secant: bool = False) -> torch.Tensor:
     """Attention whose key weights carry a gate: A_ij = g_ij exp(l_ij) / sum_k g_ik exp(l_ik).
 
     q, k, v: (W, H, S, D); gate: (W, S, S) per query and key, >= 0, positive on the
     diagonal. With a 0/1 gate this is attention over the keys with gate 1 (the same values
-    as a boolean mask); its gradient with respect to a zero gate is what including that key
-    would change. Returns (W, H, S, D).
+    as a boolean mask). Its gradient with respect to a zero gate, the tangent
+    (exp(l_ij) / Z_i) (v_j - o_i), grows without bound when the key's logit exceeds those of
+    the attended keys; `secant` replaces it, for zero-gated keys only, by the change that
+    including the key would make, (exp(l_ij) / (Z_i + exp(l_ij))) (v_j - o_i): the weight the
+    key would get, at most 1. Forward values are the same either way. Returns (W, H, S, D).
     """
     logits = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
     gate = gate[:, None]
+    hard = gate.detach()
     # Shift by the largest logit among the weighted keys; a zero-gated key whose logit lies
-    # far above them is clamped (its weight is 0 either way; only its gradient is capped).
-    shift = logits.detach().masked_fill(gate.detach() <= 0, -math.inf).amax(-1, keepdim=True)
-    weights = torch.exp((logits - shift).clamp(max=30.0)) * gate
+    # far above them is clamped (its weight is 0 either way).
+    shift = logits.detach().masked_fill(hard <= 0, -math.inf).amax(-1, keepdim=True)
+    exp = torch.exp((logits - shift).clamp(max=30.0))
+    if secant:
+        attended = (exp * hard).sum(-1, keepdim=True).detach()
+        scale = torch.where(hard > 0, 1.0, attended / (attended + exp.detach()))
+        gate = hard + (gate - hard) * scale  # the same values: gate - hard is exactly 0 forward
+    weights = exp * gate
     return (weights / weights.sum(-1, keepdim=True)) @ v
 
 
@@ -209,8 +220,8 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, partition: WindowPartition,
-                key_gate: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.norm1(x + self.dropout(self.attention(x, partition, key_gate)))
+                key_gate: torch.Tensor | None = None, secant: bool = False) -> torch.Tensor:
+        x = self.norm1(x + self.dropout(self.attention(x, partition, key_gate, secant)))
         return self.norm2(x + self.dropout(self.ffn(x)))
 
 
@@ -249,13 +260,14 @@ class SparseWindowEncoder(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, ffn_dim: int, num_layers: int,
                  window_size: int, dropout: float = 0.0, halting_layers: list[int] | None = None,
-                 scorer: str = "mlp", grid: tuple[int, int] | None = None, gradient: str = "both"):
+                 scorer: str = "mlp", grid: tuple[int, int] | None = None, gradient: str = "both",
+                 secant: bool = True):
         super().__init__()
         self.d_model = d_model
         self.window_size = window_size
         self.layers = nn.ModuleList(
             EncoderLayer(d_model, num_heads, ffn_dim, dropout) for _ in range(num_layers))
-        self.halting = TokenHalting(d_model, halting_layers or [], scorer, grid, gradient)
+        self.halting = TokenHalting(d_model, halting_layers or [], scorer, grid, gradient, secant)
         self._register_load_state_dict_pre_hook(_rename_scorers)
 
     def shift_of_layer(self, layer: int) -> int:
@@ -300,7 +312,7 @@ class SparseWindowEncoder(nn.Module):
             if not all_scores:  # before the first stage every token is active
                 x = layer(x, partition)
                 continue
-            updated = layer(x, partition, gate if halting.attention_path else active)
+            updated = layer(x, partition, gate if halting.attention_path else active, halting.secant)
             g = (gate if halting.residual_path else active.float()).to(x.dtype)[:, None]
             x = g * updated + (1 - g) * x
         return EncoderOutput(x, halted_at, all_scores, gate)

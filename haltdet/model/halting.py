@@ -139,12 +139,14 @@ class TokenHalting(nn.Module):
     Knobs (per stage; plain attributes, set through `Detector.set_halting`):
     thresholds, keep_ratios (None: use thresholds), max_tokens (0: no cap).
     gradient: which entries of the masked pass carry the gate's gradient (module docstring).
+    secant: a halted key's attention gradient is the change that attending to it would
+      make rather than the unbounded derivative at gate 0 (`encoder.gated_attention`).
     relaxation: None, or a temperature T: every token's factor becomes the smooth
       sigmoid((score - threshold) / T) and nothing is removed (`haltdet gradcheck`).
     """
 
     def __init__(self, d_model: int, halting_layers: list[int], scorer: str = "mlp",
-                 grid: tuple[int, int] | None = None, gradient: str = "both"):
+                 grid: tuple[int, int] | None = None, gradient: str = "both", secant: bool = True):
         super().__init__()
         if gradient not in GRADIENT_PATHS:
             raise ValueError(f"halting gradient must be one of {GRADIENT_PATHS}, got {gradient!r}")
@@ -156,6 +158,7 @@ class TokenHalting(nn.Module):
         self.keep_ratios: list[float] | None = None
         self.max_tokens = 0
         self.gradient = gradient
+        self._secant = secant
         self.relaxation: float | None = None
 
     def __len__(self) -> int:
@@ -168,6 +171,16 @@ class TokenHalting(nn.Module):
     @property
     def attention_path(self) -> bool:
         return self.relaxation is not None or self.gradient in ("both", "attention")
+
+    @property
+    def secant(self) -> bool:
+        """Halted keys' attention gradient: the secant (bounded), except under the
+        relaxation, whose gradient is the exact one (`encoder.gated_attention`)."""
+        return self._secant and self.relaxation is None
+
+    @secant.setter
+    def secant(self, value: bool) -> None:
+        self._secant = value
 
     @property
     def residual_path(self) -> bool:

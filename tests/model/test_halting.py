@@ -195,9 +195,11 @@ def test_attention_path_reaches_a_halted_keys_score_from_another_token():
 def test_pseudo_gradient_is_the_derivative_with_respect_to_the_gate(gradient):
     """At the hard 0/1 gates the last stage's pseudo-gradient of each path is exactly the
     derivative of the masked pass with respect to that path's gate (central differences in
-    float64). (An earlier stage's also flows through the later stage's straight-through
-    factor, which finite differences of the hard pass do not see.)"""
+    float64), with the tangent attention gradient. (An earlier stage's also flows through
+    the later stage's straight-through factor, which finite differences of the hard pass
+    do not see.)"""
     encoder, features, coords, loss_weights = halting_case(2, gradient)  # 76 tokens reach stage 2
+    encoder.halting.secant = False
     grads, candidates = factor_gradients(encoder, features, coords, loss_weights)
     probes = [torch.nonzero(c).flatten()[:12] for c in candidates]
     numeric = finite_differences(encoder, features, coords, loss_weights, probes, eps=1e-6)
@@ -255,3 +257,29 @@ def test_sparsity_weight_waits_then_ramps():
     train = TrainConfig(max_steps=1000, sparsity_weight=0.5, sparsity_start=0.3, sparsity_ramp=0.2)
     assert [train.sparsity_at(s) for s in (0, 299, 300, 400, 500, 999)] == [0.0, 0.0, 0.0, 0.25, 0.5, 0.5]
     assert TrainConfig(sparsity_weight=0.5).sparsity_at(0) == 0.5  # default: from the first step
+
+
+def test_secant_attention_gradient_is_the_change_of_including_a_key():
+    """For a zero-gated key the secant gradient of each output equals the exact change
+    that gate 1 makes; for a gated-in key it is the derivative. Forward values agree."""
+    from haltdet.model.encoder import gated_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 5, 4, dtype=torch.float64) for _ in range(3))
+    k[..., 3, :] = 4 * q[..., 0, :]  # key 3 draws far more of query 0 than the others: the tangent explodes
+    hard = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    eye = torch.eye(5, dtype=torch.bool)
+    gate = hard.clone().requires_grad_(True)
+    full = lambda g, secant=False: gated_attention(q, k, v, torch.where(eye, 1.0, g[None, None, :]), secant)  # noqa: E731
+    out = full(gate, secant=True)
+    torch.testing.assert_close(out, full(hard), atol=0, rtol=0)
+    for key in (2, 3):
+        (grad,) = torch.autograd.grad(out[0, 0, 0].sum(), gate, retain_graph=True)
+        flipped = hard.clone()
+        flipped[key] = 1.0
+        change = (full(flipped) - full(hard))[0, 0, 0].sum()
+        torch.testing.assert_close(grad[key], change, atol=1e-12, rtol=1e-9)
+    (tangent,) = torch.autograd.grad(full(gate)[0, 0, 0].sum(), gate)
+    assert tangent[3].abs() > 10 * grad[3].abs()  # the derivative at 0 overshoots the change
+    (secant_kept,) = torch.autograd.grad(full(gate, secant=True)[0, 0, 0].sum(), gate)
+    torch.testing.assert_close(secant_kept[[1, 4]], tangent[[1, 4]])  # gated-in keys: the derivative
