@@ -67,7 +67,7 @@ def cmd_demo(args) -> None:
         source = f"{args.input} frame {frame_id}"
     elif args.input:
         from haltdet.data.frames import load_points_file
-        points = load_points_file(args.input)
+        points = load_points_file(args.input, columns=args.columns, intensity_scale=args.intensity_scale)
         source = str(args.input)
     else:
         frame = simulate_frame(args.seed)
@@ -220,8 +220,10 @@ def cmd_detect(args) -> None:
         ids = _data_frame_ids(data, args.data, args.frame)
         clouds = ((fid, data.read(fid).points) for fid in ids)
     else:
-        ids = [Path(args.points).stem]
-        clouds = iter([(ids[0], load_points_file(args.points, columns=args.columns))])
+        name = Path(args.points).name
+        ids = [name[:-len(".pcd.bin")] if name.endswith(".pcd.bin") else Path(args.points).stem]
+        clouds = iter([(ids[0], load_points_file(args.points, columns=args.columns,
+                                                 intensity_scale=args.intensity_scale))])
     frames = []
     for frame_id, points in tqdm(clouds, total=len(ids), desc="detect", unit="frame",
                                  disable=len(ids) < 2, dynamic_ncols=True):
@@ -343,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="a points file, or data (FORMAT:PATH or a dataset directory) whose "
                                    "frame is drawn with its ground truth, instead of a synthetic frame")
     p.add_argument("--frame", help="frame id of --input data (default: its first frame)")
+    p.add_argument("--columns", type=int, default=None,
+                   help="float32 values per point in a raw .bin --input (default: 5 for a nuScenes .pcd.bin, "
+                        "else 4); a reading that does not look like a LiDAR frame is refused")
+    p.add_argument("--intensity-scale", type=float, default=None,
+                   help="divide the intensities of a points --input by this (default: automatic, values above 1 "
+                        "are taken as 0..255 and divided by 255; 1 keeps them as stored)")
     p.add_argument("--out", default="haltdet_demo.png", help="BEV picture to write")
     p.add_argument("--min-score", type=float, default=0.3, help="score to print/draw a detection")
     p.add_argument("--device", default="cpu")
@@ -402,11 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_boxes)
 
     p = sub.add_parser("detect", help="detect objects in a points file or in frames of a dataset")
-    p.add_argument("points", nargs="?", help=".bin (float32 rows), .npy, .npz frame, .txt/.csv")
+    p.add_argument("points", nargs="?", help=".bin (float32 rows), .pcd.bin (nuScenes), .pcd (PCL), .ply, .npy, "
+                                             ".npz frame, .txt/.csv")
     p.add_argument("--data", help="instead of a points file: dataset directory or FORMAT:PATH")
     p.add_argument("--frame", action="append", help="frame id of --data (repeatable; default: every frame)")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    p.add_argument("--columns", type=int, default=4, help="float32 columns per point in a .bin file")
+    p.add_argument("--columns", type=int, default=None,
+                   help="float32 values per point in a raw .bin file (default: 5 for a nuScenes .pcd.bin, else 4); "
+                        "a reading that does not look like a LiDAR frame is refused")
+    p.add_argument("--intensity-scale", type=float, default=None,
+                   help="divide the intensities of the points file by this (default: automatic, values above 1 "
+                        "are taken as 0..255 and divided by 255; 1 keeps them as stored)")
     p.add_argument("--min-score", type=float, default=0.0,
                    help="only detections scoring at least this (default 0: all the model returns)")
     p.add_argument("--json", help="write detections here (default: print)")

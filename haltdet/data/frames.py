@@ -57,7 +57,7 @@ IGNORED, LEVEL_1, LEVEL_2 = 0, 1, 2
 """Difficulty values: 0 points -> ignored, more than 5 -> LEVEL_1, 1..5 -> LEVEL_2."""
 LEVEL_2_MAX_POINTS = 5
 
-POINT_FILE_EXTENSIONS = (".npy", ".bin", ".npz", ".txt", ".csv")
+POINT_FILE_EXTENSIONS = (".npy", ".bin", ".npz", ".txt", ".csv", ".pcd", ".ply")
 MAX_BOX_SIZE = 200.0  # metres; larger boxes are malformed labels
 
 
@@ -328,21 +328,78 @@ class FrameDataset(Sequence):
 
 # ----------------------------------------------------------------------------- raw point files
 
+NUSCENES_SUFFIX = ".pcd.bin"
+"""nuScenes LIDAR_TOP sweeps: float32 x 5 columns (x, y, z, intensity 0..255, ring)."""
+NUSCENES_COLUMNS = 5
+BIN_COLUMNS = 4  # KITTI velodyne: float32 x, y, z, reflectance
+BIN_DTYPES = ("float32", "float64")
 
-def load_points_file(path, columns: int = 4) -> np.ndarray:
-    """Read a user's point cloud file as (N, 4) float32 (x, y, z, intensity).
+# What a raw .bin reading must look like to be taken as a LiDAR frame (see _implausible).
+# A wrong column count or dtype shifts values between columns (x, y and z land in the
+# intensity column, intensities and ring numbers in z) or reads halves of doubles as
+# floats (values like 1e19); real frames (KITTI, nuScenes, the synthetic sensor) keep the
+# 1st-99th percentile of z within a few metres and intensities in [0, 1] or [0, 255].
+PLAUSIBLE_FINITE_SHARE = 0.5  # at least half the rows are finite numbers
+PLAUSIBLE_Z_RANGE = 50.0  # metres: 1st and 99th percentile of z inside [-50, 50]
+PLAUSIBLE_XY_RANGE = 500.0  # metres: 1st and 99th percentile of x and of y inside [-500, 500]
+PLAUSIBLE_INTENSITY_MAX = 255.0  # intensities lie in [0, 255] (8-bit) or [0, 1]
+PLAUSIBLE_BAD_INTENSITY_SHARE = 0.001  # share of rows with intensity outside [0, 255] tolerated
+GUESS_COLUMNS = (4, 5, 6, 7, 8, 3)  # layouts tried for a hint, those with an intensity first
+GUESS_ROWS = 200_000  # rows (a strided sample) examined per guessed layout
+HEADER_LIMIT = 65536  # bytes: a PCD or PLY header longer than this is not one
 
-    Supported:
+PCD_KEYS = ("VERSION", "FIELDS", "SIZE", "TYPE", "COUNT", "WIDTH", "HEIGHT", "VIEWPOINT", "POINTS", "DATA")
+PCD_TYPES = {"F": ("f", (2, 4, 8)), "U": ("u", (1, 2, 4, 8)), "I": ("i", (1, 2, 4, 8))}
+PLY_TYPES = {
+    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
+    "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
+    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
+}
+PLY_FORMATS = {"ascii": None, "binary_little_endian": "<", "binary_big_endian": ">"}
+
+
+def load_points_file(path, columns: int | None = None, *, intensity_scale: float | None = None,
+                     dtype: str = "float32") -> np.ndarray:
+    """Read a user's point cloud file as (N, 4) float32 (x, y, z in metres, intensity in [0, 1]).
+
+    The format comes from the name and, for PCD and PLY, from the file's header:
+
       * ``.npy``: a 2-D array with 3+ columns x, y, z[, intensity, ...]; extra columns
         are dropped, 3 columns get intensity 0;
-      * ``.bin``: raw float32 rows (KITTI style) with ``columns`` values per row;
+      * ``.pcd.bin``: a nuScenes sweep, float32 x 5 columns (x, y, z, intensity 0..255,
+        ring) unless ``columns`` says otherwise;
+      * ``.bin``: raw rows (KITTI style) of ``columns`` values (default 4) of ``dtype``
+        (float32, or float64). A raw file carries no layout, so the reading is checked
+        for plausibility (finite rows, z and x/y ranges, intensities in [0, 255]) and
+        refused with an :class:`~haltdet.InputError` suggesting ``--columns N`` when it
+        does not look like a LiDAR frame: a wrong column count whose rows happen to
+        divide the file size would otherwise give garbage points silently;
+      * ``.pcd``: PCL's PCD v0.7 with ``DATA ascii`` or ``DATA binary`` (any SIZE/TYPE/
+        COUNT of the fields); fields x, y, z and, if present, intensity (else 0) are
+        read, others ignored; ``binary_compressed`` is refused; VIEWPOINT is ignored
+        (points are taken as stored, in the sensor frame);
+      * ``.ply``: ascii, binary_little_endian or binary_big_endian, vertex properties
+        x, y, z and optional intensity (other properties ignored; list properties in or
+        before the vertex element are refused);
       * ``.npz``: a haltdet frame file (or any npz with a ``points`` array);
       * ``.txt`` / ``.csv``: one point per line, whitespace or comma separated, 3+
         columns; lines starting with ``#`` are comments.
 
+    Intensity: the project's convention is [0, 1]. ``intensity_scale=None`` (automatic)
+    divides by 255 and clips to [0, 1] when the intensities exceed 1 (8-bit sensors,
+    nuScenes, most PCD files), logged at INFO; a number (> 0) divides by it and nothing
+    else (``1`` keeps the values as stored).
+
     Empty clouds are valid and give shape (0, 4). NaN/inf rows are dropped (counted).
     """
     path = Path(path)
+    scale = _check_intensity_scale(path, intensity_scale)
+    points = _read_points(path, columns, dtype)
+    return _scale_intensity(points, path, scale)
+
+
+def _read_points(path: Path, columns, dtype) -> np.ndarray:
+    """The (N, 4) float32 points of ``path`` as stored (before intensity scaling)."""
     suffix = path.suffix.lower()
     if suffix not in POINT_FILE_EXTENSIONS:
         raise _fail(path, f"unsupported point file extension {suffix!r} (supported: {', '.join(POINT_FILE_EXTENSIONS)})")
@@ -362,18 +419,11 @@ def load_points_file(path, columns: int = 4) -> np.ndarray:
             raise _fail(path, f"truncated or corrupt npy file ({type(exc).__name__}: {exc})") from exc
         return _to_xyzi(arr, path)
     if suffix == ".bin":
-        if int(columns) < 3:
-            raise _fail(path, f"columns must be >= 3 for a .bin file, got {columns}")
-        size = path.stat().st_size
-        row = 4 * int(columns)
-        if size % row:
-            raise _fail(
-                path,
-                f"size {size} bytes is not a multiple of {row} (float32 x {columns} columns): "
-                "truncated or wrong column count",
-            )
-        arr = np.fromfile(path, dtype=np.float32).reshape(-1, int(columns))
-        return _to_xyzi(arr, path)
+        return _read_bin(path, columns, dtype)
+    if suffix == ".pcd":
+        return _read_pcd(path)
+    if suffix == ".ply":
+        return _read_ply(path)
     # text
     try:
         text = path.read_text()
@@ -400,3 +450,371 @@ def _to_xyzi(arr: np.ndarray, path) -> np.ndarray:
     if arr.shape[1] == 3:
         arr = np.concatenate([arr, np.zeros((arr.shape[0], 1), np.float32)], axis=1)
     return validate_points(arr[:, :4], path)
+
+
+# ----------------------------------------------------------------------------- intensity
+
+
+def _check_intensity_scale(path, value) -> float | None:
+    """``intensity_scale`` as a float (None stays None: automatic); refused unless finite and > 0."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise _fail(path, f"intensity_scale (--intensity-scale) must be a number > 0, got {value!r}")
+    scale = float(value)
+    if not np.isfinite(scale) or scale <= 0:
+        raise _fail(path, f"intensity_scale (--intensity-scale) must be a finite number > 0, got {value!r}")
+    return scale
+
+
+def _scale_intensity(points: np.ndarray, path, scale: float | None) -> np.ndarray:
+    """Bring the intensity column of (N, 4) ``points`` to the project's [0, 1].
+
+    ``scale=None``: intensities above 1 mean an 8-bit sensor (0..255): divide by 255 and
+    clip to [0, 1] (values above 255 saturate, with a warning); clouds already in [0, 1]
+    are left alone. A number: divide by it, no clipping (the caller chose).
+    """
+    if not len(points):
+        return points
+    points = points if points.flags.writeable else points.copy()
+    intensity = points[:, 3].astype(np.float64)
+    if scale is None:
+        top = float(intensity.max())
+        if top <= 1.0:
+            return points
+        points[:, 3] = np.clip(intensity / 255.0, 0.0, 1.0)
+        logger.info("%s: intensities reach %g (> 1): taken as 0..255, divided by 255 and clipped to [0, 1] "
+                    "(intensity_scale / --intensity-scale sets the divisor)", path, top)
+        over = int((intensity > 255.0).sum())
+        if over:
+            logger.warning("%s: %d intensities above 255 (up to %g) clipped to 1; pass intensity_scale "
+                           "(--intensity-scale) with the sensor's largest intensity", path, over, top)
+        return points
+    with np.errstate(over="ignore"):
+        scaled = (intensity / scale).astype(np.float32)
+    if not np.isfinite(scaled).all():
+        raise _fail(path, f"intensity_scale {scale:g} makes intensities overflow float32")
+    points[:, 3] = scaled
+    return points
+
+
+# ----------------------------------------------------------------------------- raw .bin
+
+
+def _bin_dtype(path, dtype) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in BIN_DTYPES:
+        raise _fail(path, f"dtype must be one of {', '.join(BIN_DTYPES)} for a .bin file, got {dtype!r}")
+    return dt.newbyteorder("<")
+
+
+def _read_bin(path: Path, columns, dtype) -> np.ndarray:
+    """Raw rows of ``columns`` values of ``dtype``, checked for plausibility (see module constants)."""
+    if columns is None:
+        columns = NUSCENES_COLUMNS if path.name.lower().endswith(NUSCENES_SUFFIX) else BIN_COLUMNS
+    try:
+        if int(columns) < 3:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise _fail(path, f"columns must be >= 3 for a .bin file, got {columns}") from None
+    columns = int(columns)
+    dt = _bin_dtype(path, dtype)
+    size = path.stat().st_size
+    row = dt.itemsize * columns
+    if size % row:
+        raise _fail(
+            path,
+            f"size {size} bytes is not a multiple of {row} ({dt.name} x {columns} columns): "
+            "truncated or wrong column count" + _layout_hint(path, (dt.name, columns), refused=False),
+        )
+    arr = np.fromfile(path, dtype=dt).reshape(-1, columns)
+    problems = _implausible(arr)
+    if problems:
+        raise _fail(
+            path,
+            f"read as {dt.name} x {columns} columns (a raw .bin file's layout is a guess), it is not "
+            f"a plausible LiDAR frame: {'; '.join(problems)}." + _layout_hint(path, (dt.name, columns), refused=True),
+        )
+    return _to_xyzi(arr, path)
+
+
+def _implausible(arr: np.ndarray) -> list[str]:
+    """What makes an (N, C) reading of a raw file unlike a LiDAR frame (empty: plausible).
+
+    Checks, on the first four columns: at least ``PLAUSIBLE_FINITE_SHARE`` of the rows
+    finite; of the finite rows, the 1st and 99th percentile of x and y within
+    +-``PLAUSIBLE_XY_RANGE`` m and of z within +-``PLAUSIBLE_Z_RANGE`` m; intensities (4th
+    column) in [0, 255] but for ``PLAUSIBLE_BAD_INTENSITY_SHARE`` of the rows.
+    """
+    if arr.shape[0] == 0:
+        return []
+    head = arr[:, :4]
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(head).all(axis=1)
+        problems = []
+        share = float(finite.mean())
+        if share < PLAUSIBLE_FINITE_SHARE:
+            problems.append(f"only {share:.0%} of the rows are finite numbers")
+        good = head[finite].astype(np.float64)
+        if not len(good):
+            return problems
+        low, high = np.percentile(good[:, :3], [1, 99], axis=0)
+        limits = (("x", PLAUSIBLE_XY_RANGE), ("y", PLAUSIBLE_XY_RANGE), ("z", PLAUSIBLE_Z_RANGE))
+        for axis, (name, limit) in enumerate(limits):
+            if low[axis] < -limit or high[axis] > limit:
+                problems.append(f"{name} spans {low[axis]:.3g}..{high[axis]:.3g} m (1st-99th percentile; "
+                                f"a LiDAR frame's lies within +-{limit:g} m)")
+        if head.shape[1] >= 4:
+            intensity = good[:, 3]
+            bad = float(((intensity < 0) | (intensity > PLAUSIBLE_INTENSITY_MAX)).mean())
+            if bad > PLAUSIBLE_BAD_INTENSITY_SHARE:
+                problems.append(f"{bad:.1%} of the intensities (4th column) lie outside 0..{PLAUSIBLE_INTENSITY_MAX:g} "
+                                f"(they span {intensity.min():.3g}..{intensity.max():.3g})")
+    return problems
+
+
+def _plausible_layouts(path: Path, exclude: tuple[str, int]) -> list[tuple[str, int]]:
+    """The (dtype, columns) layouts, other than ``exclude``, whose reading of ``path`` looks
+    like a LiDAR frame: float32 first, then float64; per dtype the first in ``GUESS_COLUMNS``."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
+    found = []
+    for name in BIN_DTYPES:
+        dt = np.dtype(name).newbyteorder("<")
+        for columns in GUESS_COLUMNS:
+            row = dt.itemsize * columns
+            if (name, columns) == exclude or not data or len(data) % row:
+                continue
+            arr = np.frombuffer(data, dtype=dt).reshape(-1, columns)
+            arr = arr[:: max(1, arr.shape[0] // GUESS_ROWS)]
+            if not _implausible(arr):
+                found.append((name, columns))
+                break
+    return found
+
+
+def _layout_hint(path: Path, tried: tuple[str, int], refused: bool) -> str:
+    """The end of the message refusing a raw .bin reading: which layout reads plausibly."""
+    layouts = _plausible_layouts(path, tried)
+    singles = [c for name, c in layouts if name == "float32"]
+    doubles = [c for name, c in layouts if name == "float64"]
+    if singles:
+        return f" It reads plausibly as float32 x {singles[0]} columns: pass --columns {singles[0]}."
+    if doubles:
+        return (f" It looks like float64 (doubles) x {doubles[0]} columns, which no --columns N of float32 "
+                f"reads: convert it to float32 rows or .npy (in Python, load_points_file(..., "
+                f"columns={doubles[0]}, dtype='float64') reads it).")
+    if refused:
+        return (" Pass --columns N with the file's number of float32 values per point (a nuScenes .pcd.bin "
+                "has 5), or save the points as .npy.")
+    return ""
+
+
+# ----------------------------------------------------------------------------- PCD and PLY
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise _fail(path, f"unreadable file ({exc})") from exc
+
+
+def _header_lines(path: Path, data: bytes, what: str):
+    """Yield (text, end offset) per line of an ASCII header (at most ``HEADER_LIMIT`` bytes)."""
+    pos = 0
+    while pos < len(data):
+        if pos > HEADER_LIMIT:
+            raise _fail(path, f"no end of the {what} header in the first {HEADER_LIMIT} bytes (not a {what} file?)")
+        end = data.find(b"\n", pos)
+        end = len(data) if end < 0 else end + 1
+        try:
+            text = data[pos:end].decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise _fail(path, f"not a {what} file (binary bytes in its header)") from None
+        yield text, end
+        pos = end
+
+
+def _xyzi_index(path, names: list[str], what: str) -> list[int | None]:
+    """Positions of x, y, z and intensity (None: absent) in ``names`` (case-insensitive)."""
+    lower = [n.lower() for n in names]
+    missing = [a for a in ("x", "y", "z") if a not in lower]
+    if missing:
+        raise _fail(path, f"{what} has no {', '.join(missing)} (it has: {', '.join(names) or 'nothing'})")
+    return [lower.index(a) for a in ("x", "y", "z")] + [lower.index("intensity") if "intensity" in lower else None]
+
+
+def _stack_xyzi(path, columns: list[np.ndarray | None], n: int) -> np.ndarray:
+    """(n, 4) points from the x, y, z and intensity columns (intensity None -> 0)."""
+    if n == 0:
+        return np.zeros((0, 4), dtype=np.float32)
+    out = np.zeros((n, 4), dtype=np.float64)
+    for j, col in enumerate(columns):
+        if col is not None:
+            out[:, j] = col
+    return _to_xyzi(out, path)
+
+
+def _header_int(path, header: dict, key: str, default: int | None = None) -> int:
+    values = header.get(key)
+    if values is None:
+        if default is None:
+            raise _fail(path, f"PCD header has no {key} line")
+        return default
+    try:
+        value = int(values[0])
+    except (IndexError, ValueError):
+        raise _fail(path, f"PCD header: {key} needs a whole number, got {' '.join(values)!r}") from None
+    if value < 0:
+        raise _fail(path, f"PCD header: {key} is negative ({value})")
+    return value
+
+
+def _read_pcd(path: Path) -> np.ndarray:
+    """Points of a PCL PCD file (v0.7, ``DATA ascii`` or ``binary``) as (N, 4) float32."""
+    data = _read_bytes(path)
+    header: dict[str, list[str]] = {}
+    body = None
+    for text, end in _header_lines(path, data, "PCD"):
+        if not text or text.startswith("#"):
+            continue
+        key, *values = text.split()
+        key = key.upper()
+        if key not in PCD_KEYS:
+            raise _fail(path, f"not a PCD file: unexpected header line {text[:40]!r} (expected {', '.join(PCD_KEYS)})")
+        header[key] = values
+        if key == "DATA":
+            body = end
+            break
+    if body is None:
+        raise _fail(path, "not a PCD file or truncated header: no DATA line")
+    fields = header.get("FIELDS") or []
+    sizes, types = header.get("SIZE") or [], header.get("TYPE") or []
+    counts = header.get("COUNT") or ["1"] * len(fields)
+    if not fields or not len(fields) == len(sizes) == len(types) == len(counts):
+        raise _fail(path, f"PCD header: FIELDS, SIZE, TYPE and COUNT must list one entry per field, got "
+                          f"{len(fields)}, {len(sizes)}, {len(types)} and {len(counts)}")
+    width, height = _header_int(path, header, "WIDTH"), _header_int(path, header, "HEIGHT", 1)
+    n = _header_int(path, header, "POINTS", width * height)
+    if n != width * height:
+        raise _fail(path, f"PCD header: POINTS {n} differs from WIDTH x HEIGHT = {width} x {height}")
+    formats = []
+    for name, size, kind, count in zip(fields, sizes, types, counts):
+        code, allowed = PCD_TYPES.get(kind.upper(), (None, ()))
+        try:
+            size_i, count_i = int(size), int(count)
+        except ValueError:
+            size_i = count_i = 0
+        if size_i not in allowed or count_i < 1:
+            raise _fail(path, f"PCD field {name!r}: TYPE {kind} SIZE {size} COUNT {count} is not a number type "
+                              "(TYPE F with SIZE 4 or 8; U or I with SIZE 1, 2, 4 or 8; COUNT >= 1)")
+        formats.append((f"{code}{size_i}", count_i))
+    index = _xyzi_index(path, fields, "PCD FIELDS")
+    for i in index:
+        if i is not None and formats[i][1] != 1:
+            raise _fail(path, f"PCD field {fields[i]!r} has COUNT {formats[i][1]}; x, y, z and intensity need COUNT 1")
+    mode = (header["DATA"] or [""])[0].lower()
+    if mode == "binary_compressed":
+        raise _fail(path, "PCD DATA binary_compressed is not supported: save the cloud with DATA binary or ascii "
+                          "(e.g. pcl_convert_pcd_ascii_binary IN.pcd OUT.pcd 1)")
+    if mode == "binary":
+        dtype = np.dtype([(f"f{i}", "<" + code, (count,) if count > 1 else ())
+                          for i, (code, count) in enumerate(formats)])
+        if n == 0:
+            return np.zeros((0, 4), dtype=np.float32)
+        need = n * dtype.itemsize
+        if len(data) - body < need:
+            raise _fail(path, f"truncated: DATA binary needs {need} bytes for {n} points of {dtype.itemsize} bytes, "
+                              f"the file has {len(data) - body}")
+        records = np.frombuffer(data, dtype=dtype, count=n, offset=body)
+        return _stack_xyzi(path, [None if i is None else records[f"f{i}"] for i in index], n)
+    if mode == "ascii":
+        try:
+            lines = [ln for ln in data[body:].decode("ascii").splitlines() if ln.strip()]
+        except UnicodeDecodeError:
+            raise _fail(path, "PCD DATA ascii holds non-text bytes") from None
+        if len(lines) != n:
+            raise _fail(path, f"PCD DATA ascii has {len(lines)} lines for POINTS {n} (truncated?)")
+        if n == 0:
+            return np.zeros((0, 4), dtype=np.float32)
+        try:
+            table = np.loadtxt(lines, dtype=np.float64, ndmin=2)
+        except ValueError as exc:
+            raise _fail(path, f"PCD DATA ascii: cannot parse numbers ({exc})") from exc
+        starts = np.concatenate([[0], np.cumsum([count for _, count in formats])])
+        if table.shape[1] != starts[-1]:
+            raise _fail(path, f"PCD DATA ascii has {table.shape[1]} values per line, the header {starts[-1]}")
+        return _stack_xyzi(path, [None if i is None else table[:, starts[i]] for i in index], n)
+    raise _fail(path, f"PCD DATA {mode!r} is not supported (ascii or binary)")
+
+
+def _read_ply(path: Path) -> np.ndarray:
+    """Points of a PLY file (ascii or binary; vertex x, y, z[, intensity]) as (N, 4) float32."""
+    data = _read_bytes(path)
+    if not data.startswith(b"ply"):
+        raise _fail(path, "not a PLY file (it does not start with 'ply')")
+    fmt, body = None, None
+    elements: list[tuple[str, int, list[tuple[str, str | None]]]] = []  # name, count, (property, dtype)
+    for text, end in _header_lines(path, data, "PLY"):
+        words = text.split()
+        if not words or words[0] in ("ply", "comment", "obj_info"):
+            continue
+        if words[0] == "end_header":
+            body = end
+            break
+        if words[0] == "format" and len(words) >= 2 and words[1] in PLY_FORMATS:
+            fmt = words[1]
+        elif words[0] == "element" and len(words) == 3 and words[2].isdigit():
+            elements.append((words[1], int(words[2]), []))
+        elif words[0] == "property" and elements and len(words) == 3 and words[1] in PLY_TYPES:
+            elements[-1][2].append((words[2], PLY_TYPES[words[1]]))
+        elif words[0] == "property" and elements and len(words) == 5 and words[1] == "list":
+            elements[-1][2].append((words[4], None))
+        else:
+            raise _fail(path, f"PLY header: cannot read line {text[:40]!r}")
+    if body is None or fmt is None:
+        raise _fail(path, "PLY header has no " + ("end_header" if body is None else "format ascii / binary_* line"))
+    names = [e[0] for e in elements]
+    if "vertex" not in names:
+        raise _fail(path, f"PLY file has no vertex element (elements: {', '.join(names) or 'none'})")
+    at = names.index("vertex")
+    for name, _, props in elements[: at + 1]:
+        if any(dt is None for _, dt in props):
+            raise _fail(path, f"PLY element {name!r} has list properties: only fixed-size elements up to "
+                              "'vertex' are supported")
+    n, props = elements[at][1], elements[at][2]
+    index = _xyzi_index(path, [p for p, _ in props], "PLY vertex element")
+    order = PLY_FORMATS[fmt]
+    if order is None:  # ascii: one line per element instance
+        skip = sum(e[1] for e in elements[:at])
+        try:
+            lines = [ln for ln in data[body:].decode("ascii").splitlines() if ln.strip()]
+        except UnicodeDecodeError:
+            raise _fail(path, "PLY ascii body holds non-text bytes") from None
+        lines = lines[skip: skip + n]
+        if len(lines) != n:
+            raise _fail(path, f"PLY ascii body has {len(lines)} vertex lines for {n} vertices (truncated?)")
+        if n == 0:
+            return np.zeros((0, 4), dtype=np.float32)
+        try:
+            table = np.loadtxt(lines, dtype=np.float64, ndmin=2)
+        except ValueError as exc:
+            raise _fail(path, f"PLY vertex lines: cannot parse numbers ({exc})") from exc
+        if table.shape[1] != len(props):
+            raise _fail(path, f"PLY vertex lines have {table.shape[1]} values, the header {len(props)} properties")
+        return _stack_xyzi(path, [None if i is None else table[:, i] for i in index], n)
+    dtypes = [np.dtype([(f"p{i}", order + dt) for i, (_, dt) in enumerate(e[2])]) for e in elements[: at + 1]]
+    offset = body + sum(e[1] * dt.itemsize for e, dt in zip(elements[:at], dtypes[:at]))
+    need = offset + n * dtypes[at].itemsize
+    if len(data) < need:
+        raise _fail(path, f"truncated: the PLY vertices need {need} bytes, the file has {len(data)}")
+    if n == 0:
+        return np.zeros((0, 4), dtype=np.float32)
+    records = np.frombuffer(data, dtype=dtypes[at], count=n, offset=offset)
+    return _stack_xyzi(path, [None if i is None else records[f"p{i}"] for i in index], n)

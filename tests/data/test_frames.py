@@ -189,7 +189,7 @@ def test_load_npy_columns(tmp_path):
         arr = rng.normal(size=(10, cols))
         path = tmp_path / f"p{cols}.npy"
         np.save(path, arr)
-        pts = load_points_file(path)
+        pts = load_points_file(path, intensity_scale=1)  # 1: intensities as stored
         assert pts.shape == (10, 4) and pts.dtype == np.float32
         np.testing.assert_allclose(pts[:, :3], arr[:, :3], rtol=1e-6)
         if cols == 3:
@@ -207,10 +207,13 @@ def test_load_npy_columns(tmp_path):
 
 
 def test_load_bin(tmp_path):
+    # Raw .bin readings must look like a LiDAR frame: intensities in [0, 1] here.
     arr = np.random.default_rng(1).normal(size=(25, 4)).astype(np.float32)
+    arr[:, 3] = np.abs(arr[:, 3]) / np.abs(arr[:, 3]).max()
     arr.tofile(tmp_path / "kitti.bin")
     np.testing.assert_array_equal(load_points_file(tmp_path / "kitti.bin"), arr)
     arr5 = np.random.default_rng(2).normal(size=(7, 5)).astype(np.float32)
+    arr5[:, 3] = np.abs(arr5[:, 3]) / np.abs(arr5[:, 3]).max()
     arr5.tofile(tmp_path / "five.bin")
     np.testing.assert_array_equal(load_points_file(tmp_path / "five.bin", columns=5), arr5[:, :4])
     (tmp_path / "cut.bin").write_bytes(arr.tobytes()[:-6])
@@ -249,8 +252,11 @@ def test_load_text(tmp_path):
 def test_load_points_errors_and_nan(tmp_path):
     with pytest.raises(InputError, match="missing.bin"):
         load_points_file(tmp_path / "missing.bin")
-    (tmp_path / "cloud.pcd").write_text("x")
-    with pytest.raises(InputError, match="cloud.pcd.*unsupported"):
+    (tmp_path / "cloud.las").write_text("x")
+    with pytest.raises(InputError, match="cloud.las.*unsupported"):
+        load_points_file(tmp_path / "cloud.las")
+    (tmp_path / "cloud.pcd").write_text("x")  # .pcd is read now: this one is not a PCD file
+    with pytest.raises(InputError, match="cloud.pcd.*not a PCD file"):
         load_points_file(tmp_path / "cloud.pcd")
     arr = np.ones((6, 4), np.float32)
     arr[2, 1] = np.nan

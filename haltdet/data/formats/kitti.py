@@ -120,7 +120,7 @@ class KittiSource:
         return list(self.ids)
 
     def read(self, frame_id: str) -> Frame:
-        points = load_points_file(self.root / "velodyne" / f"{frame_id}.bin", columns=4)
+        points = load_points_file(self.root / "velodyne" / f"{frame_id}.bin", columns=4, intensity_scale=1.0)  # clipped below
         points[:, 3] = np.clip(points[:, 3], 0.0, 1.0)
         boxes, labels = np.zeros((0, 7)), np.zeros(0, np.int64)
         if self.labelled:

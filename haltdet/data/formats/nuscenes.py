@@ -109,7 +109,7 @@ class NuScenesSource:
 
     def read(self, frame_id: str) -> Frame:
         points_path = self.folder / f"{frame_id}{SUFFIX}"
-        points = load_points_file(points_path, columns=5)
+        points = load_points_file(points_path, columns=5, intensity_scale=1.0)  # scaled below
         points[:, 3] = np.clip(points[:, 3] / 255.0, 0.0, 1.0)
         boxes, labels = np.zeros((0, 7)), np.zeros(0, np.int64)
         where = points_path
