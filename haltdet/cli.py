@@ -338,8 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"haltdet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    # Options every command takes.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=_count(0), default=0,
+                        help="CPU threads for torch (default 0: OMP_NUM_THREADS if set, else torch's default, "
+                             "one per core); on a shared machine fewer threads than cores avoid oversubscription")
 
-    p = sub.add_parser("demo", help="detect objects in a synthetic frame with the bundled model")
+    p = sub.add_parser("demo", parents=[common], help="detect objects in a synthetic frame with the bundled model")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint file or bundled name")
     p.add_argument("--seed", type=int, default=DEMO_SEED, help="seed of the synthetic frame")
     p.add_argument("--input", help="a points file, or data (FORMAT:PATH or a dataset directory) whose "
@@ -357,22 +362,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("synth", help="generate a synthetic LiDAR dataset")
+    p = data.add_parser("synth", parents=[common], help="generate a synthetic LiDAR dataset")
     p.add_argument("--out", required=True)
     p.add_argument("--frames", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0); each frame's seed derives from it and the frame index")
+    p.add_argument("--seed", type=int, default=0,
+                   help="dataset seed (default 0); each frame's seed derives from it and the frame index")
     p.add_argument("--sensor", default="default", help="sensor preset (default, hdl64, waymo_top, nuscenes32)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_synth)
-    p = data.add_parser("stats", help="points, pillars and objects per frame of a dataset")
+    p = data.add_parser("stats", parents=[common], help="points, pillars and objects per frame of a dataset")
     p.add_argument("data", help="dataset directory or FORMAT:PATH (e.g. kitti:DIR)")
     p.add_argument("--frames", type=_count(0), default=0, help="only the first N frames (0: all)")
     p.add_argument("--json", help="write the statistics here")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("train", help="train a detector")
+    p = sub.add_parser("train", parents=[common], help="train a detector")
     p.add_argument("--config", required=True, help="YAML config file or preset name")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/latest.pt")
@@ -385,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="Waymo-style AP/APH of a checkpoint on a dataset")
+    p = sub.add_parser("eval", parents=[common], help="Waymo-style AP/APH of a checkpoint on a dataset")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--data", required=True, help="dataset directory or FORMAT:PATH (e.g. kitti:DIR)")
     p.add_argument("--json", help="write the metrics here")
@@ -403,13 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("eval-boxes", help="score predicted boxes against ground truth (JSON files)")
+    p = sub.add_parser("eval-boxes", parents=[common], help="score predicted boxes against ground truth (JSON files)")
     p.add_argument("--gt", required=True)
     p.add_argument("--pred", required=True)
     p.add_argument("--json", help="write the metrics here")
     p.set_defaults(func=cmd_eval_boxes)
 
-    p = sub.add_parser("detect", help="detect objects in a points file or in frames of a dataset")
+    p = sub.add_parser("detect", parents=[common], help="detect objects in a points file or in frames of a dataset")
     p.add_argument("points", nargs="?", help=".bin (float32 rows), .pcd.bin (nuScenes), .pcd (PCL), .ply, .npy, "
                                              ".npz frame, .txt/.csv")
     p.add_argument("--data", help="instead of a points file: dataset directory or FORMAT:PATH")
@@ -427,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("convert", help="convert a real dataset (kitti, nuscenes, av2, ...) to haltdet frames")
+    p = sub.add_parser("convert", parents=[common],
+                       help="convert a real dataset (kitti, nuscenes, av2, ...) to haltdet frames")
     p.add_argument("src", help="the dataset's folder (see docs/data_format.md)")
     p.add_argument("--from", dest="source_format", required=True, metavar="FORMAT",
                    help="kitti, nuscenes, av2, waymo, waymo-v2")
@@ -435,8 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("diagnose", help="where accuracy goes: how much AP each box error (xy, z, size, yaw) "
-                                        "costs, and the errors' bias and spread per class")
+    p = sub.add_parser("diagnose", parents=[common],
+                       help="where accuracy goes: how much AP each box error (xy, z, size, yaw) "
+                            "costs, and the errors' bias and spread per class")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--data", required=True, help="dataset directory or FORMAT:PATH (e.g. kitti:DIR)")
     p.add_argument("--min-score", type=float, default=0.3, help="score of the predictions whose errors are "
@@ -446,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_diagnose)
 
-    p = sub.add_parser("gradcheck", help="how close the halting pseudo-gradient is to the gradient of a smooth "
-                                         "relaxation, on small random token sets")
+    p = sub.add_parser("gradcheck", parents=[common],
+                       help="how close the halting pseudo-gradient is to the gradient of a smooth "
+                            "relaxation, on small random token sets")
     p.add_argument("--cases", type=_count(1), default=50, help="random cases (default 50)")
     p.add_argument("--temperature", type=float, default=0.01,
                    help="the relaxation's temperature T: gates sigmoid((score - threshold) / T) (default 0.01)")
@@ -456,14 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_gradcheck)
 
-    p = sub.add_parser("pareto", help="accuracy against encoder and end-to-end latency of listed models and "
-                                      "operating points: one evaluation each, one interleaved bench run")
+    p = sub.add_parser("pareto", parents=[common],
+                       help="accuracy against encoder and end-to-end latency of listed models and "
+                            "operating points: one evaluation each, one interleaved bench run")
     p.add_argument("spec", help="YAML spec: data, bench options, points (see haltdet/pareto.py)")
     p.add_argument("--out", required=True, help="directory for pareto.json, pareto.png and results.md")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pareto)
 
-    p = sub.add_parser("bench", help="latency, throughput and memory of models, against the first")
+    p = sub.add_parser("bench", parents=[common], help="latency, throughput and memory of models, against the first")
     p.add_argument("--checkpoint", action="append",
                    help="checkpoint to time, NAME or NAME@THRESHOLD for a halting model; repeat to compare "
                         "(ratios are against the first); default: the bundled baseline, then the bundled "
@@ -473,7 +483,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="points per frame (topped up with scattered points; 0: the frames as simulated)")
     p.add_argument("--warmup", type=_count(0), default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=_count(0), default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", help="write the results here")
     p.set_defaults(func=cmd_bench)
     return parser
@@ -503,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "threads", 0):
+            import torch
+
+            torch.set_num_threads(args.threads)
         if getattr(args, "json", None):
             check_output_file(args.json, "--json")
         if args.command == "demo":

@@ -357,3 +357,24 @@ def test_a_corrupt_frame_read_by_a_loader_worker_is_a_one_line_error(tiny_run, t
     assert main(["eval", "--checkpoint", str(tiny_run / "run" / "final.pt"), "--data", str(data), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and frame.name in err and "Traceback" not in err
+
+
+def test_every_command_takes_threads(capsys):
+    import torch
+
+    from haltdet.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["demo"], ["data", "synth", "--out", "x", "--frames", "1"], ["data", "stats", "x"], ["train", "--config", "c",
+                 "--out", "o"], ["eval", "--data", "d"], ["detect", "x.npy"], ["bench"], ["gradcheck"],
+                 ["pareto", "s.yaml", "--out", "o"], ["convert", "x", "--from", "kitti", "--out", "o"],
+                 ["diagnose", "--data", "d"], ["eval-boxes", "--gt", "g", "--pred", "p"]):
+        assert parser.parse_args(argv + ["--threads", "1"]).threads == 1
+    before = torch.get_num_threads()
+    try:
+        assert main(["gradcheck", "--cases", "1", "--quiet", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--data", "d", "--threads", "-1"])
