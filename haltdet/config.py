@@ -62,7 +62,7 @@ class ModelConfig:
     halting_threshold: list[float] = field(default_factory=lambda: [0.5])  # one, or one per stage
     halting_keep_ratio: list[float] = field(default_factory=list)  # per stage; overrides threshold
     halting_max_tokens: int = 0  # per frame and stage; 0 = no cap
-    halting_scorer: str = "mlp"  # mlp (per token) | bev (token + 3x3 BEV context)
+    halting_scorer: str = "mlp"  # mlp (per token) | bev (token + 3x3 BEV context) | random (drop at random)
     recycling: bool = True  # halted tokens reach the BEV map with their last feature
     # training pass: which entries carry the halting gate's gradient (haltdet/model/halting.py):
     # both (attention weights and residual updates) | attention | residual | hard (removal)
@@ -138,7 +138,8 @@ class ModelConfig:
                all(0 < r <= 1 for r in self.halting_keep_ratio), "model.halting_keep_ratio",
                "needs one value in (0, 1] per halting stage, or none")
         _check(self.halting_max_tokens >= 0, "model.halting_max_tokens", "must be >= 0")
-        _check(self.halting_scorer in ("mlp", "bev"), "model.halting_scorer", "must be 'mlp' or 'bev'")
+        _check(self.halting_scorer in ("mlp", "bev", "random"), "model.halting_scorer",
+               "must be 'mlp', 'bev' or 'random'")
         _check(self.halting_gradient in GRADIENT_PATHS, "model.halting_gradient",
                f"must be one of {', '.join(GRADIENT_PATHS)}")
         _check(len(self.refine_channels) >= 1 and min(self.refine_channels) >= 1, "model.refine_channels",

@@ -38,3 +38,9 @@ def test_bad_base_is_a_config_error(tmp_path, text, message):
     (tmp_path / "loop.yaml").write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(tmp_path / "loop.yaml")
+
+
+def test_peer_presets_load():
+    random_drop = load_config("peer_random")
+    assert random_drop.model.halting_scorer == "random" and random_drop.model.halting_keep_ratio == [0.1, 0.6]
+    assert random_drop.train.sparsity_weight == 0.0 and random_drop.train.max_steps == 4000

@@ -4,7 +4,7 @@ After chosen encoder layers a scorer gives every still-active token a score in (
 tokens below the stage's threshold halt and no later layer processes them. This module
 holds everything that decides and trains that:
 
-* the scorers (`TokenScorer`, `BEVContextScorer`);
+* the scorers (`TokenScorer`, `BEVContextScorer`; `RandomScorer`, the random-dropping peer);
 * the keep decision (`select_per_frame`: threshold, keep ratio, cap, per frame);
 * the gate of the differentiable training pass (`TokenHalting`): per stage, a factor whose
   forward value is the hard 0/1 decision and whose gradient reaches the score
@@ -21,7 +21,9 @@ stage does not touch the gate of a token halted before it. In the masked pass th
 enters twice (`TokenHalting.gradient` chooses which entries carry the gradient):
 
 * attention: key j's attention weight is `g_j exp(l_ij) / sum_k g_k exp(l_ik)` (a query
-  always attends to itself), so a score learns how much the other tokens lose when it halts;
+  always attends to itself), so a score learns how much the other tokens lose when it halts
+  (for a halted key the change that attending to it would make, not the unbounded
+  derivative at gate 0: `secant`, `encoder.gated_attention`);
 * residual: `x = g * layer(x) + (1 - g) * x`, so a score learns how much its own
   feature would still change.
 
@@ -80,6 +82,27 @@ class BEVContextScorer(nn.Module):
         bev = canvas.view(batch_size, ny, nx, -1).permute(0, 3, 1, 2)
         context = self.context(bev).permute(0, 2, 3, 1).reshape(batch_size * ny * nx, -1)[flat]
         return torch.sigmoid(_at_least_float32(self.out(torch.cat([reduced, context], dim=1)).squeeze(1)))
+
+
+class RandomScorer(nn.Module):
+    """Random token dropping, a peer of learned halting (`halting_scorer: random`, with
+    keep ratios): scores uniform in [0, 1), drawn afresh every training step (from torch's
+    generator, which training seeds per step), and at inference a fixed hash of the
+    token's pillar and the stage, so the same cloud always drops the same tokens."""
+
+    def __init__(self, stage: int):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor, active: torch.Tensor,
+                batch_size: int) -> torch.Tensor:
+        if self.training:
+            return torch.rand(x.shape[0], device=x.device)
+        # An integer mix of (iy, ix, stage); int64 products wrap, the same on every device.
+        key = (coords[:, 1] * 40503 + coords[:, 2] + self.stage * 7919) * 2654435761
+        key = (key ^ (key >> 15)) * 2246822519
+        key = key ^ (key >> 13)
+        return (key & 0xFFFFFF).float() / float(1 << 24)
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -152,8 +175,8 @@ class TokenHalting(nn.Module):
             raise ValueError(f"halting gradient must be one of {GRADIENT_PATHS}, got {gradient!r}")
         self.halting_layers = list(halting_layers)
         self.scorers = nn.ModuleList(
-            TokenScorer(d_model) if scorer == "mlp" else BEVContextScorer(d_model, grid)
-            for _ in self.halting_layers)
+            TokenScorer(d_model) if scorer == "mlp" else BEVContextScorer(d_model, grid) if scorer == "bev"
+            else RandomScorer(stage) for stage in range(len(self.halting_layers)))
         self.thresholds = [0.5] * len(self.halting_layers)
         self.keep_ratios: list[float] | None = None
         self.max_tokens = 0

@@ -283,3 +283,30 @@ def test_secant_attention_gradient_is_the_change_of_including_a_key():
     assert tangent[3].abs() > 10 * grad[3].abs()  # the derivative at 0 overshoots the change
     (secant_kept,) = torch.autograd.grad(full(gate, secant=True)[0, 0, 0].sum(), gate)
     torch.testing.assert_close(secant_kept[[1, 4]], tangent[[1, 4]])  # gated-in keys: the derivative
+
+
+def test_random_dropping_is_fixed_at_inference_and_fresh_in_training():
+    model = make_model(6, halting_scorer="random")
+    model.set_halting(keep_ratios=[0.5, 0.5])
+    with torch.no_grad():
+        first, again = model(BATCH, masked=False).encoded, model(BATCH, masked=False).encoded
+        masked = model(BATCH, masked=True).encoded
+    assert torch.equal(first.halted_at, again.halted_at) and torch.equal(first.halted_at, masked.halted_at)
+    torch.testing.assert_close(first.features, masked.features, atol=1e-5, rtol=1e-5)
+    tokens = model.pillar_net(BATCH)
+    in_frame = tokens.coords[:, 0] == 0
+    scores = first.scores[0][in_frame]
+    assert abs(float(scores.mean()) - 0.5) < 0.05 and float(scores.std()) > 0.25  # about uniform
+    assert int((first.halted_at[in_frame] > 1).sum()) == int(np.ceil(0.5 * int(in_frame.sum())))
+    # A frame drops the same tokens alone as in a batch; the two stages draw differently.
+    with torch.no_grad():
+        alone = model(PointBatch.from_list([random_cloud(2500, 2)]), masked=False).encoded
+    assert torch.equal(alone.halted_at, first.halted_at[~in_frame])
+    reached = first.halted_at > 1  # scored by both stages
+    assert (first.scores[0][reached] - first.scores[1][reached]).abs().mean() > 0.2
+    model.train()
+    torch.manual_seed(0)
+    drawn = model.encoder.halting.scorers[0](tokens.features, tokens.coords, None, 2)
+    torch.manual_seed(1)
+    assert not torch.equal(drawn, model.encoder.halting.scorers[0](tokens.features, tokens.coords, None, 2))
+    assert not list(model.encoder.halting.parameters())
