@@ -44,3 +44,15 @@ def test_peer_presets_load():
     random_drop = load_config("peer_random")
     assert random_drop.model.halting_scorer == "random" and random_drop.model.halting_keep_ratio == [0.1, 0.6]
     assert random_drop.train.sparsity_weight == 0.0 and random_drop.train.max_steps == 4000
+
+
+def test_peer_presets_build_models():
+    from haltdet.model.detector import Detector
+
+    for name, check in (("peer_topk", lambda m: m.halting_keep_ratio == [0.1, 0.6] and m.halting_scorer == "mlp"),
+                        ("peer_coarse", lambda m: m.grid_size() == (256, 256)),
+                        ("peer_random", lambda m: m.halting_scorer == "random")):
+        config = load_config(name)
+        assert check(config.model), name
+        Detector(config.model)
+    assert load_config("peer_coarse", ["model.pillar_size=0.64"]).model.grid_size() == (192, 192)
