@@ -111,7 +111,8 @@ class ModelConfig:
                "must divide d_model")
         _check(self.d_model % 4 == 0, "model.d_model", "must be a multiple of 4")
         _check(self.num_layers >= 1, "model.num_layers", "must be >= 1")
-        _check(self.window_size >= 2, "model.window_size", "must be >= 2")
+        _check(2 <= self.window_size <= min(ny, nx), "model.window_size",
+               f"must be in 2..{min(ny, nx)} (the pillar grid is {ny} x {nx})")
         _check(len(self.pfn_channels) >= 1 and all(c > 0 for c in self.pfn_channels),
                "model.pfn_channels", "needs positive channel counts")
         _check(self.pfn_channels[-1] == self.d_model, "model.pfn_channels",

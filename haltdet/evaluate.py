@@ -403,6 +403,8 @@ def load_boxes_json(path, kind: str) -> list[FrameBoxes]:
         raise InputError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be a box file") from None
     if not isinstance(data, dict) or "frames" not in data:
         raise InputError(f"{path}: top level must be an object with key 'frames'")
     if not isinstance(data["frames"], list):

@@ -378,3 +378,15 @@ def test_every_command_takes_threads(capsys):
         torch.set_num_threads(before)
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--data", "d", "--threads", "-1"])
+
+
+def test_pathological_inputs_are_one_line_errors(tmp_path, capsys):
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    config = tmp_path / "huge_window.yaml"
+    config.write_text("base: baseline\nmodel: {window_size: 100000}\n")
+    for argv, message in ((["eval-boxes", "--gt", str(nested), "--pred", str(nested)], "nested too deeply"),
+                          (["train", "--config", str(config), "--out", str(tmp_path / "run")], "window_size")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1

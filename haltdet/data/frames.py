@@ -207,8 +207,9 @@ def frame_path(dataset_dir, frame_id: str) -> Path:
 def write_frame(dataset_dir, frame: Frame) -> Path:
     """Write ``frame`` to ``dataset_dir/frames/<frame_id>.npz`` and return the path.
 
-    The arrays are written with the documented dtypes; the file is written to a
-    temporary name first and renamed, so a reader never sees a half-written frame.
+    The arrays are written with the documented dtypes, the labels checked as `read_frame`
+    checks them (a frame the reader would refuse is an InputError here); the file is written to
+    a temporary name first and renamed, so a reader never sees a half-written frame.
     """
     fid = str(frame.frame_id)
     if not fid or "/" in fid or "\\" in fid or fid.startswith("."):
@@ -222,6 +223,8 @@ def write_frame(dataset_dir, frame: Frame) -> Path:
         "num_points": np.ascontiguousarray(frame.num_points, dtype=np.int64).reshape(-1),
         "difficulty": np.ascontiguousarray(frame.difficulty, dtype=np.int64).reshape(-1),
     }
+    # Labels as the reader checks them (non-finite points it drops and counts itself).
+    _validate_labels(arrays, f"frame {fid}")
     tmp = path.with_name(f".{fid}.tmp.npz")
     with open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
@@ -281,7 +284,7 @@ def read_dataset_index(dataset_dir) -> dict:
         raise _fail(path, "file not found (not a haltdet dataset directory?)")
     try:
         index = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _fail(path, f"unreadable JSON ({exc})") from exc
     if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
         raise _fail(path, f"not a haltdet dataset index (expected \"format\": \"{FORMAT_NAME}\")")

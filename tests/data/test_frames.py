@@ -266,3 +266,17 @@ def test_load_points_errors_and_nan(tmp_path):
         pts = load_points_file(tmp_path / "nan.npy")
     assert pts.shape == (5, 4)
     assert any(issubclass(w.category, DroppedPointsWarning) and "dropped 1 points" in str(w.message) for w in caught)
+
+
+def test_write_frame_refuses_what_the_reader_would(tmp_path):
+    """A converter cannot write a frame that the project's own reader then rejects."""
+    from haltdet.data.frames import Frame, write_frame
+
+    points = np.zeros((3, 4), np.float32)
+    huge = np.array([[0, 0, 0, 500.0, 2, 2, 0]], np.float32)
+    one = np.ones(1, np.int64)
+    with pytest.raises(InputError, match="larger than 200 m"):
+        write_frame(tmp_path, Frame("x", points, huge, np.zeros(1, np.int64), one, one))
+    with pytest.raises(InputError, match="labels out of range"):
+        write_frame(tmp_path, Frame("y", points, huge * [1, 1, 1, 0.01, 1, 1, 1], np.full(1, 7), one, one))
+    assert not list(tmp_path.rglob("*.npz"))

@@ -64,7 +64,7 @@ def read_boxes_json(path) -> Boxes:
         raise InputError(f"{path}: file not found")
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"{path}: unreadable JSON ({exc})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("points_file"), str) \
             or not isinstance(data.get("boxes"), list):
