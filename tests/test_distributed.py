@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from haltdet.checkpoint import load_checkpoint
@@ -56,6 +57,7 @@ def _log(run) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # trains in subprocesses
 def test_two_gloo_processes_train_like_one(tiny_config, tmp_path):
     config = tiny_config()  # global batch 4: 2 frames per process
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -90,6 +92,7 @@ def test_two_gloo_processes_train_like_one(tiny_config, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in b if not b[k].is_floating_point())  # BN batch counts
 
 
+@pytest.mark.slow  # trains in subprocesses
 def test_two_gloo_processes_train_the_refiner_like_one(tiny_config, tmp_path):
     """Refine-only training (the refiner runs in the loss, outside the DDP-wrapped forward):
     the same update as one process, because the jittered ground-truth proposals are drawn

@@ -32,6 +32,7 @@ def _finish(process: subprocess.Popen) -> None:
     assert process.returncode == 0, err[-3000:]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_the_uninterrupted_run(tiny_config, tmp_path):
     config = tiny_config(batch_size=2, max_steps=8, checkpoint_every=2, deterministic=True)
     reference = _train(config, tmp_path / "reference")

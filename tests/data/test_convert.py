@@ -105,6 +105,7 @@ def test_detect_needs_exactly_one_input_and_known_frames(tmp_path, capsys):
     assert "either a points file or --data" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_and_eval_on_real_data(tmp_path, capsys):
     spec, frame_id = real_spec("kitti")
     picture = tmp_path / "demo.png"

@@ -162,6 +162,7 @@ def test_mirror_averaging_is_the_mean_over_a_cloud_and_its_mirror_image():
     assert torch.allclose(both_image, both * back, atol=1e-5)  # and is symmetric by construction
 
 
+@pytest.mark.slow
 def test_refiner_learns_to_tighten_boxes():
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -276,6 +277,7 @@ def test_refine_presets_are_their_first_stage_preset_plus_a_refiner(base, refine
     assert first.data == second.data
 
 
+@pytest.mark.slow
 def test_refiner_learns_which_end_is_the_front():
     """An object whose rear half is lower than its front (a cab ahead of a low load): the
     refiner learns to flip proposals whose heading points the wrong way."""
