@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from haltdet.boxes import points_in_boxes
-from haltdet.data.frames import validate_points
 from haltdet.config import ModelConfig, per_stage
+from haltdet.data.frames import validate_points
 from haltdet.model.encoder import EncoderOutput, SparseWindowEncoder
 from haltdet.model.halting import sparsity_loss, token_statistics, token_weights
 from haltdet.model.head import (BEVBackbone, CenterHead, Detections, HeadTargets, build_targets,
@@ -67,7 +67,8 @@ class Detector(nn.Module):
 
     def train(self, mode: bool = True) -> "Detector":
         """Also lays out the dense stage for the mode: CPU convolutions (oneDNN) run forward
-        faster on channels-last tensors, but their backward pass about 1.8x slower."""
+        fast on channels-last tensors, but their backward pass much slower than on
+        contiguous ones (`python scripts/conv_backward_layout.py` measures both)."""
         super().train(mode)
         memory_format = torch.contiguous_format if mode else torch.channels_last
         self.bev.to(memory_format=memory_format)
