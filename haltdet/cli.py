@@ -92,14 +92,14 @@ def cmd_demo(args) -> None:
     print(f"{'class':<11}{'score':>6}{'x':>8}{'y':>8}{'z':>7}{'l':>6}{'w':>6}{'h':>6}{'yaw':>7}")
     for box, label, score in zip(boxes, labels, scores):
         print(f"{CLASSES[label]:<11}{score:6.2f}" + "".join(f"{v:{w}.2f}" for v, w in zip(box, (8, 8, 7, 6, 6, 6, 7))))
-    path = draw_bev(args.out, points, gt_boxes, gt_labels, boxes, labels, scores,
-                    title=f"haltdet demo: {source}; {len(boxes)} detections (score >= {args.min_score})")
-    print(f"BEV picture written to {path}")
+    draw_bev(args.out, points, gt_boxes, gt_labels, boxes, labels, scores, extent=args.extent,
+             title=f"haltdet demo: {source}; {len(boxes)} detections (score >= {args.min_score})")
+    print(f"BEV picture written to {args.out}")
     if model.halting:
         halted_at = output.encoded.halted_at.cpu().numpy()
         halting_path = Path(args.out).with_name(Path(args.out).stem + "_halting.png")
         draw_halting(halting_path, output.tokens.coords.cpu().numpy(), halted_at, config.model,
-                     gt_boxes, gt_labels, boxes, labels)
+                     gt_boxes, gt_labels, boxes, labels, extent=args.extent)
         layers = config.model.num_layers
         print(f"tokens processed by all {layers} layers: {(halted_at == layers).mean():.1%}; "
               f"token-layers executed: {halted_at.mean() / layers:.1%}; halting picture written to {halting_path}")
@@ -357,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="divide the intensities of a points --input by this (default: automatic, values above 1 "
                         "are taken as 0..255 and divided by 255; 1 keeps them as stored)")
     p.add_argument("--out", default="haltdet_demo.png", help="BEV picture to write")
+    p.add_argument("--extent", type=float, help="half-width of the pictures in metres (default: fitted to the "
+                                               "boxes, 20 to 62 m)")
     p.add_argument("--min-score", type=float, default=0.3, help="score to print/draw a detection")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_demo)
