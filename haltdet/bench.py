@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 STAGES = ("pillars", "encoder", "bev_head", "decode", "refine")  # refine: 0 without a second stage
 
@@ -30,8 +31,9 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def time_stages(model, points: torch.Tensor, device: torch.device) -> dict[str, float]:
-    """Seconds spent in each stage of one detection pass over one cloud."""
+def time_stages(model, points: torch.Tensor, device: torch.device, peer: bool = False) -> dict[str, float]:
+    """Seconds spent in each stage of one detection pass over one cloud; with `peer`, also
+    the FlatFormer-style peer encoder on the same tokens ("peer_encoder")."""
     from haltdet.model.detector import DetectorOutput
     from haltdet.model.head import scatter_to_bev
     from haltdet.model.pillars import PointBatch
@@ -66,8 +68,48 @@ def time_stages(model, points: torch.Tensor, device: torch.device) -> dict[str, 
     times["tokens"] = tokens.features.shape[0]
     times["token_layers"] = int(encoded.halted_at.sum())  # layers run, summed over tokens
     times["encoder_flop"] = encoder_flop(model.encoder, tokens.coords, encoded.halted_at)
+    if peer:
+        _sync(device)
+        start = time.perf_counter()
+        flat_group_encoder(model.encoder, tokens.features, tokens.coords)
+        _sync(device)
+        times["peer_encoder"] = time.perf_counter() - start
     times["points_used"] = tokens.points_used
     return times
+
+
+def flat_group_encoder(encoder, features: torch.Tensor, coords: torch.Tensor, group: int = 69) -> torch.Tensor:
+    """The FlatFormer-style peer of the window encoder, for timing on the same tokens with
+    the same weights: per layer, tokens sorted by (shifted) window and by their cell in it,
+    cut into equal groups of `group` (the last padded), one unmasked attention call over
+    all groups. Not the same outputs as the window encoder (groups straddle windows)."""
+    from haltdet.model.encoder import sine_encoding
+
+    size, channels = encoder.window_size, features.shape[1]
+    num_tokens = features.shape[0]
+    padded = -(-num_tokens // group) * group
+    layouts = {}
+    for shift in {encoder.shift_of_layer(i) for i in range(len(encoder.layers))}:
+        cell_y, cell_x = coords[:, 1] + shift, coords[:, 2] + shift
+        window = (coords[:, 0] * 100_000 + torch.div(cell_y, size, rounding_mode="floor")) * 100_000 \
+            + torch.div(cell_x, size, rounding_mode="floor")
+        order = torch.argsort(window * size * size + (cell_y % size) * size + cell_x % size)
+        in_window = torch.stack([cell_x % size, cell_y % size], 1)
+        layouts[shift] = (order, sine_encoding(in_window, size, channels).to(features.dtype))
+    x = features
+    for i, layer in enumerate(encoder.layers):
+        order, position = layouts[encoder.shift_of_layer(i)]
+        attention = layer.attention
+        heads = attention.num_heads
+        qkv = torch.cat([attention.query_key(x + position), attention.value(x)], dim=1)[order]
+        qkv = torch.cat([qkv, qkv.new_zeros(padded - num_tokens, 3 * channels)])
+        q, k, v = qkv.view(-1, group, 3, heads, channels // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(q, k, v).permute(0, 2, 1, 3).reshape(padded, channels)
+        out = torch.empty_like(x)
+        out[order] = attended[:num_tokens]
+        x = layer.norm1(x + attention.out(out))
+        x = layer.norm2(x + layer.ffn(x))
+    return x
 
 
 def encoder_flop(encoder, coords: torch.Tensor, halted_at: torch.Tensor) -> float:
@@ -146,7 +188,8 @@ def load_spec(spec: str, device):
 
 def run_benchmark(args) -> dict:
     """`haltdet bench`: `benchmark` with the command's arguments, printed and written."""
-    report = benchmark(args.checkpoint, args.frames, args.points, args.warmup, args.device, args.threads)
+    report = benchmark(args.checkpoint, args.frames, args.points, args.warmup, args.device, args.threads,
+                       args.encoder_peer == "flat")
     _print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -155,9 +198,11 @@ def run_benchmark(args) -> dict:
 
 
 def benchmark(specs: list[str], frames: int = 5, points: int = 0, warmup: int = 1, device="cpu",
-              threads: int = 0) -> dict:
+              threads: int = 0, encoder_peer: bool = False) -> dict:
     """Time the models `specs` (`NAME` or `NAME@T[,T2..]`) on the same `frames` synthetic
-    frames, interleaved frame by frame; threads 0: torch's default."""
+    frames, interleaved frame by frame; threads 0: torch's default. encoder_peer: also
+    time the FlatFormer-style peer encoder (`flat_group_encoder`) with the first model's
+    weights on its tokens."""
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
@@ -172,7 +217,7 @@ def benchmark(specs: list[str], frames: int = 5, points: int = 0, warmup: int = 
     records = [[] for _ in models]
     for cloud in clouds:
         for i, model in enumerate(models):
-            records[i].append(time_stages(model, cloud, device))
+            records[i].append(time_stages(model, cloud, device, peer=encoder_peer and i == 0))
 
     report = {"device": str(device), "threads": torch.get_num_threads(), "frames": len(clouds),
               "points_per_frame": float(np.mean([len(c) for c in clouds])), "models": []}
@@ -197,6 +242,10 @@ def benchmark(specs: list[str], frames: int = 5, points: int = 0, warmup: int = 
                                    for k in ("encoder", "total")}
         # What the encoder ratio would be if its time were proportional to the layers it runs.
         entry["ideal_encoder_ratio"] = entry["token_layers"] / max(first["token_layers"], 1.0)
+    if encoder_peer:
+        peer = float(np.median([r["peer_encoder"] for r in records[0]]))
+        report["encoder_peer"] = {"name": "flat groups of 69", "median_seconds": peer,
+                                  "first_encoder_to_peer": first["median_seconds"]["encoder"] / peer}
     if device.type == "cuda":
         report["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
@@ -226,5 +275,10 @@ def _print_report(report: dict) -> None:
         print(f"{m['checkpoint'][-28:]}: encoder {m['encoder_gflop']:.2f} useful GFLOP per frame at "
               f"{m['encoder_gflops']:.1f} GFLOP/s{share}; total p10-p90 {m['p10_seconds']['total'] * 1000:.1f}-"
               f"{m['p90_seconds']['total'] * 1000:.1f} ms")
+    if "encoder_peer" in report:
+        peer = report["encoder_peer"]
+        print(f"encoder peer ({peer['name']}, the first model's weights and tokens): "
+              f"{peer['median_seconds'] * 1000:.1f} ms; the first model's encoder takes "
+              f"{peer['first_encoder_to_peer']:.2f}x its time")
     if peak:
         print(f"dense matmul peak: {peak['float32']:.0f} GFLOP/s float32, {peak['bfloat16']:.0f} GFLOP/s bfloat16")

@@ -485,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="points per frame (topped up with scattered points; 0: the frames as simulated)")
     p.add_argument("--warmup", type=_count(0), default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--encoder-peer", choices=["flat"],
+                   help="also time a FlatFormer-style encoder (equal groups of 69 sorted tokens, one attention "
+                        "call per layer) with the first model's weights on its tokens")
     p.add_argument("--json", help="write the results here")
     p.set_defaults(func=cmd_bench)
     return parser

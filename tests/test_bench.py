@@ -24,3 +24,22 @@ def test_encoder_flop_by_hand():
 def test_matmul_peak_reports_both_dtypes():
     peak = matmul_peak(max_size=256, repeats=1)
     assert set(peak) == {"float32", "bfloat16"} and all(v > 0 for v in peak.values())
+
+
+def test_flat_peer_equals_window_attention_when_groups_are_windows():
+    """Four full 4 x 4 windows and groups of 16: each group is a window, so the peer's
+    single unmasked attention call computes the window encoder's layer."""
+    from haltdet.bench import flat_group_encoder
+
+    torch.manual_seed(0)
+    encoder = SparseWindowEncoder(d_model=16, num_heads=2, ffn_dim=32, num_layers=1, window_size=4).eval()
+    cells = torch.arange(64)
+    coords = torch.stack([torch.zeros_like(cells), cells // 8, cells % 8], 1)
+    features = torch.randn(64, 16)
+    with torch.no_grad():
+        expected = encoder(features, coords).features
+        got = flat_group_encoder(encoder, features, coords, group=16)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # groups of 6 straddle windows: a different encoder
+    with torch.no_grad():
+        assert not torch.allclose(flat_group_encoder(encoder, features, coords, group=6), expected, atol=1e-3)

@@ -201,8 +201,13 @@ def test_bench_times_a_halting_model_at_several_thresholds(tiny_run, tmp_path, c
     baseline, halting = str(tiny_run / "run" / "final.pt"), str(tiny_run / "halting" / "final.pt")
     out = tmp_path / "bench.json"
     assert main(["bench", "--checkpoint", baseline, "--checkpoint", halting + "@0.0",
-                 "--checkpoint", halting + "@1.0", "--frames", "1", "--warmup", "0", "--json", str(out)]) == 0
+                 "--checkpoint", halting + "@1.0", "--frames", "1", "--warmup", "0", "--json", str(out),
+                 "--encoder-peer", "flat"]) == 0
     report = json.loads(out.read_text())
+    peer = report["encoder_peer"]
+    assert peer["median_seconds"] > 0
+    assert peer["first_encoder_to_peer"] == pytest.approx(report["models"][0]["median_seconds"]["encoder"]
+                                                          / peer["median_seconds"])
     first, keep_all, halt_all = report["models"]
     assert keep_all["checkpoint"].endswith("@0.0") and halt_all["checkpoint"].endswith("@1.0")
     # Same frames, same tokens: the 3-layer halting model at threshold 0 runs every token
