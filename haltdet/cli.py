@@ -154,20 +154,16 @@ def cmd_eval(args) -> None:
     from haltdet.predict import evaluate_model
 
     model, config = load_model(args.checkpoint, _device(args.device))
-    if args.threshold or args.keep_ratio or args.max_tokens is not None:
-        if not model.halting:
-            raise HaltdetError(f"{args.checkpoint}: --threshold/--keep-ratio/--max-tokens need a "
-                               "halting model; this one has no halting stages")
-        model.set_halting(args.threshold, args.keep_ratio, args.max_tokens)
+    if (args.threshold or args.keep_ratio or args.max_tokens is not None) and not model.halting:
+        raise HaltdetError(f"{args.checkpoint}: --threshold/--keep-ratio/--max-tokens need a "
+                           "halting model; this one has no halting stages")
     if (args.first_stage or args.refine_passes or args.refine_mirror is not None) and model.refiner is None:
         raise HaltdetError(f"{args.checkpoint}: --first-stage/--refine-passes/--refine-mirror need a model with a "
                            "second stage (model.refine)")
-    if args.refine_passes:
-        model.config.refine_passes = args.refine_passes
-    if args.refine_mirror is not None:
-        model.config.refine_mirror = args.refine_mirror
-    if args.first_stage:
-        model.refiner = None
+    model.configure(halting_threshold=args.threshold, halting_keep_ratio=args.keep_ratio,
+                    halting_max_tokens=args.max_tokens, refine_passes=args.refine_passes,
+                    refine_mirror=args.refine_mirror, second_stage=False if args.first_stage else None)
+    two_stage = model.refiner is not None and model.second_stage
     start = time.perf_counter()
     result = evaluate_model(model, args.data, args.batch_size, args.device, progress=not args.quiet)
     result["checkpoint"] = str(args.checkpoint)
@@ -175,8 +171,8 @@ def cmd_eval(args) -> None:
     result["halting"] = {"layers": config.model.halting_layers, "thresholds": model.encoder.halting.thresholds,
                          "keep_ratios": model.encoder.halting.keep_ratios,
                          "max_tokens": model.encoder.halting.max_tokens}
-    result["refine_passes"] = model.config.refine_passes if model.refiner is not None else 0
-    result["refine_mirror"] = bool(model.refiner is not None and model.config.refine_mirror)
+    result["refine_passes"] = model.config.refine_passes if two_stage else 0
+    result["refine_mirror"] = bool(two_stage and model.config.refine_mirror)
     result["seconds"] = round(time.perf_counter() - start, 1)
     print(format_table(result))
     tokens = result.get("tokens")

@@ -92,7 +92,7 @@ def evaluate_point(point: dict, data, progress: bool = True) -> dict:
     if model.refiner is None:
         scores["mAPH_L2_first_stage"] = result["mAPH_L2"]
     else:
-        model.refiner = None
+        model.configure(second_stage=False)
         scores["mAPH_L2_first_stage"] = evaluate_model(model, data, progress=progress)["mAPH_L2"]
     return scores
 

@@ -10,7 +10,12 @@ import torch
 from torch import nn
 
 from haltdet.boxes import points_in_boxes
+from haltdet import ConfigError
 from haltdet.config import ModelConfig, per_stage
+
+# ModelConfig keys that change inference only (`Detector.configure`).
+INFERENCE_SETTINGS = ("halting_threshold", "halting_keep_ratio", "halting_max_tokens", "score_threshold",
+                      "max_detections", "nms_iou", "refine_passes", "refine_min_score", "refine_mirror")
 from haltdet.data.frames import validate_points
 from haltdet.model.encoder import EncoderOutput, SparseWindowEncoder
 from haltdet.model.halting import sparsity_loss, token_statistics, token_weights
@@ -53,8 +58,8 @@ class Detector(nn.Module):
                                            config.num_layers, config.window_size, config.dropout,
                                            config.halting_layers, config.halting_scorer, self.grid,
                                            config.halting_gradient, config.halting_secant)
-        self.set_halting(config.stage_thresholds(), config.halting_keep_ratio or None,
-                         config.halting_max_tokens)
+        self.second_stage = True  # False: decode scores the first stage's boxes alone
+        self.configure()
         # Embedding of the stage at which a token halted (last row: never halted).
         self.stage_embedding = (nn.Embedding(len(config.halting_layers) + 1, config.d_model)
                                 if config.halt_stage_embedding and config.halting_layers else None)
@@ -92,23 +97,37 @@ class Detector(nn.Module):
     def halting(self) -> bool:
         return bool(self.config.halting_layers)
 
+    def configure(self, second_stage: bool | None = None, **settings) -> None:
+        """Change inference settings without retraining, the one way to do it: `settings`
+        are ModelConfig keys of INFERENCE_SETTINGS (None: unchanged; halting values one, or
+        one per stage), `second_stage=False` decodes the first stage's boxes alone.
+        `self.config` is updated with them; an invalid value is a ConfigError naming it."""
+        unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))
+        if unknown:
+            raise ConfigError(f"not inference settings: {', '.join(unknown)} (they are {', '.join(INFERENCE_SETTINGS)})")
+        changes = {key: value for key, value in settings.items() if value is not None}
+        stages = len(self.config.halting_layers)
+        if not stages and any(key.startswith("halting_") for key in changes):
+            raise ConfigError("halting settings need a model with halting stages; this one has none")
+        if second_stage and self.refiner is None:
+            raise ConfigError("the model has no second stage (model.refine)")
+        for key in ("halting_threshold", "halting_keep_ratio"):
+            if key in changes:
+                changes[key] = per_stage(changes[key], stages)
+        config = dataclasses.replace(self.config, **changes)
+        config.validate()
+        self.config = config
+        halting = self.encoder.halting
+        halting.thresholds = config.stage_thresholds()
+        halting.keep_ratios = per_stage(config.halting_keep_ratio, stages) or None
+        halting.max_tokens = config.halting_max_tokens
+        if second_stage is not None:
+            self.second_stage = second_stage
+
     def set_halting(self, thresholds: list[float] | None = None, keep_ratios: list[float] | None = None,
                     max_tokens: int | None = None) -> None:
-        """Change the halting decision knobs (per stage) without retraining; invalid values
-        are a ConfigError naming the knob."""
-        stages = len(self.config.halting_layers)
-        c = self.config
-        dataclasses.replace(
-            c, halting_threshold=c.halting_threshold if thresholds is None else per_stage(thresholds, stages),
-            halting_keep_ratio=c.halting_keep_ratio if keep_ratios is None else per_stage(keep_ratios, stages),
-            halting_max_tokens=c.halting_max_tokens if max_tokens is None else max_tokens).validate()
-        halting = self.encoder.halting
-        if thresholds is not None:
-            halting.thresholds = per_stage(thresholds, stages)
-        if keep_ratios is not None:
-            halting.keep_ratios = per_stage(keep_ratios, stages) or None
-        if max_tokens is not None:
-            halting.max_tokens = max_tokens
+        """`configure` for the halting knobs (per stage): thresholds, keep ratios, cap."""
+        self.configure(halting_threshold=thresholds, halting_keep_ratio=keep_ratios, halting_max_tokens=max_tokens)
 
     def bev_features(self, encoded: EncoderOutput) -> torch.Tensor:
         """The feature each token contributes to the BEV map: with recycling every token's
@@ -260,7 +279,7 @@ class Detector(nn.Module):
     def decode(self, output: DetectorOutput) -> list[Detections]:
         """Boxes per frame: the head's, refined by the second stage if the model has one."""
         detections = self.decode_first_stage(output)
-        if self.refiner is None or output.tokens.points is None:
+        if self.refiner is None or not self.second_stage or output.tokens.points is None:
             return detections
         return self.refine(output, detections)
 

@@ -159,7 +159,7 @@ class TokenHalting(nn.Module):
     """The halting stages of an encoder: scorers, decision knobs and the training gate.
 
     `halting_layers[k]` counts layers: stage k scores the tokens after that many layers.
-    Knobs (per stage; plain attributes, set through `Detector.set_halting`):
+    Knobs (per stage; plain attributes, set through `Detector.configure`):
     thresholds, keep_ratios (None: use thresholds), max_tokens (0: no cap).
     gradient: which entries of the masked pass carry the gate's gradient (module docstring).
     secant: a halted key's attention gradient is the change that attending to it would

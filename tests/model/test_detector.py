@@ -156,3 +156,21 @@ def test_empty_and_out_of_range_clouds_run():
         (det,) = model.detect(PointBatch.from_list([cloud]))
         # No point in range, no token: no detection (not the head's bias over an empty map).
         assert det.boxes.shape == (0, 7) and len(det.scores) == len(det.labels) == 0
+
+
+def test_configure_changes_inference_settings_one_way():
+    from haltdet import ConfigError
+
+    model = Detector(ModelConfig(**SMALL, halting_layers=[1], refine=True, refine_channels=[8, 16])).eval()
+    model.configure(halting_threshold=[0.3], nms_iou=[0.1, 0.1, 0.1], refine_passes=3, second_stage=False)
+    assert model.config.halting_threshold == [0.3] and model.encoder.halting.thresholds == [0.3]
+    assert model.config.nms_iou == [0.1, 0.1, 0.1] and model.config.refine_passes == 3
+    assert model.refiner is not None and not model.second_stage  # kept, not used by decode
+    model.set_halting(keep_ratios=[0.5])
+    assert model.config.halting_keep_ratio == [0.5] and model.encoder.halting.keep_ratios == [0.5]
+    for bad in (dict(lr=0.1), dict(refine_passes=0), dict(halting_threshold=[0.1, 0.2, 0.3])):
+        with pytest.raises(ConfigError):
+            model.configure(**bad)
+    assert model.config.refine_passes == 3  # a refused change changes nothing
+    with pytest.raises(ConfigError, match="halting stages"):
+        Detector(ModelConfig(**SMALL)).configure(halting_threshold=[0.5])  # "... has none"
