@@ -653,6 +653,23 @@ def _xyzi_index(path, names: list[str], what: str) -> list[int | None]:
     return [lower.index(a) for a in ("x", "y", "z")] + [lower.index("intensity") if "intensity" in lower else None]
 
 
+def _ascii_rows(path, body: bytes, skip: int, n: int, what: str) -> np.ndarray | None:
+    """Rows skip..skip+n of the non-empty text lines of `body` as an (n, K) float64 table
+    (None when n is 0); a short or unparsable body is an InputError naming `what`."""
+    try:
+        lines = [ln for ln in body.decode("ascii").splitlines() if ln.strip()][skip: skip + n]
+    except UnicodeDecodeError:
+        raise _fail(path, f"{what}: non-text bytes") from None
+    if len(lines) != n:
+        raise _fail(path, f"{what}: {len(lines)} lines for {n} points (truncated?)")
+    if n == 0:
+        return None
+    try:
+        return np.loadtxt(lines, dtype=np.float64, ndmin=2)
+    except ValueError as exc:
+        raise _fail(path, f"{what}: cannot parse numbers ({exc})") from exc
+
+
 def _stack_xyzi(path, columns: list[np.ndarray | None], n: int) -> np.ndarray:
     """(n, 4) points from the x, y, z and intensity columns (intensity None -> 0)."""
     if n == 0:
@@ -738,18 +755,9 @@ def _read_pcd(path: Path) -> np.ndarray:
         records = np.frombuffer(data, dtype=dtype, count=n, offset=body)
         return _stack_xyzi(path, [None if i is None else records[f"f{i}"] for i in index], n)
     if mode == "ascii":
-        try:
-            lines = [ln for ln in data[body:].decode("ascii").splitlines() if ln.strip()]
-        except UnicodeDecodeError:
-            raise _fail(path, "PCD DATA ascii holds non-text bytes") from None
-        if len(lines) != n:
-            raise _fail(path, f"PCD DATA ascii has {len(lines)} lines for POINTS {n} (truncated?)")
-        if n == 0:
+        table = _ascii_rows(path, data[body:], 0, n, "PCD DATA ascii")
+        if table is None:
             return np.zeros((0, 4), dtype=np.float32)
-        try:
-            table = np.loadtxt(lines, dtype=np.float64, ndmin=2)
-        except ValueError as exc:
-            raise _fail(path, f"PCD DATA ascii: cannot parse numbers ({exc})") from exc
         starts = np.concatenate([[0], np.cumsum([count for _, count in formats])])
         if table.shape[1] != starts[-1]:
             raise _fail(path, f"PCD DATA ascii has {table.shape[1]} values per line, the header {starts[-1]}")
@@ -795,20 +803,9 @@ def _read_ply(path: Path) -> np.ndarray:
     index = _xyzi_index(path, [p for p, _ in props], "PLY vertex element")
     order = PLY_FORMATS[fmt]
     if order is None:  # ascii: one line per element instance
-        skip = sum(e[1] for e in elements[:at])
-        try:
-            lines = [ln for ln in data[body:].decode("ascii").splitlines() if ln.strip()]
-        except UnicodeDecodeError:
-            raise _fail(path, "PLY ascii body holds non-text bytes") from None
-        lines = lines[skip: skip + n]
-        if len(lines) != n:
-            raise _fail(path, f"PLY ascii body has {len(lines)} vertex lines for {n} vertices (truncated?)")
-        if n == 0:
+        table = _ascii_rows(path, data[body:], sum(e[1] for e in elements[:at]), n, "PLY ascii vertex lines")
+        if table is None:
             return np.zeros((0, 4), dtype=np.float32)
-        try:
-            table = np.loadtxt(lines, dtype=np.float64, ndmin=2)
-        except ValueError as exc:
-            raise _fail(path, f"PLY vertex lines: cannot parse numbers ({exc})") from exc
         if table.shape[1] != len(props):
             raise _fail(path, f"PLY vertex lines have {table.shape[1]} values, the header {len(props)} properties")
         return _stack_xyzi(path, [None if i is None else table[:, i] for i in index], n)

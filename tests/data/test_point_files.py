@@ -228,7 +228,7 @@ def _pcd_text(**replace) -> str:
     (dict(DATA="zip"), "DATA 'zip' is not supported"),
     (dict(FIELDS="a y z"), "PCD FIELDS has no x"),
     (dict(POINTS="3"), "POINTS 3 differs from WIDTH x HEIGHT"),
-    (dict(WIDTH="3", POINTS="3"), "has 2 lines for POINTS 3"),
+    (dict(WIDTH="3", POINTS="3"), "2 lines for 3 points"),
     (dict(SIZE="4 4 3"), "TYPE F SIZE 3"),
     (dict(TYPE="F F Q"), "TYPE Q"),
     (dict(SIZE="4 4"), "one entry per field"),
