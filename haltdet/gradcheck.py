@@ -76,7 +76,8 @@ def _loss(encoder, features, coords, loss_weights) -> torch.Tensor:
     return (encoder(features, coords).features * loss_weights).sum()
 
 
-def factor_gradients(encoder, features, coords, loss_weights, candidates=None) -> list[torch.Tensor]:
+def factor_gradients(encoder, features, coords, loss_weights, candidates=None
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per stage, d loss / d factor over the stage's candidates (bool (T,) each, default
     the tokens the stage decided on in this pass). Returns (gradients, candidates)."""
     hook = _Factors(encoder)
