@@ -35,7 +35,6 @@ def time_stages(model, points: torch.Tensor, device: torch.device, peer: bool = 
     """Seconds spent in each stage of one detection pass over one cloud; with `peer`, also
     the FlatFormer-style peer encoder on the same tokens ("peer_encoder")."""
     from haltdet.model.detector import DetectorOutput
-    from haltdet.model.head import scatter_to_bev
     from haltdet.model.pillars import PointBatch
 
     batch = PointBatch.from_list([points]).to(device)
@@ -50,8 +49,7 @@ def time_stages(model, points: torch.Tensor, device: torch.device, peer: bool = 
     _sync(device)
     times["encoder"] = time.perf_counter() - start
     start = time.perf_counter()
-    bev = scatter_to_bev(model.bev_features(encoded), tokens.coords, 1, model.grid)
-    heatmap, regression, iou = model.head(model.bev(bev))
+    heatmap, regression, iou = model.dense_stage(encoded, tokens.coords, 1)
     _sync(device)
     times["bev_head"] = time.perf_counter() - start
     start = time.perf_counter()

@@ -20,7 +20,7 @@ from haltdet.data.frames import validate_points
 from haltdet.model.encoder import EncoderOutput, SparseWindowEncoder
 from haltdet.model.halting import sparsity_loss, token_statistics, token_weights
 from haltdet.model.head import (BEVBackbone, CenterHead, Detections, HeadTargets, build_targets,
-                                decode, heatmap_focal_loss, iou_loss, regression_loss, scatter_to_bev)
+                                decode, heatmap_focal_loss, iou_loss, regression_loss)
 from haltdet.model.pillars import PillarFeatureNet, PointBatch, Tokens, pillar_centres
 from haltdet.model.refine import (BoxRefiner, refine_detections, refinement_loss, refinement_targets,
                                   training_proposals)
@@ -147,11 +147,16 @@ class Detector(nn.Module):
         """masked: use the masked (training) halting pass; default: in training mode."""
         tokens = self.pillar_net(batch)
         encoded = self.encoder(tokens.features, tokens.coords, batch.batch_size, masked)
-        bev = scatter_to_bev(self.bev_features(encoded), tokens.coords, batch.batch_size, self.grid)
-        if self.training:  # the layout `train` gave the dense stage
-            bev = bev.contiguous()
-        heatmap, regression, iou = self.head(self.bev(bev))
+        heatmap, regression, iou = self.dense_stage(encoded, tokens.coords, batch.batch_size)
         return DetectorOutput(heatmap, regression, tokens, encoded, iou)
+
+    def dense_stage(self, encoded: EncoderOutput, coords: torch.Tensor, batch_size: int):
+        """The BEV stage and the head on the encoded tokens: heatmap logits, regression and
+        IoU prediction (CenterHead.forward)."""
+        # the layout `train` gave the dense stage
+        memory_format = torch.contiguous_format if self.training else torch.channels_last
+        bev = self.bev(self.bev_features(encoded), coords, batch_size, self.grid, memory_format)
+        return self.head(bev)
 
     def first_stage(self) -> list[nn.Module]:
         """Every part but the second stage (frozen by train.refine_only)."""

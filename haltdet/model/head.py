@@ -70,23 +70,19 @@ class HeadTargets:
         return HeadTargets(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
-def scatter_to_bev(features: torch.Tensor, coords: torch.Tensor, batch_size: int,
-                   grid: tuple[int, int]) -> torch.Tensor:
-    """Tokens (T, C) at (frame, iy, ix) -> dense (B, C, ny, nx), zero where no token.
-    The result is channels-last in memory, which CPU convolutions prefer."""
-    ny, nx = grid
-    flat = (coords[:, 0] * ny + coords[:, 1]) * nx + coords[:, 2]
-    canvas = features.new_zeros(batch_size * ny * nx, features.shape[1])
-    canvas = canvas.index_copy(0, flat, features)
-    return canvas.view(batch_size, ny, nx, -1).permute(0, 3, 1, 2)
-
-
 class BEVBackbone(nn.Module):
     """Space-to-depth to `stride` (a stride x stride convolution), then 3x3 convolutions
-    that fill the holes between tokens."""
+    that fill the holes between tokens.
+
+    The strided convolution reads only the tokens: each output cell is the sum over the
+    tokens inside it of the kernel tap at the token's position times its feature, which
+    is what the convolution computes on the zero-filled pillar grid without building that
+    grid (at 0.32 m, 5 % occupied: the dense convolution and its backward pass cost more
+    than the rest of a training step)."""
 
     def __init__(self, in_channels: int, channels: int, num_convs: int, stride: int):
         super().__init__()
+        self.stride = stride
         layers = [nn.Conv2d(in_channels, channels, stride, stride=stride, bias=False),
                   nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
         for _ in range(num_convs):
@@ -94,8 +90,28 @@ class BEVBackbone(nn.Module):
                        nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
         self.net = nn.Sequential(*layers)
 
-    def forward(self, bev: torch.Tensor) -> torch.Tensor:
-        return self.net(bev)
+    def downsample(self, features: torch.Tensor, coords: torch.Tensor, batch_size: int,
+                   grid: tuple[int, int]) -> torch.Tensor:
+        """Tokens (T, C) at (frame, iy, ix) of a (ny, nx) grid -> the strided convolution's
+        output (B, channels, ny / stride, nx / stride), channels-last in memory."""
+        s = self.stride
+        weight = self.net[0].weight  # (channels, C, s, s)
+        channels = weight.shape[0]
+        ny, nx = grid[0] // s, grid[1] // s
+        taps = features @ weight.permute(1, 2, 3, 0).reshape(features.shape[1], s * s * channels)
+        tap = (coords[:, 1] % s) * s + coords[:, 2] % s
+        index = tap[:, None, None].expand(-1, 1, channels)
+        contribution = taps.view(-1, s * s, channels).gather(1, index).squeeze(1)
+        cell = (coords[:, 0] * ny + coords[:, 1] // s) * nx + coords[:, 2] // s
+        canvas = contribution.new_zeros(batch_size * ny * nx, channels)
+        canvas.index_add_(0, cell, contribution)
+        return canvas.view(batch_size, ny, nx, channels).permute(0, 3, 1, 2)
+
+    def forward(self, features: torch.Tensor, coords: torch.Tensor, batch_size: int,
+                grid: tuple[int, int], memory_format=torch.channels_last) -> torch.Tensor:
+        """Tokens (T, C) at (frame, iy, ix) -> (B, channels, ny / stride, nx / stride)."""
+        bev = self.downsample(features, coords, batch_size, grid)
+        return self.net[1:](bev.contiguous(memory_format=memory_format))
 
 
 class CenterHead(nn.Module):
@@ -117,8 +133,20 @@ class CenterHead(nn.Module):
         """bev: (B, C, H, W) -> heatmap logits (B, 3, H, W), regression (B, 9, H, W) and
         the IoU prediction (B, 1, H, W), 2 * IoU - 1, or None without an IoU branch."""
         shared = self.shared(bev)
-        iou = self.iou(shared) if self.iou is not None else None
-        return self.heatmap(shared), self.regression(shared), iou
+        # The 1x1 convolutions as one matrix product in the map's memory layout (the
+        # convolution backward pass on contiguous maps zero-fills a map per call).
+        outputs = [self.heatmap, self.regression] + ([self.iou] if self.iou is not None else [])
+        weight = torch.cat([m.weight.flatten(1) for m in outputs])
+        bias = torch.cat([m.bias for m in outputs])
+        if shared.is_contiguous():
+            b, c, h, w = shared.shape
+            maps = (torch.matmul(weight, shared.view(b, c, h * w)) + bias[:, None]).view(b, -1, h, w)
+        else:  # channels-last
+            maps = torch.addmm(bias, shared.permute(0, 2, 3, 1).flatten(0, 2), weight.t())
+            maps = maps.view(*shared.permute(0, 2, 3, 1).shape[:3], -1).permute(0, 3, 1, 2)
+        heatmap, regression = maps[:, :NUM_CLASSES], maps[:, NUM_CLASSES:NUM_CLASSES + REGRESSION_DIM]
+        iou = maps[:, NUM_CLASSES + REGRESSION_DIM:] if self.iou is not None else None
+        return heatmap, regression, iou
 
 
 # ---------------------------------------------------------------------------- targets

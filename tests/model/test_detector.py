@@ -174,3 +174,52 @@ def test_configure_changes_inference_settings_one_way():
     assert model.config.refine_passes == 3  # a refused change changes nothing
     with pytest.raises(ConfigError, match="halting stages"):
         Detector(ModelConfig(**SMALL)).configure(halting_threshold=[0.5])  # "... has none"
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4])
+def test_strided_convolution_on_tokens_equals_the_dense_one(stride):
+    """The BEV stage's first convolution reads the tokens directly; it must equal the
+    strided convolution over the zero-filled pillar grid, values and gradients."""
+    from haltdet.model.head import BEVBackbone
+
+    torch.manual_seed(0)
+    grid, batch_size, channels = (24, 16), 2, 8
+    backbone = BEVBackbone(channels, 6, num_convs=1, stride=stride).eval()
+    cells = torch.randperm(batch_size * grid[0] * grid[1])[:150]
+    coords = torch.stack([cells // (grid[0] * grid[1]), cells // grid[1] % grid[0], cells % grid[1]], 1)
+    features = torch.randn(len(cells), channels, requires_grad=True)
+
+    ours = backbone.downsample(features, coords, batch_size, grid)
+    dense = torch.zeros(batch_size, grid[0], grid[1], channels)
+    dense = dense.index_put((coords[:, 0], coords[:, 1], coords[:, 2]), features)
+    reference = backbone.net[0](dense.permute(0, 3, 1, 2))
+    assert ours.shape == reference.shape == (batch_size, 6, grid[0] // stride, grid[1] // stride)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    upstream = torch.randn_like(reference)
+    grad_ours, = torch.autograd.grad((ours * upstream).sum(), features)
+    grad_reference, = torch.autograd.grad((reference * upstream).sum(), features)
+    torch.testing.assert_close(grad_ours, grad_reference, rtol=1e-5, atol=1e-6)
+    weight_ours, = torch.autograd.grad((backbone.downsample(features, coords, batch_size, grid)
+                                        * upstream).sum(), backbone.net[0].weight)
+    weight_reference, = torch.autograd.grad((backbone.net[0](dense.permute(0, 3, 1, 2)) * upstream).sum(),
+                                            backbone.net[0].weight)
+    torch.testing.assert_close(weight_ours, weight_reference, rtol=1e-5, atol=1e-5)
+
+
+def test_pillar_max_pool_gradient_is_autograds_for_scatter_max():
+    """The pillar max-pool's own backward equals autograd's for scatter_reduce amax,
+    ties (rounded values, zeros tying with the zero start) included."""
+    from haltdet.model.pillars import _scatter_max
+
+    torch.manual_seed(0)
+    index = torch.randint(0, 300, (2000,))
+    values = torch.relu(torch.randn(2000, 16)).round(decimals=1).requires_grad_(True)
+    upstream = torch.randn(300, 16)
+    ours = _scatter_max(values, index, 300)
+    reference = torch.zeros(300, 16).scatter_reduce(0, index[:, None].expand_as(values), values,
+                                                    reduce="amax", include_self=True)
+    assert torch.equal(ours, reference)
+    grad_ours, = torch.autograd.grad((ours * upstream).sum(), values)
+    grad_reference, = torch.autograd.grad((reference * upstream).sum(), values)
+    assert torch.equal(grad_ours, grad_reference)
+    assert (grad_ours != 0).any() and (grad_ours == 0).any()
