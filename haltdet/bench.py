@@ -166,13 +166,15 @@ def bench_cloud(seed: int, points: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([cloud, scatter.astype(np.float32)]))
 
 
-def load_spec(spec: str, device):
-    """A model from `NAME` or `NAME@T[,T2...]` (halting thresholds for this run)."""
+def load_spec(spec: str, device, settings: dict | None = None):
+    """A model from `NAME` or `NAME@T[,T2...]` (halting thresholds for this run), with
+    inference `settings` (`Detector.configure`) applied first."""
     from haltdet import InputError
     from haltdet.checkpoint import load_model
 
     name, _, thresholds = str(spec).partition("@")
     model = load_model(name, device)[0]
+    model.configure(**(settings or {}))
     if thresholds:
         if not model.halting:
             raise InputError(f"{name}: '@{thresholds}' sets halting thresholds, but the model has no halting")
@@ -186,8 +188,10 @@ def load_spec(spec: str, device):
 
 def run_benchmark(args) -> dict:
     """`haltdet bench`: `benchmark` with the command's arguments, printed and written."""
+    from haltdet.config import inference_overrides
+
     report = benchmark(args.checkpoint, args.frames, args.points, args.warmup, args.device, args.threads,
-                       args.encoder_peer == "flat")
+                       args.encoder_peer == "flat", inference_overrides(args.set))
     _print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -196,16 +200,16 @@ def run_benchmark(args) -> dict:
 
 
 def benchmark(specs: list[str], frames: int = 5, points: int = 0, warmup: int = 1, device="cpu",
-              threads: int = 0, encoder_peer: bool = False) -> dict:
+              threads: int = 0, encoder_peer: bool = False, settings: dict | None = None) -> dict:
     """Time the models `specs` (`NAME` or `NAME@T[,T2..]`) on the same `frames` synthetic
     frames, interleaved frame by frame; threads 0: torch's default. encoder_peer: also
     time the FlatFormer-style peer encoder (`flat_group_encoder`) with the first model's
-    weights on its tokens."""
+    weights on its tokens. settings: inference settings for every model (`Detector.configure`)."""
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device)
     names = list(specs)
-    models = [load_spec(name, device) for name in names]
+    models = [load_spec(name, device, settings) for name in names]
     clouds = [bench_cloud(10_000 + i, points) for i in range(frames)]
     for model in models:  # warm-up: allocator, thread pools, lazy init
         for cloud in clouds[:warmup]:

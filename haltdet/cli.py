@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from haltdet import CLASSES, HaltdetError, InputError, __version__
+from haltdet.config import INFERENCE_SETTINGS
 
 DEFAULT_CHECKPOINT = "halting"
 DEMO_SEED = 20261124  # not a seed of the training or validation splits
@@ -26,6 +27,17 @@ def _device(name: str) -> str:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HaltdetError(f"--device {name}: CUDA is not available on this machine")
     return name
+
+
+def _load_model(args):
+    """The model of `--checkpoint` on `--device`, with the `--set` inference settings."""
+    from haltdet.checkpoint import load_model
+    from haltdet.config import inference_overrides
+
+    settings = inference_overrides(args.set)  # a bad --set fails before the model loads
+    model, config = load_model(args.checkpoint, _device(args.device))
+    model.configure(**settings)
+    return model, config
 
 
 def _data_frame_ids(source, spec, wanted: list[str] | None) -> list[str]:
@@ -50,12 +62,11 @@ def _is_data_spec(text: str) -> bool:
 def cmd_demo(args) -> None:
     import torch
 
-    from haltdet.checkpoint import load_model
     from haltdet.data.synth import simulate_frame
     from haltdet.model.pillars import PointBatch
     from haltdet.viz import draw_bev, draw_halting
 
-    model, config = load_model(args.checkpoint, _device(args.device))
+    model, config = _load_model(args)
     gt_boxes = gt_labels = None
     if args.input and _is_data_spec(args.input):
         from haltdet.data.formats import open_data
@@ -149,11 +160,10 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from haltdet.checkpoint import load_model
     from haltdet.evaluate import format_table, result_to_json
     from haltdet.predict import evaluate_model
 
-    model, config = load_model(args.checkpoint, _device(args.device))
+    model, config = _load_model(args)
     if (args.threshold or args.keep_ratio or args.max_tokens is not None) and not model.halting:
         raise HaltdetError(f"{args.checkpoint}: --threshold/--keep-ratio/--max-tokens need a "
                            "halting model; this one has no halting stages")
@@ -199,7 +209,6 @@ def cmd_detect(args) -> None:
     import torch
     from tqdm import tqdm
 
-    from haltdet.checkpoint import load_model
     from haltdet.data.formats import open_data
     from haltdet.data.frames import load_points_file
     from haltdet.predict import detect_points
@@ -210,7 +219,7 @@ def cmd_detect(args) -> None:
         raise InputError("detect: --frame needs --data")
     if not 0 <= args.min_score <= 1:
         raise InputError(f"detect: --min-score must be in [0, 1], got {args.min_score}")
-    model, _ = load_model(args.checkpoint, _device(args.device))
+    model, _ = _load_model(args)
     if args.data is not None:
         data = open_data(args.data)
         ids = _data_frame_ids(data, args.data, args.frame)
@@ -263,11 +272,10 @@ def cmd_convert(args) -> None:
 
 
 def cmd_diagnose(args) -> None:
-    from haltdet.checkpoint import load_model
     from haltdet.diagnose import RESIDUALS, oracle_table, residual_table
     from haltdet.predict import predict_dataset
 
-    model, _ = load_model(args.checkpoint, _device(args.device))
+    model, _ = _load_model(args)
     predictions, ground_truth, _ = predict_dataset(model, args.data, device=args.device,
                                                    progress=not args.quiet)
     rows = oracle_table(predictions, ground_truth)
@@ -340,7 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads for torch (default 0: OMP_NUM_THREADS if set, else torch's default, "
                              "one per core); on a shared machine fewer threads than cores avoid oversubscription")
 
-    p = sub.add_parser("demo", parents=[common], help="detect objects in a synthetic frame with the bundled model")
+    # Options of the commands that run a model.
+    inference = argparse.ArgumentParser(add_help=False)
+    inference.add_argument("--set", action="append", metavar="model.KEY=VALUE",
+                           help="change an inference setting of the model, in YAML syntax (repeatable), e.g. "
+                                f"--set model.score_threshold=0.3; KEY: {', '.join(INFERENCE_SETTINGS)}")
+
+    p = sub.add_parser("demo", parents=[common, inference], help="detect objects in a synthetic frame with the bundled model")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint file or bundled name")
     p.add_argument("--seed", type=int, default=DEMO_SEED, help="seed of the synthetic frame")
     p.add_argument("--input", help="a points file, or data (FORMAT:PATH or a dataset directory) whose "
@@ -389,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", parents=[common], help="Waymo-style AP/APH of a checkpoint on a dataset")
+    p = sub.add_parser("eval", parents=[common, inference], help="Waymo-style AP/APH of a checkpoint on a dataset")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--data", required=True, help="dataset directory or FORMAT:PATH (e.g. kitti:DIR)")
     p.add_argument("--json", help="write the metrics here")
@@ -413,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the metrics here")
     p.set_defaults(func=cmd_eval_boxes)
 
-    p = sub.add_parser("detect", parents=[common], help="detect objects in a points file or in frames of a dataset")
+    p = sub.add_parser("detect", parents=[common, inference], help="detect objects in a points file or in frames of a dataset")
     p.add_argument("points", nargs="?", help=".bin (float32 rows), .pcd.bin (nuScenes), .pcd (PCL), .ply, .npy, "
                                              ".npz frame, .txt/.csv")
     p.add_argument("--data", help="instead of a points file: dataset directory or FORMAT:PATH")
@@ -440,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("diagnose", parents=[common],
+    p = sub.add_parser("diagnose", parents=[common, inference],
                        help="where accuracy goes: how much AP each box error (xy, z, size, yaw) "
                             "costs, and the errors' bias and spread per class")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
@@ -471,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pareto)
 
-    p = sub.add_parser("bench", parents=[common], help="latency, throughput and memory of models, against the first")
+    p = sub.add_parser("bench", parents=[common, inference], help="latency, throughput and memory of models, against the first")
     p.add_argument("--checkpoint", action="append",
                    help="checkpoint to time, NAME or NAME@THRESHOLD for a halting model; repeat to compare "
                         "(ratios are against the first); default: the bundled baseline, then the bundled "

@@ -393,6 +393,25 @@ def _read_with_base(path: Path, chain: list[Path]) -> dict:
     return merged
 
 
+# ModelConfig keys that change inference only (`Detector.configure`, `--set` of the
+# inference commands).
+INFERENCE_SETTINGS = ("halting_threshold", "halting_keep_ratio", "halting_max_tokens", "score_threshold",
+                      "max_detections", "nms_iou", "refine_passes", "refine_min_score", "refine_mirror")
+
+
+def inference_overrides(overrides: list[str] | None) -> dict:
+    """`--set model.KEY=VALUE` of the inference commands -> {KEY: value} for
+    `Detector.configure` (which checks that each KEY is an inference setting)."""
+    values: dict = {}
+    for override in overrides or []:
+        apply_override(values, override)
+    other = sorted(set(values) - {"model"})
+    if other:
+        raise ConfigError(f"--set {other[0]}.*: at inference only model settings can change "
+                          "(e.g. --set model.score_threshold=0.3)")
+    return values.get("model", {})
+
+
 def apply_override(values: dict, override: str) -> None:
     """Set `section.key=value` (value parsed as YAML) in a config's raw mapping."""
     key, sep, text = override.partition("=")
@@ -405,7 +424,8 @@ def apply_override(values: dict, override: str) -> None:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {override!r}: the value is not valid YAML: {err}") from None
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({problem})") from None
     target = values.setdefault(section, {})
     if not isinstance(target, dict):
         raise ConfigError(f"config section '{section}' must be a mapping")

@@ -395,3 +395,31 @@ def test_pathological_inputs_are_one_line_errors(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
+
+
+def test_inference_commands_take_set_for_inference_settings(tmp_path, capsys):
+    """`--set model.KEY=VALUE` changes an inference setting of detect/eval/demo/diagnose/bench;
+    anything else is a one-line error before any work."""
+    from haltdet.data.synth import simulate_frame
+
+    np.save(tmp_path / "frame.npy", np.asarray(simulate_frame(7).points, dtype=np.float32))
+    counts = {}
+    for cap in ("100", "5"):
+        out = tmp_path / f"det{cap}.json"
+        assert main(["detect", "--checkpoint", "baseline", str(tmp_path / "frame.npy"), "--json", str(out),
+                     "--set", f"model.max_detections={cap}"]) == 0
+        counts[cap] = len(json.loads(out.read_text())["frames"][0]["boxes"])
+    assert counts["5"] == 5 < counts["100"]
+    capsys.readouterr()
+    for argv, message in [
+        (["--set", "model.d_model=32"], "not inference settings: d_model"),
+        (["--set", "train.lr=0.1"], "only model settings"),
+        (["--set", "model.max_detections"], "expected section.key=value"),
+        (["--set", "model.score_threshold=[oops"], "not valid YAML"),
+    ]:
+        assert main(["detect", "--checkpoint", "baseline", str(tmp_path / "frame.npy"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    for command in (["eval", "--data", "x"], ["demo"], ["diagnose", "--data", "x"], ["bench"]):
+        assert main([*command, "--set", "model.d_model=32"]) == 2
+        assert "not inference settings: d_model" in capsys.readouterr().err

@@ -11,11 +11,7 @@ from torch import nn
 
 from haltdet.boxes import points_in_boxes
 from haltdet import ConfigError
-from haltdet.config import ModelConfig, per_stage
-
-# ModelConfig keys that change inference only (`Detector.configure`).
-INFERENCE_SETTINGS = ("halting_threshold", "halting_keep_ratio", "halting_max_tokens", "score_threshold",
-                      "max_detections", "nms_iou", "refine_passes", "refine_min_score", "refine_mirror")
+from haltdet.config import INFERENCE_SETTINGS, ModelConfig, per_stage
 from haltdet.data.frames import validate_points
 from haltdet.model.encoder import EncoderOutput, SparseWindowEncoder
 from haltdet.model.halting import sparsity_loss, token_statistics, token_weights
