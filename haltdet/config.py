@@ -21,6 +21,8 @@ from haltdet import ConfigError
 PRESET_DIR = Path(__file__).parent / "configs"
 # Which entries of the halting training pass carry the gate's gradient (haltdet/model/halting.py).
 GRADIENT_PATHS = ("both", "attention", "residual", "hard")
+# threshold: the method; act: cumulative halting (A-ViT-style peer, haltdet/model/halting.py)
+HALTING_RULES = ("threshold", "act")
 
 
 @dataclass
@@ -63,6 +65,9 @@ class ModelConfig:
     halting_keep_ratio: list[float] = field(default_factory=list)  # per stage; overrides threshold
     halting_max_tokens: int = 0  # per frame and stage; 0 = no cap
     halting_scorer: str = "mlp"  # mlp (per token) | bev (token + 3x3 BEV context) | random (drop at random)
+    # threshold (the method) | act (cumulative halting probabilities, mean-field output and a
+    # ponder cost as the sparsity loss: the A-ViT peer; halting_threshold is the cumulative level)
+    halting_rule: str = "threshold"
     recycling: bool = True  # halted tokens reach the BEV map with their last feature
     # training pass: which entries carry the halting gate's gradient (haltdet/model/halting.py):
     # both (attention weights and residual updates) | attention | residual | hard (removal)
@@ -143,6 +148,10 @@ class ModelConfig:
                "must be 'mlp', 'bev' or 'random'")
         _check(self.halting_gradient in GRADIENT_PATHS, "model.halting_gradient",
                f"must be one of {', '.join(GRADIENT_PATHS)}")
+        _check(self.halting_rule in HALTING_RULES, "model.halting_rule", f"must be one of {', '.join(HALTING_RULES)}")
+        _check(self.halting_rule != "act" or (not self.halting_keep_ratio and not self.halting_max_tokens
+                                              and self.halting_scorer != "random"),
+               "model.halting_rule", "act decides by cumulative probability: no keep ratios, cap or random scorer")
         _check(len(self.refine_channels) >= 1 and min(self.refine_channels) >= 1, "model.refine_channels",
                "needs at least one positive width")
         _check(self.refine_points >= 1, "model.refine_points", "must be >= 1")

@@ -3,7 +3,7 @@
 import pytest
 
 from haltdet import ConfigError
-from haltdet.config import load_config
+from haltdet.config import ModelConfig, load_config
 
 
 def test_presets_inherit_and_change_only_what_they_name():
@@ -51,8 +51,16 @@ def test_peer_presets_build_models():
 
     for name, check in (("peer_topk", lambda m: m.halting_keep_ratio == [0.1, 0.6] and m.halting_scorer == "mlp"),
                         ("peer_coarse", lambda m: m.grid_size() == (256, 256)),
-                        ("peer_random", lambda m: m.halting_scorer == "random")):
+                        ("peer_random", lambda m: m.halting_scorer == "random"),
+                        ("peer_act", lambda m: m.halting_rule == "act" and m.halting_threshold == [0.99])):
         config = load_config(name)
         assert check(config.model), name
         Detector(config.model)
     assert load_config("peer_coarse", ["model.pillar_size=0.64"]).model.grid_size() == (192, 192)
+
+
+@pytest.mark.parametrize("knob", [{"halting_keep_ratio": [0.5, 0.5]}, {"halting_max_tokens": 100},
+                                  {"halting_scorer": "random"}, {"halting_rule": "sometimes"}])
+def test_act_rule_refuses_what_it_cannot_use(knob):
+    with pytest.raises(ConfigError, match="model.halting_rule"):
+        ModelConfig(halting_layers=[2, 4], **{"halting_rule": "act", **knob}).validate()

@@ -13,6 +13,7 @@ from haltdet.boxes import points_in_boxes
 from haltdet import ConfigError
 from haltdet.config import INFERENCE_SETTINGS, ModelConfig, per_stage
 from haltdet.data.frames import validate_points
+from haltdet.distributed import batch_count
 from haltdet.model.encoder import EncoderOutput, SparseWindowEncoder
 from haltdet.model.halting import sparsity_loss, token_statistics, token_weights
 from haltdet.model.head import (BEVBackbone, CenterHead, Detections, HeadTargets, build_targets,
@@ -53,7 +54,7 @@ class Detector(nn.Module):
         self.encoder = SparseWindowEncoder(config.d_model, config.num_heads, config.ffn_dim,
                                            config.num_layers, config.window_size, config.dropout,
                                            config.halting_layers, config.halting_scorer, self.grid,
-                                           config.halting_gradient, config.halting_secant)
+                                           config.halting_gradient, config.halting_secant, config.halting_rule)
         self.second_stage = True  # False: decode scores the first stage's boxes alone
         self.configure()
         # Embedding of the stage at which a token halted (last row: never halted).
@@ -254,8 +255,11 @@ class Detector(nn.Module):
     def sparsity_loss(self, output: DetectorOutput, train, foreground: torch.Tensor | None) -> torch.Tensor:
         """The token sparsity loss (`halting.sparsity_loss`): per-token weights from
         `foreground` (bool (T,): pillar inside a ground-truth box enlarged by
-        train.sparsity_margin; None: no boxes), one weight if uniform."""
+        train.sparsity_margin; None: no boxes), one weight if uniform. Under the act rule
+        the tokens' mean ponder cost."""
         encoded = output.encoded
+        if encoded.ponder is not None:  # the act rule: its ponder cost, uniform as published
+            return encoded.ponder.sum() / batch_count(encoded.ponder.new_tensor(encoded.ponder.numel()))
         if train.sparsity_uniform or foreground is None:
             foreground = torch.zeros_like(encoded.halted_at, dtype=torch.bool)
             balance = None

@@ -237,12 +237,15 @@ class EncoderOutput:
       stage; in the removal pass also for tokens never scored). Training uses them.
     gate: (T,) float gate after the last stage, 1 = active to the end. Its forward value
       is exactly 0/1; in the masked pass its gradient reaches the scores (haltdet/model/halting.py).
+    ponder: (T,) the ponder cost of each token under the act rule (`CumulativeHalting`,
+      whose mixed outputs are then the features), else None.
     """
 
     features: torch.Tensor
     halted_at: torch.Tensor
     scores: list[torch.Tensor]
     gate: torch.Tensor
+    ponder: torch.Tensor | None = None
 
 
 class SparseWindowEncoder(nn.Module):
@@ -261,13 +264,13 @@ class SparseWindowEncoder(nn.Module):
     def __init__(self, d_model: int, num_heads: int, ffn_dim: int, num_layers: int,
                  window_size: int, dropout: float = 0.0, halting_layers: list[int] | None = None,
                  scorer: str = "mlp", grid: tuple[int, int] | None = None, gradient: str = "both",
-                 secant: bool = True):
+                 secant: bool = True, rule: str = "threshold"):
         super().__init__()
         self.d_model = d_model
         self.window_size = window_size
         self.layers = nn.ModuleList(
             EncoderLayer(d_model, num_heads, ffn_dim, dropout) for _ in range(num_layers))
-        self.halting = TokenHalting(d_model, halting_layers or [], scorer, grid, gradient, secant)
+        self.halting = TokenHalting(d_model, halting_layers or [], scorer, grid, gradient, secant, rule)
         self._register_load_state_dict_pre_hook(_rename_scorers)
 
     def shift_of_layer(self, layer: int) -> int:
@@ -298,10 +301,12 @@ class SparseWindowEncoder(nn.Module):
         active = torch.ones(num_tokens, dtype=torch.bool, device=x.device)
         gate = torch.ones(num_tokens, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         all_scores = []
+        state = halting.start(x)
+        index = torch.arange(num_tokens, device=x.device)
         for i, layer in enumerate(self.layers):
             stage = halting.stage_before(i)
             if stage is not None:
-                decision = halting(stage, x, coords, active, batch_size)
+                decision = halting(stage, x, coords, active, batch_size, state, index)
                 halted_at[active & ~decision.keep] = i
                 # A stage's factor joins the gates of the tokens it decided on only: a token
                 # halted earlier keeps the gate of the decision that halted it.
@@ -315,7 +320,10 @@ class SparseWindowEncoder(nn.Module):
             updated = layer(x, partition, gate if halting.attention_path else active, halting.secant)
             g = (gate if halting.residual_path else active.float()).to(x.dtype)[:, None]
             x = g * updated + (1 - g) * x
-        return EncoderOutput(x, halted_at, all_scores, gate)
+        if state is None:
+            return EncoderOutput(x, halted_at, all_scores, gate)
+        rows = active.nonzero().squeeze(1)
+        return EncoderOutput(state.finish(rows, x[rows]), halted_at, all_scores, gate, state.ponder)
 
     def _forward_removal(self, x, coords, batch_size) -> EncoderOutput:
         num_tokens = x.shape[0]
@@ -327,11 +335,12 @@ class SparseWindowEncoder(nn.Module):
         # Training with the "hard" gradient: the survivors' updates carry their gates.
         alive_gate = torch.ones(num_tokens, device=x.device) if self.training and torch.is_grad_enabled() else None
         all_scores = []
+        state = self.halting.start(x)
         for i, layer in enumerate(self.layers):
             stage = self.halting.stage_before(i)
             if stage is not None:
                 everyone = torch.ones(alive.numel(), dtype=torch.bool, device=x.device)
-                decision = self.halting(stage, x, alive_coords, everyone, batch_size)
+                decision = self.halting(stage, x, alive_coords, everyone, batch_size, state, alive)
                 keep = decision.keep
                 stage_scores = torch.zeros(num_tokens, dtype=decision.scores.dtype, device=x.device)
                 all_scores.append(stage_scores.index_copy(0, alive, decision.scores))
@@ -348,10 +357,10 @@ class SparseWindowEncoder(nn.Module):
             else:
                 g = alive_gate.to(x.dtype)[:, None]
                 x = g * updated + (1 - g) * x
-        features = features.index_copy(0, alive, x)
+        features = features.index_copy(0, alive, x) if state is None else state.finish(alive, x)
         gate = torch.zeros(num_tokens, dtype=torch.float32, device=x.device)
         gate[alive] = 1.0
-        return EncoderOutput(features, halted_at, all_scores, gate)
+        return EncoderOutput(features, halted_at, all_scores, gate, None if state is None else state.ponder)
 
 
 def _rename_scorers(state_dict, prefix, *args) -> None:

@@ -29,6 +29,10 @@ enters twice (`TokenHalting.gradient` chooses which entries carry the gradient):
 
 `hard` removes halted tokens in training too: only the survivors' residual factors carry a
 gradient, nothing reaches a halted token's score but the sparsity loss.
+
+`CumulativeHalting` is a peer rule on the same scorers (`halting_rule: act`): adaptive
+computation time as A-ViT applies it to tokens, with cumulative halting probabilities, a
+mean-field output and a ponder cost instead of a threshold and a gate.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from haltdet.config import GRADIENT_PATHS
+from haltdet.config import GRADIENT_PATHS, HALTING_RULES
 from haltdet.distributed import batch_count
 
 
@@ -155,6 +159,54 @@ class StageDecision:
     factor: torch.Tensor
 
 
+class CumulativeHalting:
+    """The state of ACT-style cumulative halting over one encoder pass (`halting_rule: act`,
+    A-ViT's rule on this encoder's halting stages), for the token set of the pass.
+
+    At each stage an active token's halting probability is h = 1 - score (the scorers
+    start near score 0.95, so nothing halts at first); it halts at the stage where the sum
+    of its probabilities reaches the stage threshold (A-ViT: 1 - eps, 0.99). Its output is
+    the mean-field mixture of its features at the points where it was scored: h times the
+    feature at every stage it passes, the remainder R = 1 - (the sum of its earlier h) at
+    the stage where it halts, or on the final feature if it never does. The detection loss
+    reaches the probabilities through the mixture; the ponder cost (stages passed + R)
+    pushes them up. Halted tokens leave attention as under the threshold rule (no gate
+    gradient). Both encoder passes give the same values.
+
+    All tensors are indexed by token of the pass: `index` arguments say which tokens the
+    rows of `x` and `score` are.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        n = x.shape[0]
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        self.cumulative = torch.zeros(n, dtype=dtype, device=x.device)
+        self.remainder = torch.ones(n, dtype=dtype, device=x.device)
+        self.output = torch.zeros_like(x)
+        self.ponder = torch.zeros(n, dtype=dtype, device=x.device)
+
+    def stage(self, index: torch.Tensor, x: torch.Tensor, score: torch.Tensor, threshold: float) -> torch.Tensor:
+        """One stage for the tokens `index` (features x, scores): which of them continue."""
+        halting = 1 - score
+        cumulative = self.cumulative[index] + halting
+        keep = cumulative.detach() < threshold
+        remainder = self.remainder[index]
+        weight = torch.where(keep, halting, remainder)
+        self.output = self.output.index_add(0, index, weight[:, None].to(x.dtype) * x)
+        self.ponder = self.ponder.index_add(0, index, torch.where(keep, 1.0, remainder))
+        self.cumulative = self.cumulative.index_put((index,), cumulative)
+        self.remainder = self.remainder.index_put((index,), torch.where(keep, remainder - halting, remainder))
+        return keep
+
+    def finish(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """After the last layer, for the tokens `index` still active (features x): the
+        mixed output of every token (T, C)."""
+        remainder = self.remainder[index]
+        self.output = self.output.index_add(0, index, remainder[:, None].to(x.dtype) * x)
+        self.ponder = self.ponder.index_add(0, index, remainder)
+        return self.output
+
+
 class TokenHalting(nn.Module):
     """The halting stages of an encoder: scorers, decision knobs and the training gate.
 
@@ -166,13 +218,19 @@ class TokenHalting(nn.Module):
       make rather than the unbounded derivative at gate 0 (`encoder.gated_attention`).
     relaxation: None, or a temperature T: every token's factor becomes the smooth
       sigmoid((score - threshold) / T) and nothing is removed (`haltdet gradcheck`).
+    rule: "threshold" (the method) or "act" (`CumulativeHalting`, whose thresholds are the
+      cumulative halting levels; the gate then carries no gradient).
     """
 
     def __init__(self, d_model: int, halting_layers: list[int], scorer: str = "mlp",
-                 grid: tuple[int, int] | None = None, gradient: str = "both", secant: bool = True):
+                 grid: tuple[int, int] | None = None, gradient: str = "both", secant: bool = True,
+                 rule: str = "threshold"):
         super().__init__()
         if gradient not in GRADIENT_PATHS:
             raise ValueError(f"halting gradient must be one of {GRADIENT_PATHS}, got {gradient!r}")
+        if rule not in HALTING_RULES:
+            raise ValueError(f"halting rule must be one of {HALTING_RULES}, got {rule!r}")
+        self.rule = rule
         self.halting_layers = list(halting_layers)
         self.scorers = nn.ModuleList(
             TokenScorer(d_model) if scorer == "mlp" else BEVContextScorer(d_model, grid) if scorer == "bev"
@@ -191,8 +249,14 @@ class TokenHalting(nn.Module):
         """The stage that decides right before `layer` runs (after `layer` layers), or None."""
         return self.halting_layers.index(layer) if layer in self.halting_layers else None
 
+    def start(self, x: torch.Tensor) -> CumulativeHalting | None:
+        """The per-pass state of the rule for the tokens `x` (None: the threshold rule has none)."""
+        return CumulativeHalting(x) if self.rule == "act" and len(self) else None
+
     @property
     def attention_path(self) -> bool:
+        if self.rule == "act":
+            return False
         return self.relaxation is not None or self.gradient in ("both", "attention")
 
     @property
@@ -207,13 +271,23 @@ class TokenHalting(nn.Module):
 
     @property
     def residual_path(self) -> bool:
+        if self.rule == "act":
+            return False
         return self.relaxation is not None or self.gradient in ("both", "residual")
 
     def forward(self, stage: int, x: torch.Tensor, coords: torch.Tensor, active: torch.Tensor,
-                batch_size: int) -> StageDecision:
-        """Score the active tokens `x` (T, C) at `coords` (T, 3) and decide which stay."""
+                batch_size: int, state: CumulativeHalting | None = None,
+                index: torch.Tensor | None = None) -> StageDecision:
+        """Score the active tokens `x` (T, C) at `coords` (T, 3) and decide which stay.
+        With the act rule, `state` is the pass's `start` and `index` (T,) the pass's
+        token index of each row of `x`."""
         scores = self.scorers[stage](x, coords, active, batch_size) * active
         threshold = self.thresholds[stage]
+        if state is not None:
+            rows = active.nonzero().squeeze(1)
+            keep = torch.zeros_like(active)
+            keep[rows] = state.stage(index[rows], x[rows], scores[rows], threshold)
+            return StageDecision(scores, keep, keep.to(scores.dtype))
         if self.relaxation is not None:
             return StageDecision(scores, active, torch.sigmoid((scores - threshold) / self.relaxation))
         ratio = self.keep_ratios[stage] if self.keep_ratios else None

@@ -310,3 +310,56 @@ def test_random_dropping_is_fixed_at_inference_and_fresh_in_training():
     torch.manual_seed(1)
     assert not torch.equal(drawn, model.encoder.halting.scorers[0](tokens.features, tokens.coords, None, 2))
     assert not list(model.encoder.halting.parameters())
+
+
+def test_cumulative_halting_by_hand():
+    """ACT-style halting: halting probabilities 1 - score add up; a token halts where the
+    sum reaches the level; its output mixes its features with weights h on the stages it
+    passes and the remainder where it stops (they sum to 1); ponder = stages passed + R."""
+    from haltdet.model.halting import CumulativeHalting
+
+    x0 = torch.tensor([[1.0], [2.0], [3.0]])
+    state = CumulativeHalting(x0)
+    index = torch.arange(3)
+    keep = state.stage(index, x0, torch.tensor([0.9, 0.2, 0.6]), 0.99)  # h = 0.1, 0.8, 0.4
+    assert keep.tolist() == [True, True, True]
+    x1 = x0 * 10
+    keep = state.stage(index, x1, torch.tensor([0.5, 0.7, 0.3]), 0.99)  # sums 0.6, 1.1, 1.1
+    assert keep.tolist() == [True, False, False]
+    output = state.finish(index[:1], x1[:1] * 10)
+    # token 0: 0.1 * 1 + 0.5 * 10 + (1 - 0.6) * 100; token 1: 0.8 * 2 + 0.2 * 20; token 2: 0.4 * 3 + 0.6 * 30
+    torch.testing.assert_close(output.squeeze(1), torch.tensor([45.1, 5.6, 19.2]))
+    torch.testing.assert_close(state.ponder, torch.tensor([2.4, 1.2, 1.6]))
+
+
+@pytest.mark.parametrize("level", [0.5, 0.9])
+def test_cumulative_halting_masked_equals_removal_and_trains_the_scores(level):
+    model = make_model(3, halting_rule="act", halting_threshold=[level])
+    with torch.no_grad():
+        masked = model(BATCH, masked=True).encoded
+        removed = model(BATCH, masked=False).encoded
+    assert set(removed.halted_at.unique().tolist()) == {1, 3, 4}  # both stages halt some, some run on
+    assert torch.equal(masked.halted_at, removed.halted_at)
+    torch.testing.assert_close(masked.features, removed.features, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked.ponder, removed.ponder)
+    # The detection side reaches the first stage's scores through the mixed outputs, also
+    # for tokens that stopped at the second stage; the ponder cost pushes scores down.
+    model.train()
+    tokens = model.pillar_net(BATCH)
+    encoded = model.encoder(tokens.features, tokens.coords, 2)
+    first_scores = encoded.scores[0]
+    grad, = torch.autograd.grad(encoded.features.square().sum(), first_scores, retain_graph=True)
+    assert (grad[encoded.halted_at == 3] != 0).all()
+    grad, = torch.autograd.grad(encoded.ponder.sum(), first_scores)
+    assert (grad[encoded.halted_at > 1] > 0).all()  # d(R)/d(score) = +1 for every earlier stage
+
+
+def test_act_rule_loss_is_the_mean_ponder_cost_and_reaches_every_parameter():
+    model = make_model(4, halting_rule="act", halting_threshold=[0.7]).train()
+    output = model(BATCH)
+    targets = model.targets([np.zeros((0, 7), np.float32)] * 2, [np.zeros(0, np.int64)] * 2)
+    losses = model.loss(output, targets, TrainConfig(sparsity_weight=0.5))
+    torch.testing.assert_close(losses["sparsity"], output.encoded.ponder.mean().detach())
+    losses["loss"].backward()
+    unused = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not unused, unused
