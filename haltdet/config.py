@@ -381,7 +381,7 @@ def _read_with_base(path: Path, chain: list[Path]) -> dict:
     try:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(err)})") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read the config ({err})") from None
     values = values or {}
@@ -400,6 +400,13 @@ def _read_with_base(path: Path, chain: list[Path]) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what and where (PyYAML's own message spans several)."""
+    problem = getattr(err, "problem", None) or type(err).__name__
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 # ModelConfig keys that change inference only (`Detector.configure`, `--set` of the
@@ -433,8 +440,7 @@ def apply_override(values: dict, override: str) -> None:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or type(err).__name__
-        raise ConfigError(f"override {override!r}: the value is not valid YAML ({problem})") from None
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({yaml_problem(err)})") from None
     target = values.setdefault(section, {})
     if not isinstance(target, dict):
         raise ConfigError(f"config section '{section}' must be a mapping")

@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from haltdet import InputError
+from haltdet.config import yaml_problem
 
 METHODS = ("baseline", "halting", "random", "topk", "act", "coarse", "size", "ablation")
 BENCH_KEYS = {"frames": 20, "threads": 0, "warmup": 1, "points": 0, "device": "cpu"}
@@ -43,7 +44,7 @@ def load_spec(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: cannot read the spec ({err})") from None
     except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML: {err}") from None
+        raise InputError(f"{path}: not valid YAML ({yaml_problem(err)})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("points"), list) or not spec["points"]:
         raise InputError(f"{path}: a spec needs 'data' and a non-empty list 'points'")
     if not isinstance(spec.get("data"), str):

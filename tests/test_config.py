@@ -64,3 +64,10 @@ def test_peer_presets_build_models():
 def test_act_rule_refuses_what_it_cannot_use(knob):
     with pytest.raises(ConfigError, match="model.halting_rule"):
         ModelConfig(halting_layers=[2, 4], **{"halting_rule": "act", **knob}).validate()
+
+
+def test_malformed_yaml_is_one_line_saying_where(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model:\n  d_model: [3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "bad.yaml")
+    assert "not valid YAML" in str(err.value) and "line 3" in str(err.value) and "\n" not in str(err.value)
