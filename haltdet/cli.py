@@ -175,7 +175,8 @@ def cmd_eval(args) -> None:
                     refine_mirror=args.refine_mirror, second_stage=False if args.first_stage else None)
     two_stage = model.refiner is not None and model.second_stage
     start = time.perf_counter()
-    result = evaluate_model(model, args.data, args.batch_size, args.device, progress=not args.quiet)
+    result = evaluate_model(model, args.data, args.batch_size, args.device, progress=not args.quiet,
+                            bootstrap=args.bootstrap)
     result["checkpoint"] = str(args.checkpoint)
     result["data"] = str(args.data)
     result["halting"] = {"layers": config.model.halting_layers, "thresholds": model.encoder.halting.thresholds,
@@ -191,6 +192,10 @@ def cmd_eval(args) -> None:
               f"active per layer {[round(a) for a in tokens['active_per_layer']]}; token-layers executed "
               f"{tokens['token_layers']:.3f} (foreground {tokens['foreground_token_layers']:.3f}, "
               f"background {tokens['background_token_layers']:.3f})")
+    if "bootstrap" in result:
+        b = result["bootstrap"]
+        print(f"evaluation noise: mAPH_L2 over {b['samples']} resampled sets of the {result['num_frames']} frames: "
+              f"std {b['mAPH_L2_std']:.4f}, 5-95 % {b['mAPH_L2_p5']:.4f}-{b['mAPH_L2_p95']:.4f}")
     if args.json:
         Path(args.json).write_text(result_to_json(result))
         print(f"metrics written to {args.json}")
@@ -412,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, nargs="+", help="halting threshold(s): one, or one per stage")
     p.add_argument("--keep-ratio", type=float, nargs="+", help="keep ratio(s) per stage instead of thresholds")
     p.add_argument("--max-tokens", type=int, help="cap on active tokens per frame at each stage (0: none)")
+    p.add_argument("--bootstrap", type=_count(0), default=0, metavar="N",
+                   help="also the split's evaluation noise: the spread of mAPH_L2 over N sets of frames "
+                        "drawn from it with replacement (default 0: off)")
     p.add_argument("--first-stage", action="store_true",
                    help="score the head's boxes without the model's second stage (refiner)")
     p.add_argument("--refine-passes", type=_count(1), help="refinement passes (default: the model's)")

@@ -218,7 +218,7 @@ def _index_frames(frames: list[FrameBoxes], what: str, need_scores: bool) -> dic
     return out
 
 
-def evaluate(gt: list[FrameBoxes], pred: list[FrameBoxes]) -> dict:
+def evaluate(gt: list[FrameBoxes], pred: list[FrameBoxes], bootstrap: int = 0, seed: int = 0) -> dict:
     """Waymo-style AP / APH of predictions against ground truth (see the module docstring).
 
     Frames are matched by ``frame_id``; a prediction frame without a ground truth frame is
@@ -230,6 +230,9 @@ def evaluate(gt: list[FrameBoxes], pred: list[FrameBoxes]) -> dict:
         "LEVEL_1", "LEVEL_2" (AP/APH NaN when num_gt is 0), plus "mAP_L1", "mAPH_L1",
         "mAP_L2", "mAPH_L2" (means over classes with ground truth at that level; NaN if
         none) and "num_frames" (number of ground truth frames).
+        With ``bootstrap`` > 0 also "bootstrap": the evaluation noise of the split, the
+        spread of mAPH_L2 over that many sets of frames drawn from it with replacement
+        (``seed``): {"samples", "seed", "mAPH_L2_std", "mAPH_L2_p5", "mAPH_L2_p95"}.
     """
     gt_by_id = _index_frames(gt, "ground truth", need_scores=False)
     pred_by_id = _index_frames(pred, "predictions", need_scores=True)
@@ -238,13 +241,43 @@ def evaluate(gt: list[FrameBoxes], pred: list[FrameBoxes]) -> dict:
         raise InputError(
             f"predictions: {len(unknown)} frame(s) have no ground truth frame, e.g. {unknown[0]!r}"
         )
+    frame_stats = _frame_statistics(gt_by_id, pred_by_id)
+    if bootstrap > 0 and len(gt_by_id):  # keep every frame's statistics to resample them
+        totals, num_gt, num_pred = (np.stack(x) for x in zip(*frame_stats))
+        result = _metrics(totals.sum(0), num_gt.sum(0), num_pred.sum(0))
+    else:
+        sums = [np.zeros((len(CLASSES), len(SCORE_CUTOFFS), 5)), np.zeros((len(CLASSES), 2), np.int64),
+                np.zeros(len(CLASSES), np.int64)]
+        for stats in frame_stats:
+            for total, x in zip(sums, stats):
+                total += x
+        result = _metrics(*sums)
+    result["num_frames"] = len(gt_by_id)
+    if bootstrap > 0 and len(gt_by_id):
+        rng = np.random.default_rng(seed)
+        frames = len(gt_by_id)
+        values = []
+        for _ in range(bootstrap):
+            weight = np.bincount(rng.integers(0, frames, frames), minlength=frames)
+            values.append(_metrics(np.tensordot(weight, totals, 1), np.tensordot(weight, num_gt, 1),
+                                   np.tensordot(weight, num_pred, 1))["mAPH_L2"])
+        values = np.array(values)
+        result["bootstrap"] = {"samples": bootstrap, "seed": seed, "mAPH_L2_std": float(np.nanstd(values)),
+                               "mAPH_L2_p5": float(np.nanpercentile(values, 5)),
+                               "mAPH_L2_p95": float(np.nanpercentile(values, 95))}
+    return result
 
+
+def _frame_statistics(gt_by_id: dict[str, FrameBoxes], pred_by_id: dict[str, FrameBoxes]):
+    """Per ground-truth frame: per class the matching statistics at every score cutoff
+    (classes, cutoffs, 5), the ground truth counts per level (classes, 2) and the
+    prediction counts (classes,). A generator."""
     n_cls = len(CLASSES)
-    totals = np.zeros((n_cls, len(SCORE_CUTOFFS), 5), dtype=np.float64)
-    num_gt = np.zeros((n_cls, 2), dtype=np.int64)
-    num_pred = np.zeros(n_cls, dtype=np.int64)
     empty_boxes = np.zeros((0, BOX_DIM))
     for fid, g in gt_by_id.items():
+        totals = np.zeros((n_cls, len(SCORE_CUTOFFS), 5), dtype=np.float64)
+        num_gt = np.zeros((n_cls, 2), dtype=np.int64)
+        num_pred = np.zeros(n_cls, dtype=np.int64)
         keep, level = _gt_levels(g)
         g_boxes = np.asarray(g.boxes, dtype=np.float64)[keep]
         g_labels = np.asarray(g.labels)[keep]
@@ -259,15 +292,16 @@ def evaluate(gt: list[FrameBoxes], pred: list[FrameBoxes]) -> dict:
         for c, name in enumerate(CLASSES):
             gm = g_labels == c
             pm = p_labels == c
-            num_gt[c, 0] += int((g_level[gm] == 1).sum())
-            num_gt[c, 1] += int(gm.sum())
-            num_pred[c] += int(pm.sum())
-            if not gm.any() and not pm.any():
-                continue
-            totals[c] += _frame_class_stats(
-                g_boxes[gm], g_level[gm], p_boxes[pm], p_scores[pm], IOU_THRESHOLDS[name]
-            )
+            num_gt[c] = int((g_level[gm] == 1).sum()), int(gm.sum())
+            num_pred[c] = int(pm.sum())
+            if gm.any() or pm.any():
+                totals[c] = _frame_class_stats(g_boxes[gm], g_level[gm], p_boxes[pm], p_scores[pm],
+                                               IOU_THRESHOLDS[name])
+        yield totals, num_gt, num_pred
 
+
+def _metrics(totals: np.ndarray, num_gt: np.ndarray, num_pred: np.ndarray) -> dict:
+    """AP/APH per class and level and their means from summed statistics (`evaluate`)."""
     result: dict = {}
     means: dict[str, list[float]] = {k: [] for k in ("mAP_L1", "mAPH_L1", "mAP_L2", "mAPH_L2")}
     for c, name in enumerate(CLASSES):
@@ -290,7 +324,6 @@ def evaluate(gt: list[FrameBoxes], pred: list[FrameBoxes]) -> dict:
             }
     for key, values in means.items():
         result[key] = float(np.mean(values)) if values else float("nan")
-    result["num_frames"] = len(gt_by_id)
     return result
 
 

@@ -57,12 +57,13 @@ def summarise_tokens(token_stats: list[dict]) -> dict:
 
 
 def evaluate_model(model: Detector, data_dir, batch_size: int = 2, device="cpu",
-                   progress: bool = True, num_workers: int = 1, frames: int = 0) -> dict:
+                   progress: bool = True, num_workers: int = 1, frames: int = 0, bootstrap: int = 0) -> dict:
     """Waymo-style AP/APH of a model on a dataset directory (its first `frames`, if > 0),
-    with its token statistics averaged per frame under "tokens"."""
+    with its token statistics averaged per frame under "tokens" and, with `bootstrap` > 0,
+    the split's evaluation noise (`evaluate.evaluate`)."""
     predictions, ground_truth, token_stats = predict_dataset(model, data_dir, batch_size, device, progress,
                                                              num_workers, frames)
-    result = evaluate(ground_truth, predictions)
+    result = evaluate(ground_truth, predictions, bootstrap=bootstrap)
     if token_stats:
         result["tokens"] = summarise_tokens(token_stats)
     return result

@@ -46,12 +46,14 @@ def test_train_writes_checkpoints_and_logs(tiny_run):
 def test_eval_writes_waymo_style_metrics(tiny_run, capsys):
     out = tiny_run / "metrics.json"
     assert main(["eval", "--checkpoint", str(tiny_run / "run" / "final.pt"), "--data",
-                 str(tiny_run / "val"), "--json", str(out), "--quiet"]) == 0
+                 str(tiny_run / "val"), "--json", str(out), "--quiet", "--bootstrap", "20"]) == 0
     result = json.loads(out.read_text())
     for cls in ("Vehicle", "Pedestrian", "Cyclist"):
         for level in ("LEVEL_1", "LEVEL_2"):
             assert set(result[cls][level]) >= {"AP", "APH"}
     assert "mAPH_L2" in result
+    assert result["bootstrap"]["samples"] == 20 and result["bootstrap"]["mAPH_L2_std"] >= 0
+    assert "evaluation noise: mAPH_L2 over 20 resampled sets of the 2 frames" in capsys.readouterr().out
 
 
 def test_eval_of_a_two_stage_model_with_and_without_its_refiner(tiny_run, capsys):

@@ -345,3 +345,22 @@ def test_json_malformed(tmp_path, content, kind, problem):
 def test_json_missing_file(tmp_path):
     with pytest.raises(InputError, match="not found"):
         load_boxes_json(tmp_path / "nope.json", "gt")
+
+
+def test_bootstrap_spread_of_the_split():
+    """Resampling frames: no spread when every frame scores alike, a spread bracketing the
+    split's own figure when frames differ, the same draws for the same seed, and the point
+    metrics unchanged."""
+    hit = [gt_frame([box(10.0 * i)], [VEH], fid=f"h{i}") for i in range(6)]
+    hit_pred = [pred_frame([box(10.0 * i)], [VEH], [0.9], fid=f"h{i}") for i in range(6)]
+    same = evaluate(hit, hit_pred, bootstrap=50)
+    assert same["bootstrap"]["mAPH_L2_std"] == 0.0 and same["mAPH_L2"] == 1.0
+    miss = [gt_frame([box(5.0)], [VEH], fid=f"m{i}") for i in range(6)]
+    miss_pred = [pred_frame([box(-30.0)], [VEH], [0.8], fid=f"m{i}") for i in range(6)]
+    plain = evaluate(hit + miss, hit_pred + miss_pred)
+    mixed = evaluate(hit + miss, hit_pred + miss_pred, bootstrap=200, seed=3)
+    assert result_to_json({k: v for k, v in mixed.items() if k != "bootstrap"}) == result_to_json(plain)
+    spread = mixed["bootstrap"]
+    assert spread["samples"] == 200 and spread["mAPH_L2_std"] > 0.05
+    assert spread["mAPH_L2_p5"] < plain["mAPH_L2"] < spread["mAPH_L2_p95"]
+    assert evaluate(hit + miss, hit_pred + miss_pred, bootstrap=200, seed=3)["bootstrap"] == spread

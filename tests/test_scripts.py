@@ -33,3 +33,32 @@ def test_profile_train_step_times_and_profiles_a_config(tiny_config):
                              str(config), "--steps", "2", "--rows", "3"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "seconds per step" in result.stdout and "Self CPU" in result.stdout
+
+
+def test_reproduce_results_runs_build_and_the_specs_name_them():
+    """scripts/reproduce_results.sh: bash parses it, every run's config (with its overrides)
+    builds a model, and the pareto specs name only checkpoints the script trains."""
+    from haltdet.config import load_config
+    from haltdet.model.detector import Detector
+    from haltdet.pareto import load_spec
+
+    script = ROOT / "scripts" / "reproduce_results.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    runs = {}
+    for line in text.split("RUN_LIST=(", 1)[1].split(")\n", 1)[0].splitlines():
+        if line.strip().startswith('"'):
+            name, config, overrides = line.strip().strip('"').split("|")
+            runs[name] = load_config(config, shlex.split(overrides)[1::2])
+            Detector(runs[name].model)
+    assert len(runs) == 18
+    assert runs["coarse_064"].model.pillar_size == 0.64 and runs["halting_s1"].train.seed == 1
+    assert runs["gradient_hard"].model.halting_gradient == "hard"
+    refine = load_config("halting_large_refine")
+    assert refine.train.refine_only and Detector(refine.model).refiner is not None
+    assert refine.model.d_model == runs["halting_large_s0"].model.d_model == 96
+    trained = {f"runs/results/{name}/final.pt" for name in runs} | {"runs/results/halting_large_refine/final.pt"}
+    for spec in ("pareto_spec.yaml", "pareto_two_stage_spec.yaml"):
+        points = load_spec(ROOT / "docs" / "results" / spec)["points"]
+        assert {p["checkpoint"] for p in points} <= trained | {"baseline", "halting"}, spec
+        assert f"pareto docs/results/{spec}" in text

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Retrains and re-evaluates every point of docs/results.md: the baseline, the halting
+# model at several thresholds, the larger halting encoder, the token-reduction peers on the
+# same backbone (random dropping, top-k, cumulative ACT halting, coarser pillars), the
+# baseline at other sizes and the ablations, each trained from the first step for the
+# baseline's 4,000 steps; then the refiner of halting_large, the evaluation noise of the
+# validation split, and one `haltdet pareto` run that evaluates every point and times all
+# of them in one interleaved bench.
+#
+# Cost: 18 first-stage runs of 3-4 h each at one thread on a 2-core CPU, two at a time
+# (LANES=2, one core each): about 32 hours, then ~1 h of evaluation and timing. Run it from
+# the repository root, in the background:
+#   nohup bash scripts/reproduce_results.sh > runs/reproduce_results.log 2>&1 &
+# It can be stopped at any time and started again: finished runs are skipped, stopped
+# runs continue from their last checkpoint. The timing at the end needs the machine to
+# itself. Outputs: runs/results/ (runs, evaluations), docs/results/first_stage/ and
+# docs/results/two_stage/ (pareto.json, pareto.png, results.md), and docs/results.md,
+# the two tables.
+set -euo pipefail
+HALTDET=${HALTDET:-haltdet}
+RUNS=runs/results  # docs/results/pareto_spec.yaml names the checkpoints under it
+LANES=${LANES:-2}
+mkdir -p "$RUNS"
+[ -f data/train/dataset.json ] || $HALTDET data synth --out data/train --frames 4000 --seed 0 --workers 2 --quiet
+[ -f data/val/dataset.json ] || $HALTDET data synth --out data/val --frames 200 --seed 1234 --workers 2 --quiet
+[ -f data/val2/dataset.json ] || $HALTDET data synth --out data/val2 --frames 200 --seed 4321 --workers 2 --quiet
+
+# name | config | overrides
+RUN_LIST=(
+  "baseline_s0|baseline|"
+  "halting_s0|halting_scratch|"
+  "halting_large_s0|halting_large|"
+  "baseline_s1|baseline|--set train.seed=1"
+  "halting_s1|halting_scratch|--set train.seed=1"
+  "halting_large_s1|halting_large|--set train.seed=1"
+  "random|peer_random|"
+  "topk|peer_topk|"
+  "act|peer_act|"
+  "coarse_048|peer_coarse|"
+  "coarse_064|peer_coarse|--set model.pillar_size=0.64"
+  "size_small|baseline|--set model.d_model=48 --set model.num_layers=4 --set model.ffn_dim=96 --set model.pfn_channels=[24,48]"
+  "size_large|baseline|--set model.d_model=96 --set model.num_layers=8 --set model.ffn_dim=192 --set model.pfn_channels=[48,96]"
+  "no_recycling|halting_scratch|--set model.recycling=false"
+  "uniform_loss|halting_scratch|--set train.sparsity_uniform=true"
+  "gradient_residual|halting_scratch|--set model.halting_gradient=residual"
+  "gradient_attention|halting_scratch|--set model.halting_gradient=attention"
+  "gradient_hard|halting_scratch|--set model.halting_gradient=hard"
+)
+
+train_run() {  # train_run LANE "name|config|overrides": train (or continue) one run
+  local lane=$1 name config overrides resume=()
+  IFS='|' read -r name config overrides <<< "$2"
+  [ -f "$RUNS/$name/final.pt" ] && return 0
+  [ -f "$RUNS/$name/latest.pt" ] && resume=(--resume)
+  local pin=()
+  if command -v taskset > /dev/null && [ "$LANES" -le "$(nproc)" ]; then pin=(taskset -c "$lane"); fi
+  # shellcheck disable=SC2086  # the overrides are words
+  OMP_NUM_THREADS=1 "${pin[@]}" $HALTDET train --config "$config" --out "$RUNS/$name" --threads 1 --quiet \
+    "${resume[@]}" $overrides > "$RUNS/$name.log" 2>&1
+  echo "$(date -u +%FT%TZ) $name done"
+}
+
+lane() {  # lane N: every LANES-th run, starting at the N-th
+  local i
+  for ((i = $1; i < ${#RUN_LIST[@]}; i += LANES)); do train_run "$1" "${RUN_LIST[$i]}"; done
+}
+
+for ((n = 0; n < LANES; n++)); do lane "$n" & done
+wait
+
+[ -f "$RUNS/halting_large_refine/final.pt" ] || $HALTDET train --config halting_large_refine \
+  --init "$RUNS/halting_large_s0/final.pt" --out "$RUNS/halting_large_refine" --quiet
+# The evaluation noise of the split: the spread of mAPH_L2 over resampled frame sets.
+$HALTDET eval --checkpoint "$RUNS/baseline_s0/final.pt" --data data/val --bootstrap 1000 --quiet \
+  --json "$RUNS/eval_noise_val.json"
+for split in val val2; do
+  for model in baseline halting; do
+    $HALTDET eval --checkpoint "$model" --data "data/$split" --quiet --json "$RUNS/eval_${model}_$split.json"
+  done
+  $HALTDET eval --checkpoint "$RUNS/halting_large_refine/final.pt" --data "data/$split" --quiet \
+    --json "$RUNS/eval_halting_large_$split.json"
+done
+$HALTDET pareto docs/results/pareto_spec.yaml --out docs/results/first_stage --threads 2 --quiet
+$HALTDET pareto docs/results/pareto_two_stage_spec.yaml --out docs/results/two_stage --threads 2 --quiet
+cat docs/results/first_stage/results.md docs/results/two_stage/results.md > docs/results.md
