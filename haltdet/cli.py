@@ -66,6 +66,8 @@ def cmd_demo(args) -> None:
     from haltdet.model.pillars import PointBatch
     from haltdet.viz import draw_bev, draw_halting
 
+    if args.sensor_height is not None and not (args.input and not _is_data_spec(args.input)):
+        raise InputError("demo: --sensor-height is for a points file given as --input")
     model, config = _load_model(args)
     gt_boxes = gt_labels = None
     if args.input and _is_data_spec(args.input):
@@ -77,8 +79,9 @@ def cmd_demo(args) -> None:
         points, gt_boxes, gt_labels = frame.points, frame.boxes[keep], frame.labels[keep]
         source = f"{args.input} frame {frame_id}"
     elif args.input:
-        from haltdet.data.frames import load_points_file
+        from haltdet.data.frames import load_points_file, shift_to_ground
         points = load_points_file(args.input, columns=args.columns, intensity_scale=args.intensity_scale)
+        points = shift_to_ground(points, args.sensor_height, args.input)
         source = str(args.input)
     else:
         frame = simulate_frame(args.seed)
@@ -215,13 +218,15 @@ def cmd_detect(args) -> None:
     from tqdm import tqdm
 
     from haltdet.data.formats import open_data
-    from haltdet.data.frames import load_points_file
+    from haltdet.data.frames import load_points_file, shift_to_ground
     from haltdet.predict import detect_points
 
     if (args.points is None) == (args.data is None):
         raise InputError("detect: give either a points file or --data (not both)")
     if args.frame and args.data is None:
         raise InputError("detect: --frame needs --data")
+    if args.sensor_height is not None and args.data is not None:
+        raise InputError("detect: --sensor-height is for a points file; readers of --data put the road in place")
     if not 0 <= args.min_score <= 1:
         raise InputError(f"detect: --min-score must be in [0, 1], got {args.min_score}")
     model, _ = _load_model(args)
@@ -232,8 +237,8 @@ def cmd_detect(args) -> None:
     else:
         name = Path(args.points).name
         ids = [name[:-len(".pcd.bin")] if name.endswith(".pcd.bin") else Path(args.points).stem]
-        clouds = iter([(ids[0], load_points_file(args.points, columns=args.columns,
-                                                 intensity_scale=args.intensity_scale))])
+        points = load_points_file(args.points, columns=args.columns, intensity_scale=args.intensity_scale)
+        clouds = iter([(ids[0], shift_to_ground(points, args.sensor_height, args.points))])
     frames = []
     for frame_id, points in tqdm(clouds, total=len(ids), desc="detect", unit="frame",
                                  disable=len(ids) < 2, dynamic_ncols=True):
@@ -331,6 +336,16 @@ def cmd_bench(args) -> None:
     run_benchmark(args)
 
 
+def _height(text: str):
+    """argparse type of --sensor-height: 'auto' or a number of metres."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a height in metres or 'auto', got {text!r}") from None
+
+
 def _count(minimum: int):
     """argparse type: an integer >= minimum (else a usage error, exit code 2)."""
     def parse(text: str) -> int:
@@ -371,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intensity-scale", type=float, default=None,
                    help="divide the intensities of a points --input by this (default: automatic, values above 1 "
                         "are taken as 0..255 and divided by 255; 1 keeps them as stored)")
+    p.add_argument("--sensor-height", type=_height, metavar="H|auto",
+                   help="the sensor's height above the road in metres, or 'auto' to measure it from the "
+                        "points: a raw cloud is moved so that its road lies where the models expect it "
+                        "(default: the cloud is taken to be in the project frame, the road 1.9 m below the sensor)")
     p.add_argument("--out", default="haltdet_demo.png", help="BEV picture to write")
     p.add_argument("--extent", type=float, help="half-width of the pictures in metres (default: fitted to the "
                                                "boxes, 20 to 62 m)")
@@ -447,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intensity-scale", type=float, default=None,
                    help="divide the intensities of the points file by this (default: automatic, values above 1 "
                         "are taken as 0..255 and divided by 255; 1 keeps them as stored)")
+    p.add_argument("--sensor-height", type=_height, metavar="H|auto",
+                   help="the sensor's height above the road in metres, or 'auto' to measure it from the "
+                        "points: a raw cloud is moved so that its road lies where the models expect it "
+                        "(default: the cloud is taken to be in the project frame, the road 1.9 m below the sensor)")
     p.add_argument("--min-score", type=float, default=0.0,
                    help="only detections scoring at least this (default 0: all the model returns)")
     p.add_argument("--json", help="write detections here (default: print)")

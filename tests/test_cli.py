@@ -425,3 +425,35 @@ def test_inference_commands_take_set_for_inference_settings(tmp_path, capsys):
     for command in (["eval", "--data", "x"], ["demo"], ["diagnose", "--data", "x"], ["bench"]):
         assert main([*command, "--set", "model.d_model=32"]) == 2
         assert "not inference settings: d_model" in capsys.readouterr().err
+
+
+def test_sensor_height_moves_a_raw_cloud_to_the_training_ground(tmp_path, capsys):
+    """A cloud from a sensor 1.4 m above the road (0.5 m lower than the training frame's)
+    given with --sensor-height 1.4 (or auto) detects what the cloud in the training frame does."""
+    from haltdet.data.synth import simulate_frame
+
+    cloud = np.asarray(simulate_frame(7).points, dtype=np.float32)
+    np.save(tmp_path / "frame.npy", cloud)
+    low = cloud.copy()
+    low[:, 2] += 0.5
+    np.save(tmp_path / "low.npy", low)
+    results = {}
+    for name, argv in (("reference", ["frame.npy"]), ("unmoved", ["low.npy"]),
+                       ("given", ["low.npy", "--sensor-height", "1.4"]),
+                       ("auto", ["low.npy", "--sensor-height", "auto"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["detect", "--checkpoint", "baseline", str(tmp_path / argv[0]), *argv[1:],
+                     "--min-score", "0.3", "--json", str(out)]) == 0
+        results[name] = json.loads(out.read_text())["frames"][0]
+    reference = np.array(results["reference"]["boxes"])
+    given = np.array(results["given"]["boxes"])
+    assert given.shape == reference.shape and len(reference) > 5
+    np.testing.assert_allclose(given, reference, atol=1e-3)
+    assert len(results["auto"]["boxes"]) >= 0.8 * len(reference)
+    assert results["unmoved"]["boxes"] != results["reference"]["boxes"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_code:  # an argparse usage error
+        main(["detect", "--checkpoint", "baseline", str(tmp_path / "low.npy"), "--sensor-height", "high"])
+    assert exit_code.value.code == 2 and "a height in metres or 'auto'" in capsys.readouterr().err
+    assert main(["demo", "--sensor-height", "1.7"]) == 2
+    assert "for a points file" in capsys.readouterr().err

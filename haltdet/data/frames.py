@@ -47,6 +47,48 @@ from haltdet import CLASSES, InputError
 
 logger = logging.getLogger(__name__)
 
+GROUND_Z = -1.9
+"""The project frame, that of every frame and of the models' input: x forward, y left,
+z up, metres, origin at the LiDAR, the road about 1.9 m below it (z = -1.9), as the
+simulator mounts its default sensor. Dataset readers convert to it
+(:func:`haltdet.data.formats.to_project_frame`); raw point files are taken to be in it
+unless told the sensor's height (:func:`shift_to_ground`)."""
+
+
+def estimate_ground_z(points: np.ndarray, near: float = 5.0, far: float = 30.0) -> float:
+    """The height of the road in a cloud (N, >= 3): the most populated 5 cm slice of z
+    among the points between `near` and `far` metres of the origin horizontally (the road
+    is the largest horizontal surface a driving LiDAR sees), refined to the median z of
+    the points within 15 cm of it. NaN when no point lies in that ring."""
+    points = np.asarray(points)
+    ring = np.hypot(points[:, 0], points[:, 1])
+    z = points[(ring >= near) & (ring <= far), 2].astype(np.float64)
+    z = z[np.isfinite(z)]
+    if z.size == 0:
+        return float("nan")
+    counts, edges = np.histogram(z, bins=np.arange(z.min(), z.max() + 0.1, 0.05))
+    mode = edges[counts.argmax()] + 0.025
+    return float(np.median(z[np.abs(z - mode) <= 0.15]))
+
+
+def shift_to_ground(points: np.ndarray, sensor_height: float | str | None, path="<points>") -> np.ndarray:
+    """Points (N, 4) of a sensor `sensor_height` metres above the road, moved to the
+    project frame's ground (:data:`GROUND_Z`): z + sensor_height - 1.9. "auto": the
+    height measured from the points (:func:`estimate_ground_z`); None: unchanged."""
+    if sensor_height is None:
+        return points
+    if sensor_height == "auto":
+        ground = estimate_ground_z(points)
+        if not np.isfinite(ground):
+            raise InputError(f"{path}: --sensor-height auto: no points 5-30 m from the sensor to find the road in")
+        sensor_height = -ground
+    if not 0.0 <= float(sensor_height) <= 10.0:
+        raise InputError(f"{path}: sensor height {sensor_height} m above the road is not plausible (0 to 10 m)")
+    points = np.array(points, dtype=np.float32, copy=True)
+    points[:, 2] += np.float32(float(sensor_height) + GROUND_Z)
+    return points
+
+
 FORMAT_NAME = "haltdet-frames"
 FORMAT_VERSION = 1
 INDEX_FILE = "dataset.json"

@@ -8,8 +8,8 @@ import pytest
 
 from haltdet import CLASSES, InputError
 from haltdet.boxes import points_in_boxes
-from haltdet.data.formats import open_data
-from haltdet.data.formats.av2 import BOX_COLUMNS, read_annotations
+from haltdet.data.formats import open_data, to_project_frame
+from haltdet.data.formats.av2 import BOX_COLUMNS, GROUND_BELOW_ORIGIN, read_annotations
 
 pa = pytest.importorskip("pyarrow", reason="the AV2 reader needs pyarrow (pip install haltdet[real])")
 feather = pytest.importorskip("pyarrow.feather")
@@ -28,8 +28,9 @@ def av2():
 @pytest.mark.parametrize("sweep", SWEEPS)
 def test_points_in_cuboids_reproduce_num_interior_pts(av2, sweep):
     raw = read_annotations(LOG, int(sweep))
-    points = av2.read(sweep).points
-    counts = points_in_boxes(points, raw.boxes.astype(np.float32)).sum(axis=1)
+    points = av2.read(sweep).points  # in the project frame: the cuboids go with them
+    _, boxes = to_project_frame(np.zeros((0, 4)), raw.boxes, GROUND_BELOW_ORIGIN)
+    counts = points_in_boxes(points, boxes).sum(axis=1)
     matches = int((counts == raw.num_interior_pts).sum())
     print(f"AV2 {sweep}: {matches}/{len(counts)} cuboids match num_interior_pts ({counts.sum()} points)")
     assert len(counts) == 81
@@ -82,8 +83,9 @@ def test_hand_made_log(tmp_path):
     log = _write_log(tmp_path / "log", SWEEP, ["BUS", "BICYCLE", "MOTORCYCLIST"])
     frame = open_data(f"av2:{log}").read("1000")
     assert [CLASSES[i] for i in frame.labels] == ["Vehicle", "Cyclist"]
-    np.testing.assert_allclose(frame.boxes[0], [1, 1, 1, 1, 1, 1, 0.5], atol=1e-6)  # yaw from the quaternion
-    np.testing.assert_allclose(frame.points, [[1, 1, 1, 1.0], [9, 9, 9, 0.2]], atol=1e-6)
+    # yaw from the quaternion; 1.5 m down: the road, 0.4 m below the rear axle, to -1.9
+    np.testing.assert_allclose(frame.boxes[0], [1, 1, -0.5, 1, 1, 1, 0.5], atol=1e-6)
+    np.testing.assert_allclose(frame.points, [[1, 1, -0.5, 1.0], [9, 9, 7.5, 0.2]], atol=1e-6)
     assert frame.num_points.tolist() == [1, 1] and frame.difficulty.tolist() == [2, 2]
     (log / "annotations.feather").unlink()  # a test-split log: no labels
     assert open_data(f"av2:{log}").read("1000").boxes.shape == (0, 7)

@@ -89,8 +89,9 @@ def test_known_label_and_calibration_give_the_known_lidar_box(tmp_path):
     # Car: camera bottom centre (2, 1.5, 10), h 1.5 -> centre (2, 0.75, 10) -> minus the
     # translation (2, 0.83, 10.27) -> Velodyne (10.27, -2, -0.83); yaw = -0.3 - pi/2.
     # Person_sitting: centre (-1, 1.2, 5) -> (5.27, 1, -1.28); yaw = 1 - pi/2.
-    expected = np.array([[10.27, -2.0, -0.83, 4.0, 1.6, 1.5, -0.3 - math.pi / 2],
-                         [5.27, 1.0, -1.28, 0.6, 0.5, 1.0, 1.0 - math.pi / 2]])
+    # Then 0.17 m down: the road, 1.73 m below the Velodyne, to the project frame's -1.9.
+    expected = np.array([[10.27, -2.0, -1.0, 4.0, 1.6, 1.5, -0.3 - math.pi / 2],
+                         [5.27, 1.0, -1.45, 0.6, 0.5, 1.0, 1.0 - math.pi / 2]])
     np.testing.assert_allclose(frame.boxes, expected, atol=1e-5)
     assert [CLASSES[i] for i in frame.labels] == ["Vehicle", "Pedestrian"]
     assert frame.num_points.tolist() == [1, 0] and frame.difficulty.tolist() == [2, 0]

@@ -8,8 +8,8 @@ import pytest
 
 from haltdet import CLASSES, InputError
 from haltdet.boxes import count_points_in_boxes
-from haltdet.data.formats import open_data
-from haltdet.data.formats.nuscenes import read_boxes_json
+from haltdet.data.formats import open_data, to_project_frame
+from haltdet.data.formats.nuscenes import GROUND_BELOW_ORIGIN, read_boxes_json
 
 NUSCENES = Path(__file__).parents[2].parent / "shared" / "data" / "real" / "nuscenes"
 TOKEN = "n015-2018-07-24-11-22-45+0800__LIDAR_TOP__1532402927647951"
@@ -22,10 +22,14 @@ def nuscenes():
     return open_data(f"nuscenes:{NUSCENES}")
 
 
+def project_boxes(boxes: np.ndarray) -> np.ndarray:
+    return to_project_frame(np.zeros((0, 4)), boxes, GROUND_BELOW_ORIGIN, yaw=-np.pi / 2)[1]
+
+
 def test_recount_reproduces_num_lidar_pts_for_most_boxes(nuscenes):
     raw = read_boxes_json(NUSCENES / "boxes.json")
-    points = nuscenes.read(TOKEN).points
-    counts = count_points_in_boxes(points, raw.boxes.astype(np.float32))
+    points = nuscenes.read(TOKEN).points  # in the project frame: the boxes go with them
+    counts = count_points_in_boxes(points, project_boxes(raw.boxes))
     exact = counts == raw.num_lidar_pts
     print(f"nuScenes: recount == num_lidar_pts for {exact.sum()}/{len(exact)} boxes ({exact.mean():.1%}); "
           f"largest difference {np.abs(counts - raw.num_lidar_pts).max()}")
@@ -40,7 +44,7 @@ def test_frame_points_and_class_mapping(nuscenes):
     assert frame.points[:, 3].min() >= 0 and frame.points[:, 3].max() == 1.0  # 255 -> 1
     raw = read_boxes_json(NUSCENES / "boxes.json")
     kept = [label not in ("barrier", "traffic_cone", "other") for label in raw.labels]
-    np.testing.assert_array_equal(frame.boxes, raw.boxes[kept].astype(np.float32))
+    np.testing.assert_array_equal(frame.boxes, project_boxes(raw.boxes[kept]))
     names = [CLASSES[i] for i in frame.labels]
     assert (names.count("Vehicle"), names.count("Pedestrian"), names.count("Cyclist")) == (12, 30, 1)
     np.testing.assert_array_equal(frame.num_points, count_points_in_boxes(frame.points, frame.boxes))
@@ -64,7 +68,9 @@ def test_hand_made_sweep(tmp_path):
              {"label": "traffic_cone", "center_xyz": [5, 0, 0], "size_lwh": [0.4, 0.4, 0.8], "yaw": 0}]
     frame = open_data(f"nuscenes:{_write_sweep(tmp_path / 'd', boxes)}").read("sweep")
     assert [CLASSES[i] for i in frame.labels] == ["Cyclist"]
-    np.testing.assert_allclose(frame.boxes, [[0, 0, 0, 2, 1, 1, 0.5]])
+    # Turned to x forward (-90 degrees about z), the road 1.70 m below the sensor moved to -1.9.
+    np.testing.assert_allclose(frame.boxes, [[0, 0, -0.2, 2, 1, 1, 0.5 - np.pi / 2]], atol=1e-6)
+    np.testing.assert_allclose(frame.points[[0, -1], :3], [[0, 1, -0.2], [0, -1, -0.2]], atol=1e-6)
     assert frame.num_points.tolist() == [10] and frame.difficulty.tolist() == [1]
     assert np.allclose(frame.points[:, 3], 0.5)
 

@@ -16,7 +16,10 @@ from haltdet import CLASSES, InputError
 from haltdet.data.formats import tfrecord, waymo_v1
 from haltdet.data.formats.protowire import Message
 from haltdet.data.formats.waymo_v1 import euler_to_rotation, range_image_to_points, row_inclinations
-from haltdet.data.frames import read_frame, write_frame
+from haltdet.data.frames import GROUND_Z, read_frame, write_frame
+
+# The vehicle frame's z in the project frame (the road 0.2 m below its origin, at GROUND_Z).
+LIFT = GROUND_Z + waymo_v1.GROUND_BELOW_ORIGIN
 
 WAYMO_DIR = Path(__file__).resolve().parents[2].parent / "shared/data/real/waymo"
 PVPS = "pvps_data_one_frame.tfrecord"
@@ -241,7 +244,7 @@ def test_fixture_frames(tmp_path):
     assert frame.num_points.min() >= 0 and set(frame.difficulty.tolist()) <= {0, 1, 2}
     raw = source.read_labels(fid)
     kept = np.isin(raw.types, [1, 2, 4])
-    np.testing.assert_allclose(frame.boxes, raw.boxes[kept], atol=1e-5)
+    np.testing.assert_allclose(frame.boxes, raw.boxes[kept] + [0, 0, LIFT, 0, 0, 0, 0], atol=1e-5)
     np.testing.assert_array_equal(frame.num_points, raw.num_points[kept])
     back = read_frame(write_frame(tmp_path, frame))  # passes the frame-file validation
     assert back.boxes.shape == (50, 7)
@@ -453,20 +456,20 @@ def test_v1_synthetic_frame_end_to_end(tmp_path):
     ids = source.frame_ids()
     assert ids[0] == "synthetic_segment_1600000000123456" and len(ids) == 2 and ids[1] != ids[0]
     frame = source.read(ids[0])
-    err_mm = 1000 * np.abs(frame.points[:, :3] - xyz).max()
+    err_mm = 1000 * np.abs(frame.points[:, :3] - (xyz + [0, 0, LIFT])).max()
     print(f"v1 synthetic frame: {len(xyz)} points, max error {err_mm:.6f} mm")
     assert frame.points.shape == (len(xyz), 4) and err_mm < 1.0
     np.testing.assert_allclose(frame.points[:, 3], intensity, atol=1e-6)
     assert frame.labels.tolist() == [0, 1, 2]  # the sign is dropped
-    np.testing.assert_allclose(frame.boxes[0], [10.0, 1.0, 0.5, 4.5, 2.0, 1.6, 3.0], atol=1e-6)
+    np.testing.assert_allclose(frame.boxes[0], [10.0, 1.0, 0.5 + LIFT, 4.5, 2.0, 1.6, 3.0], atol=1e-6)
     from haltdet.boxes import count_points_in_boxes
 
-    expected_ped = int(count_points_in_boxes(frame.points, ped_box[None].astype(np.float32))[0])
+    expected_ped = int(count_points_in_boxes(frame.points, frame.boxes[1:2])[0])
     assert expected_ped > 0
     assert frame.num_points.tolist() == [10, expected_ped, 0]
     assert frame.difficulty[0] == 2 and frame.difficulty[2] == 0  # Waymo LEVEL_2; no points: ignored
     both = waymo_v1.open_source(path, second_return=True).read(ids[0]).points
-    np.testing.assert_allclose(both[:, :3], np.concatenate([xyz, second_xyz]), atol=1e-3)
+    np.testing.assert_allclose(both[:, :3], np.concatenate([xyz, second_xyz]) + [0, 0, LIFT], atol=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -576,11 +579,11 @@ def test_v2_parquet_roundtrip(tmp_path):
     assert source.frame_ids() == sorted(expected)
     for fid, (xyz, boxes) in expected.items():
         frame = source.read(fid)
-        err_mm = 1000 * np.abs(frame.points[:, :3] - xyz).max()
+        err_mm = 1000 * np.abs(frame.points[:, :3] - (xyz + [0, 0, LIFT])).max()
         print(f"v2 {fid}: {len(xyz)} points, max error {err_mm:.6f} mm")
         assert frame.points.shape == (len(xyz), 4) and err_mm < 1.0
         assert (frame.points[:, 3] >= 0).all() and (frame.points[:, 3] < 1).all()
-        np.testing.assert_allclose(frame.boxes, boxes, atol=1e-6)
+        np.testing.assert_allclose(frame.boxes, np.asarray(boxes) + [0, 0, LIFT, 0, 0, 0, 0], atol=1e-6)
         assert frame.labels.tolist() == [0, 1]
         assert frame.num_points[0] == 12
     with pytest.raises(InputError, match="unknown"):

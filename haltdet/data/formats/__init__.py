@@ -2,7 +2,8 @@
 
 Every format is a small module exposing ``open_source(path) -> Source``. A source lists
 its frames and reads one at a time, converting at the boundary: points to (N, 4) float32
-x, y, z, intensity in the sensor/ego frame, boxes to the project convention of
+x, y, z, intensity in the project frame (x forward, y left, the road at
+:data:`~haltdet.data.frames.GROUND_Z`: :func:`to_project_frame`), boxes to the project convention of
 :mod:`haltdet.boxes`, classes to :data:`haltdet.CLASSES` (others dropped), and
 ``num_points`` / ``difficulty`` recounted from the points (:func:`make_frame`; Waymo
 keeps its own per-box point counts and difficulty levels where the labels carry them).
@@ -22,8 +23,8 @@ from typing import Protocol
 import numpy as np
 
 from haltdet import CLASSES, InputError
-from haltdet.boxes import count_points_in_boxes
-from haltdet.data.frames import (Frame, difficulty_from_points, frame_path, open_dataset,
+from haltdet.boxes import count_points_in_boxes, wrap_angle
+from haltdet.data.frames import (GROUND_Z, Frame, difficulty_from_points, frame_path, open_dataset,
                                  read_dataset_index, read_frame)
 
 FORMATS = {
@@ -105,6 +106,25 @@ def map_classes(names: Sequence[str], class_map: Mapping[str, str | None], where
     keep = [i for i, name in enumerate(names) if class_map[name] is not None]
     labels = [CLASSES.index(class_map[names[i]]) for i in keep]  # type: ignore[arg-type]
     return np.asarray(keep, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+
+
+def to_project_frame(points: np.ndarray, boxes: np.ndarray, ground_below_origin: float,
+                     yaw: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Points (N, 4) and boxes (M, 7) of a dataset's frame, in the project frame
+    (:data:`haltdet.data.frames.GROUND_Z`): rotated by `yaw` about z (to put x forward),
+    then moved up or down so that the road, `ground_below_origin` metres below the
+    dataset frame's origin, lies at GROUND_Z. Float64 arithmetic, float32 results."""
+    points = np.asarray(points, dtype=np.float64).copy()
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 7).copy()
+    if yaw:
+        c, s = np.cos(yaw), np.sin(yaw)
+        for xy in (points[:, :2], boxes[:, :2]):
+            xy[:] = xy @ np.array([[c, s], [-s, c]])
+        boxes[:, 6] = wrap_angle(boxes[:, 6] + yaw)
+    dz = GROUND_Z + ground_below_origin
+    points[:, 2] += dz
+    boxes[:, 2] += dz
+    return points.astype(np.float32), boxes.astype(np.float32)
 
 
 def make_frame(frame_id: str, points: np.ndarray, boxes: np.ndarray, labels: np.ndarray, where) -> Frame:

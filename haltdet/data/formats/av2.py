@@ -12,9 +12,10 @@ Frame ids are the sweep timestamps (``<log>_<timestamp>`` for a split folder); a
 boxes are the annotation rows with its timestamp. Without ``annotations.feather`` (the
 test split) frames have no boxes. Conventions:
 
-* points: the ego-vehicle frame as stored (x forward, y left, z up, origin on the ground
-  below the rear axle; both LiDARs merged, the top one about 1.6 m up); float16 -> float32
-  exactly; intensity / 255, clipped to [0, 1];
+* points: the ego-vehicle frame (x forward, y left, z up, origin at the rear axle, about
+  0.4 m above the road; both LiDARs merged) moved down 1.5 m into the project frame (the
+  road at z = -1.9, :func:`haltdet.data.formats.to_project_frame`), boxes with them;
+  float16 values; intensity / 255, clipped to [0, 1];
 * boxes: ``(tx, ty, tz)`` is the centre, ``length_m`` along the heading, yaw the rotation
   of the quaternion about z (AV2 cuboids are upright);
 * classes: REGULAR_VEHICLE, LARGE_VEHICLE, BUS, SCHOOL_BUS, ARTICULATED_BUS, BOX_TRUCK,
@@ -34,10 +35,14 @@ from pathlib import Path
 import numpy as np
 
 from haltdet import InputError
-from haltdet.data.formats import make_frame, map_classes
+from haltdet.data.formats import make_frame, map_classes, to_project_frame
 from haltdet.data.frames import Frame, validate_points
 
 LIDAR_DIR = Path("sensors") / "lidar"
+GROUND_BELOW_ORIGIN = 0.40
+"""The road below the ego frame's origin (the rear axle): the most populated height of
+the av2-api test log's points 5-30 m out is 0.43 m below it, its nearby cuboids' bottoms
+0.36 m."""
 ANNOTATIONS = "annotations.feather"
 POINT_COLUMNS = ("x", "y", "z", "intensity")
 BOX_COLUMNS = ("timestamp_ns", "category", "length_m", "width_m", "height_m", "qw", "qx", "qy", "qz",
@@ -156,10 +161,12 @@ class AV2Source:
             self._tables[name] = read_feather(path, BOX_COLUMNS) if path.exists() else None
         table = self._tables[name]
         if table is None:
-            return make_frame(frame_id, points, np.zeros((0, 7)), np.zeros(0, np.int64), log)
+            return make_frame(frame_id, *to_project_frame(points, np.zeros((0, 7)), GROUND_BELOW_ORIGIN),
+                              np.zeros(0, np.int64), log)
         annotations = _select(table, int(stamp))
         keep, labels = map_classes(annotations.categories, CLASS_MAP, log / ANNOTATIONS)
-        return make_frame(frame_id, points, annotations.boxes[keep], labels, log / ANNOTATIONS)
+        points, boxes = to_project_frame(points, annotations.boxes[keep], GROUND_BELOW_ORIGIN)
+        return make_frame(frame_id, points, boxes, labels, log / ANNOTATIONS)
 
 
 def open_source(path) -> AV2Source:

@@ -8,8 +8,10 @@
 
 Frame ids are the ``velodyne`` file stems. Conventions:
 
-* points: Velodyne frame as stored (x forward, y left, z up, origin the sensor, about
-  1.73 m above the road); the reflectance is already in [0, 1] and is only clipped to it;
+* points: the Velodyne frame (x forward, y left, z up, origin the sensor, 1.73 m above
+  the road) moved down 0.17 m into the project frame (the road at z = -1.9,
+  :func:`haltdet.data.formats.to_project_frame`), boxes with them; the reflectance is
+  already in [0, 1] and is only clipped to it;
 * a label line is ``type truncated occluded alpha x1 y1 x2 y2 h w l x y z rotation_y``
   (a 16th value, a detection score, is allowed). ``x y z`` is the *bottom* centre in the
   rectified camera frame (y down); the centre is ``h / 2`` above it. Centre and heading
@@ -31,9 +33,11 @@ import numpy as np
 
 from haltdet import InputError
 from haltdet.boxes import wrap_angle
-from haltdet.data.formats import make_frame, map_classes
+from haltdet.data.formats import make_frame, map_classes, to_project_frame
 from haltdet.data.frames import Frame, load_points_file
 
+GROUND_BELOW_ORIGIN = 1.73
+"""The road below the Velodyne (KITTI's setup: the scanner is mounted 1.73 m up)."""
 CLASS_MAP: dict[str, str | None] = {
     "Car": "Vehicle", "Van": "Vehicle", "Truck": "Vehicle",
     "Pedestrian": "Pedestrian", "Person_sitting": "Pedestrian",
@@ -133,6 +137,7 @@ class KittiSource:
             where = label_path
         else:
             where = self.root / "velodyne" / f"{frame_id}.bin"
+        points, boxes = to_project_frame(points, boxes, GROUND_BELOW_ORIGIN)
         return make_frame(frame_id, points, boxes, labels, where)
 
 

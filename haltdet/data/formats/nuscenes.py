@@ -15,8 +15,11 @@ database tables, with boxes in the global frame, are not read.)
 
 Conventions:
 
-* points: LIDAR_TOP frame as stored (x right, y forward, z up, origin the sensor, about
-  1.84 m above the road); intensity / 255, clipped to [0, 1]; the ring column is dropped;
+* points: the LIDAR_TOP frame (x right, y forward, z up, origin the sensor, the road
+  about 1.70 m below) turned by -90 degrees about z (x forward, y left) and moved down
+  0.2 m into the project frame (the road at z = -1.9,
+  :func:`haltdet.data.formats.to_project_frame`), boxes with them; intensity / 255,
+  clipped to [0, 1]; the ring column is dropped;
 * classes (the ten detection classes, by their short names): car, truck, bus, trailer,
   construction_vehicle -> Vehicle; pedestrian -> Pedestrian; bicycle and motorcycle
   (with or without rider; ``boxes.json`` carries no attributes) -> Cyclist, as Waymo
@@ -26,17 +29,21 @@ Conventions:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from haltdet import InputError
-from haltdet.data.formats import make_frame, map_classes
+from haltdet.data.formats import make_frame, map_classes, to_project_frame
 from haltdet.data.frames import Frame, load_points_file
 
 SUFFIX = ".pcd.bin"
 LABEL_FILE = "boxes.json"
+GROUND_BELOW_ORIGIN = 1.70
+"""The road below LIDAR_TOP: the most populated height of the nuScenes-mini sweep's points
+5-30 m out is 1.68 m below the sensor, its nearby boxes' bottoms 1.75 m."""
 CLASS_MAP: dict[str, str | None] = {
     "car": "Vehicle", "truck": "Vehicle", "bus": "Vehicle", "trailer": "Vehicle",
     "construction_vehicle": "Vehicle",
@@ -117,6 +124,7 @@ class NuScenesSource:
             where = self.folder / LABEL_FILE
             keep, labels = map_classes(self.labels.labels, CLASS_MAP, where)
             boxes = self.labels.boxes[keep]
+        points, boxes = to_project_frame(points, boxes, GROUND_BELOW_ORIGIN, yaw=-math.pi / 2)
         return make_frame(frame_id, points, boxes, labels, where)
 
 
