@@ -49,11 +49,11 @@ def time_stages(model, points: torch.Tensor, device: torch.device, peer: bool = 
     _sync(device)
     times["encoder"] = time.perf_counter() - start
     start = time.perf_counter()
-    heatmap, regression, iou = model.dense_stage(encoded, tokens.coords, 1)
+    heatmap, regression = model.dense_stage(encoded, tokens.coords, 1)
     _sync(device)
     times["bev_head"] = time.perf_counter() - start
     start = time.perf_counter()
-    output = DetectorOutput(heatmap, regression, tokens, encoded, iou)
+    output = DetectorOutput(heatmap, regression, tokens, encoded)
     detections = model.decode_first_stage(output)
     _sync(device)
     times["decode"] = time.perf_counter() - start

@@ -52,19 +52,15 @@ class ModelConfig:
     score_threshold: float = 0.05
     max_detections: int = 200
     nms_iou: list[float] = field(default_factory=lambda: [0.2, 0.2, 0.2])  # per class
-    # IoU branch: predicts each box's 3D IoU; scores become heatmap^(1-a) * IoU^a (a per class)
-    iou_head: bool = False
-    iou_rectify: list[float] = field(default_factory=lambda: [0.68, 0.71, 0.65])
     # targets
     min_gaussian_radius: int = 1
     gaussian_overlap: float = 0.1
-    regression_radius: int = 0  # also regress at cells up to this far from an object's centre cell
     # token halting (empty halting_layers: the baseline, no halting)
     halting_layers: list[int] = field(default_factory=list)  # [2, 4]: after layers 2 and 4
     halting_threshold: list[float] = field(default_factory=lambda: [0.5])  # one, or one per stage
     halting_keep_ratio: list[float] = field(default_factory=list)  # per stage; overrides threshold
     halting_max_tokens: int = 0  # per frame and stage; 0 = no cap
-    halting_scorer: str = "mlp"  # mlp (per token) | bev (token + 3x3 BEV context) | random (drop at random)
+    halting_scorer: str = "mlp"  # mlp (per token) | random (drop at random: the peer)
     # threshold (the method) | act (cumulative halting probabilities, mean-field output and a
     # ponder cost as the sparsity loss: the A-ViT peer; halting_threshold is the cumulative level)
     halting_rule: str = "threshold"
@@ -131,9 +127,6 @@ class ModelConfig:
         _check(len(self.nms_iou) == 3 and all(0 <= t <= 1 for t in self.nms_iou), "model.nms_iou",
                "needs one value in [0, 1] per class")
         _check(0 <= self.score_threshold < 1, "model.score_threshold", "must be in [0, 1)")
-        _check(len(self.iou_rectify) == 3 and all(0 <= a <= 1 for a in self.iou_rectify),
-               "model.iou_rectify", "needs one value in [0, 1] per class")
-        _check(0 <= self.regression_radius <= 3, "model.regression_radius", "must be in 0..3")
         stages = self.halting_layers
         _check(all(0 < layer < self.num_layers for layer in stages) and stages == sorted(set(stages)),
                "model.halting_layers", f"must be increasing layer counts in 1..{self.num_layers - 1}")
@@ -144,8 +137,7 @@ class ModelConfig:
                all(0 < r <= 1 for r in self.halting_keep_ratio), "model.halting_keep_ratio",
                "needs one value in (0, 1] per halting stage, or none")
         _check(self.halting_max_tokens >= 0, "model.halting_max_tokens", "must be >= 0")
-        _check(self.halting_scorer in ("mlp", "bev", "random"), "model.halting_scorer",
-               "must be 'mlp', 'bev' or 'random'")
+        _check(self.halting_scorer in ("mlp", "random"), "model.halting_scorer", "must be 'mlp' or 'random'")
         _check(self.halting_gradient in GRADIENT_PATHS, "model.halting_gradient",
                f"must be one of {', '.join(GRADIENT_PATHS)}")
         _check(self.halting_rule in HALTING_RULES, "model.halting_rule", f"must be one of {', '.join(HALTING_RULES)}")
@@ -211,7 +203,6 @@ class TrainConfig:
     heatmap_weight: float = 1.0
     regression_weight: float = 0.25
     direction_weight: float = 0.2  # binary cross-entropy of the heading direction
-    iou_weight: float = 1.0  # L1 of the IoU prediction (models with model.iou_head)
     # second stage (models with model.refine)
     refine_only: bool = False  # train only the refiner; the rest is frozen (start from --init)
     refine_weight: float = 1.0  # smooth L1 of its box residual
@@ -232,11 +223,6 @@ class TrainConfig:
     # average foreground and background tokens apart and add the two means (each group weighs
     # the same whatever its token count)
     sparsity_balance: bool = False
-    # lambda is 0 until sparsity_start * max_steps, then rises linearly to sparsity_weight
-    # over sparsity_ramp * max_steps: from scratch, the scores must learn what an object
-    # looks like before background is pushed to halt (without it every token halts early)
-    sparsity_start: float = 0.0
-    sparsity_ramp: float = 0.0
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -260,15 +246,6 @@ class TrainConfig:
         _check(0 < self.refine_match_iou <= 1, "train.refine_match_iou", "must be in (0, 1]")
         _check(self.sparsity_margin >= 0, "train.sparsity_margin", "must be >= 0")
         _check(0 <= self.sparsity_hinge <= 1, "train.sparsity_hinge", "must be in [0, 1]")
-        _check(0 <= self.sparsity_start < 1 and 0 <= self.sparsity_ramp <= 1, "train.sparsity_start",
-               "sparsity_start must be in [0, 1) and sparsity_ramp in [0, 1]")
-
-    def sparsity_at(self, step: int) -> float:
-        """The sparsity weight lambda at a training step."""
-        start, ramp = self.sparsity_start * self.max_steps, self.sparsity_ramp * self.max_steps
-        if step < start:
-            return 0.0
-        return self.sparsity_weight * (min(1.0, (step - start) / ramp) if ramp > 0 else 1.0)
 
 
 @dataclass
@@ -298,6 +275,13 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
+# Options measured not to help and removed (docs/experiments.md), with the value that
+# switched each off: configs of older checkpoints load when they hold these values (or,
+# None, any value: a setting of a removed part), and a config that turns one on is refused.
+RETIRED = {"model.iou_head": False, "model.iou_rectify": None, "model.regression_radius": 0,
+           "train.iou_weight": None, "train.sparsity_start": 0.0, "train.sparsity_ramp": 0.0}
+
+
 def _build(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
         raise ConfigError(f"config section '{prefix}' must be a mapping, got {type(values).__name__}")
@@ -306,6 +290,11 @@ def _build(cls, values: dict, prefix: str):
     kwargs = {}
     for key, value in values.items():
         path = f"{prefix}.{key}" if prefix else key
+        if path in RETIRED:
+            if RETIRED[path] is not None and value != RETIRED[path]:
+                raise ConfigError(f"config key '{path}': removed (measured not to help, docs/experiments.md); "
+                                  f"only {RETIRED[path]!r}, off, is accepted")
+            continue
         if key not in known:
             raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(known))})")
         kwargs[key] = _coerce(value, hints[key], path)

@@ -17,7 +17,6 @@ the full baseline config have differed in the last bits (docs/design.md, Determi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -276,9 +275,8 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
             with autocast_context(device, config):
                 output = ddp_model(batch.points.to(device))
             with global_batch_losses(world > 1):
-                step_config = dataclasses.replace(t, sparsity_weight=t.sparsity_at(step))
                 seeds = [frame_seed(t.seed, step, frame_id) for frame_id in batch.frame_ids]
-                losses = model.loss(output, targets, step_config, boxes, labels, jitter_seeds=seeds)
+                losses = model.loss(output, targets, t, boxes, labels, jitter_seeds=seeds)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trained, t.grad_clip)

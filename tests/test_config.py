@@ -71,3 +71,18 @@ def test_malformed_yaml_is_one_line_saying_where(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path / "bad.yaml")
     assert "not valid YAML" in str(err.value) and "line 3" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_removed_options_load_when_off_and_are_refused_when_on():
+    """Configs of checkpoints written before options were removed still load (the keys at
+    their off values are dropped); turning one on is an error naming it."""
+    from haltdet.config import config_from_dict
+
+    old = {"model": {"iou_head": False, "iou_rectify": [0.7, 0.7, 0.7], "regression_radius": 0},
+           "train": {"iou_weight": 2.0, "sparsity_start": 0.0, "sparsity_ramp": 0.0}}
+    config = config_from_dict(old)
+    assert not hasattr(config.model, "iou_head") and not hasattr(config.train, "sparsity_start")
+    for section, key, value in (("model", "iou_head", True), ("model", "regression_radius", 1),
+                                ("train", "sparsity_start", 0.3)):
+        with pytest.raises(ConfigError, match=f"'{section}.{key}': removed"):
+            config_from_dict({section: {key: value}})

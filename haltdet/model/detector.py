@@ -17,7 +17,7 @@ from haltdet.distributed import batch_count
 from haltdet.model.encoder import EncoderOutput, SparseWindowEncoder
 from haltdet.model.halting import sparsity_loss, token_statistics, token_weights
 from haltdet.model.head import (BEVBackbone, CenterHead, Detections, HeadTargets, build_targets,
-                                decode, heatmap_focal_loss, iou_loss, regression_loss)
+                                decode, heatmap_focal_loss, regression_loss)
 from haltdet.model.pillars import PillarFeatureNet, PointBatch, Tokens, pillar_centres
 from haltdet.model.refine import (BoxRefiner, refine_detections, refinement_loss, refinement_targets,
                                   training_proposals)
@@ -29,8 +29,7 @@ class DetectorOutput:
 
     heatmap: (B, 3, H, W) class logits; regression: (B, 9, H, W);
     tokens: the pillar tokens entering the encoder (coords give each token's pillar);
-    encoded: the encoder's output (features, layer at which each token halted, scores);
-    iou: (B, 1, H, W) predicted 2 * IoU - 1, or None (no IoU branch).
+    encoded: the encoder's output (features, layer at which each token halted, scores).
     The second stage (model.refine) reads `tokens.points`: the points the pillar net kept
     (in range, finite, within the input caps).
     """
@@ -39,7 +38,6 @@ class DetectorOutput:
     regression: torch.Tensor
     tokens: Tokens
     encoded: EncoderOutput | None = None
-    iou: torch.Tensor | None = None
 
 
 class Detector(nn.Module):
@@ -53,8 +51,8 @@ class Detector(nn.Module):
                                            config.max_points_per_pillar)
         self.encoder = SparseWindowEncoder(config.d_model, config.num_heads, config.ffn_dim,
                                            config.num_layers, config.window_size, config.dropout,
-                                           config.halting_layers, config.halting_scorer, self.grid,
-                                           config.halting_gradient, config.halting_secant, config.halting_rule)
+                                           config.halting_layers, config.halting_scorer, config.halting_gradient,
+                                           config.halting_secant, config.halting_rule)
         self.second_stage = True  # False: decode scores the first stage's boxes alone
         self.configure()
         # Embedding of the stage at which a token halted (last row: never halted).
@@ -62,7 +60,7 @@ class Detector(nn.Module):
                                 if config.halt_stage_embedding and config.halting_layers else None)
         self.bev = BEVBackbone(config.d_model, config.bev_channels, config.bev_convs,
                                config.bev_stride)
-        self.head = CenterHead(config.bev_channels, config.head_channels, config.iou_head)
+        self.head = CenterHead(config.bev_channels, config.head_channels)
         self.refiner = (BoxRefiner(config.refine_channels, config.refine_context, config.refine_points)
                         if config.refine else None)
         self.train()
@@ -144,12 +142,12 @@ class Detector(nn.Module):
         """masked: use the masked (training) halting pass; default: in training mode."""
         tokens = self.pillar_net(batch)
         encoded = self.encoder(tokens.features, tokens.coords, batch.batch_size, masked)
-        heatmap, regression, iou = self.dense_stage(encoded, tokens.coords, batch.batch_size)
-        return DetectorOutput(heatmap, regression, tokens, encoded, iou)
+        heatmap, regression = self.dense_stage(encoded, tokens.coords, batch.batch_size)
+        return DetectorOutput(heatmap, regression, tokens, encoded)
 
     def dense_stage(self, encoded: EncoderOutput, coords: torch.Tensor, batch_size: int):
-        """The BEV stage and the head on the encoded tokens: heatmap logits, regression and
-        IoU prediction (CenterHead.forward)."""
+        """The BEV stage and the head on the encoded tokens: heatmap logits and regression
+        (CenterHead.forward)."""
         # the layout `train` gave the dense stage
         memory_format = torch.contiguous_format if self.training else torch.channels_last
         bev = self.bev(self.bev_features(encoded), coords, batch_size, self.grid, memory_format)
@@ -162,8 +160,7 @@ class Detector(nn.Module):
     def targets(self, boxes: list[np.ndarray], labels: list[np.ndarray]) -> HeadTargets:
         """Targets for frames' boxes (ignored boxes already removed)."""
         return build_targets(boxes, labels, self.head_grid, self.range_min, self.cell_size,
-                             self.config.min_gaussian_radius, self.config.gaussian_overlap,
-                             self.config.regression_radius)
+                             self.config.min_gaussian_radius, self.config.gaussian_overlap)
 
     def loss(self, output: DetectorOutput, targets: HeadTargets, train=None,
              boxes: list[np.ndarray] | None = None, labels: list[np.ndarray] | None = None,
@@ -193,10 +190,6 @@ class Detector(nn.Module):
                  + train.direction_weight * direction)
         losses = {"heatmap": heatmap.detach(), "regression": regression.detach(),
                   "direction": direction.detach()}
-        if output.iou is not None:
-            iou = iou_loss(output.iou, output.regression, targets, self.range_min, self.cell_size)
-            total = total + train.iou_weight * iou
-            losses["iou"] = iou.detach()
         if self.halting:
             encoded = output.encoded
             foreground = (self.tokens_in_boxes(output.tokens, boxes, train.sparsity_margin)
@@ -273,8 +266,7 @@ class Detector(nn.Module):
         """The head's boxes per frame; a frame without tokens (no point in range) has none."""
         c = self.config
         detections = decode(output.heatmap, output.regression, self.range_min, self.cell_size,
-                            c.score_threshold, c.max_detections, c.nms_iou, iou=output.iou,
-                            iou_rectify=c.iou_rectify)
+                            c.score_threshold, c.max_detections, c.nms_iou)
         if output.tokens is None:
             return detections
         occupied = torch.bincount(output.tokens.coords[:, 0], minlength=len(detections)) > 0

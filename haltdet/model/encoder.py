@@ -263,14 +263,13 @@ class SparseWindowEncoder(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, ffn_dim: int, num_layers: int,
                  window_size: int, dropout: float = 0.0, halting_layers: list[int] | None = None,
-                 scorer: str = "mlp", grid: tuple[int, int] | None = None, gradient: str = "both",
-                 secant: bool = True, rule: str = "threshold"):
+                 scorer: str = "mlp", gradient: str = "both", secant: bool = True, rule: str = "threshold"):
         super().__init__()
         self.d_model = d_model
         self.window_size = window_size
         self.layers = nn.ModuleList(
             EncoderLayer(d_model, num_heads, ffn_dim, dropout) for _ in range(num_layers))
-        self.halting = TokenHalting(d_model, halting_layers or [], scorer, grid, gradient, secant, rule)
+        self.halting = TokenHalting(d_model, halting_layers or [], scorer, gradient, secant, rule)
         self._register_load_state_dict_pre_hook(_rename_scorers)
 
     def shift_of_layer(self, layer: int) -> int:

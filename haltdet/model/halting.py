@@ -4,7 +4,7 @@ After chosen encoder layers a scorer gives every still-active token a score in (
 tokens below the stage's threshold halt and no later layer processes them. This module
 holds everything that decides and trains that:
 
-* the scorers (`TokenScorer`, `BEVContextScorer`; `RandomScorer`, the random-dropping peer);
+* the scorers (`TokenScorer`; `RandomScorer`, the random-dropping peer);
 * the keep decision (`select_per_frame`: threshold, keep ratio, cap, per frame);
 * the gate of the differentiable training pass (`TokenHalting`): per stage, a factor whose
   forward value is the hard 0/1 decision and whose gradient reaches the score
@@ -60,32 +60,6 @@ class TokenScorer(nn.Module):
     def forward(self, x: torch.Tensor, coords: torch.Tensor, active: torch.Tensor,
                 batch_size: int) -> torch.Tensor:
         return torch.sigmoid(_at_least_float32(self.net(x).squeeze(1)))
-
-
-class BEVContextScorer(nn.Module):
-    """Halting score from a token and its neighbourhood: active tokens are reduced to a few
-    channels, scattered to the pillar grid, passed through two 3x3 convolutions, and read
-    back at the tokens. Halted tokens are not scattered, so the training (masked) and
-    inference (removed) passes see the same map."""
-
-    def __init__(self, d_model: int, grid: tuple[int, int], channels: int = 16):
-        super().__init__()
-        self.grid = grid
-        self.reduce = nn.Linear(d_model, channels)
-        self.context = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
-                                     nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True))
-        self.out = nn.Linear(2 * channels, 1)
-        nn.init.constant_(self.out.bias, 3.0)
-
-    def forward(self, x: torch.Tensor, coords: torch.Tensor, active: torch.Tensor,
-                batch_size: int) -> torch.Tensor:
-        ny, nx = self.grid
-        reduced = torch.relu(self.reduce(x)) * active[:, None].to(x.dtype)
-        flat = (coords[:, 0] * ny + coords[:, 1]) * nx + coords[:, 2]
-        canvas = reduced.new_zeros(batch_size * ny * nx, reduced.shape[1]).index_copy(0, flat, reduced)
-        bev = canvas.view(batch_size, ny, nx, -1).permute(0, 3, 1, 2)
-        context = self.context(bev).permute(0, 2, 3, 1).reshape(batch_size * ny * nx, -1)[flat]
-        return torch.sigmoid(_at_least_float32(self.out(torch.cat([reduced, context], dim=1)).squeeze(1)))
 
 
 class RandomScorer(nn.Module):
@@ -223,8 +197,7 @@ class TokenHalting(nn.Module):
     """
 
     def __init__(self, d_model: int, halting_layers: list[int], scorer: str = "mlp",
-                 grid: tuple[int, int] | None = None, gradient: str = "both", secant: bool = True,
-                 rule: str = "threshold"):
+                 gradient: str = "both", secant: bool = True, rule: str = "threshold"):
         super().__init__()
         if gradient not in GRADIENT_PATHS:
             raise ValueError(f"halting gradient must be one of {GRADIENT_PATHS}, got {gradient!r}")
@@ -233,8 +206,7 @@ class TokenHalting(nn.Module):
         self.rule = rule
         self.halting_layers = list(halting_layers)
         self.scorers = nn.ModuleList(
-            TokenScorer(d_model) if scorer == "mlp" else BEVContextScorer(d_model, grid) if scorer == "bev"
-            else RandomScorer(stage) for stage in range(len(self.halting_layers)))
+            TokenScorer(d_model) if scorer == "mlp" else RandomScorer(stage) for stage in range(len(self.halting_layers)))
         self.thresholds = [0.5] * len(self.halting_layers)
         self.keep_ratios: list[float] | None = None
         self.max_tokens = 0

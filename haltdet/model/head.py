@@ -8,13 +8,8 @@ and a direction logit (1). Twice the yaw is the box axis, unambiguous even where
 back look alike (regressing sin/cos of the yaw itself averages the two modes into a wrong
 axis); the direction logit picks which end of the axis is the front.
 
-The regression is supervised at the centre cell and, with a regression radius r, at the
-cells up to r away (weighted by a unit Gaussian; a cell near two objects belongs to the
-nearer): the decoded peak is often a neighbour of the centre cell, and the extra cells
-give the regression more signal per step. An optional IoU branch predicts the 3D IoU of
-each cell's decoded box with its object; decoding then ranks detections by
-heatmap^(1 - a) * IoU^a (IoU-rectified scores, as in CenterPoint's Waymo challenge entry
-and AFDetV2), which matters at the strict 0.7 IoU of vehicles.
+The regression is supervised at each object's centre cell (a cell holding two centres
+regresses the nearer object).
 """
 
 from __future__ import annotations
@@ -28,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haltdet.boxes import iou_3d_paired, nms_bev
+from haltdet.boxes import nms_bev
 from haltdet.distributed import batch_count
 
 NUM_CLASSES = 3
@@ -55,7 +50,6 @@ class HeadTargets:
     frame: (N,) frame index of each supervised cell.
     cell: (N,) flat cell index (row * W + col).
     regression: (N, REGRESSION_DIM) targets at those cells.
-    weight: (N,) loss weight of the cell (1 at an object's centre cell).
     boxes: (N, 7) the ground-truth box the cell regresses.
     """
 
@@ -63,7 +57,6 @@ class HeadTargets:
     frame: torch.Tensor
     cell: torch.Tensor
     regression: torch.Tensor
-    weight: torch.Tensor
     boxes: torch.Tensor
 
     def to(self, device) -> "HeadTargets":
@@ -115,38 +108,32 @@ class BEVBackbone(nn.Module):
 
 
 class CenterHead(nn.Module):
-    """A shared 3x3 convolution, then 1x1 convolutions for the heatmap, the regression and
-    optionally the IoU (lean on purpose: on a CPU every dense 3x3 convolution costs as much
-    as the encoder)."""
+    """A shared 3x3 convolution, then 1x1 convolutions for the heatmap and the regression
+    (lean on purpose: on a CPU every dense 3x3 convolution costs as much as the encoder)."""
 
-    def __init__(self, in_channels: int, channels: int, iou: bool = False):
+    def __init__(self, in_channels: int, channels: int):
         super().__init__()
         self.shared = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
                                     nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
         self.heatmap = nn.Conv2d(channels, NUM_CLASSES, 1)
         self.regression = nn.Conv2d(channels, REGRESSION_DIM, 1)
-        self.iou = nn.Conv2d(channels, 1, 1) if iou else None
         # Start with a low foreground probability (focal-loss practice).
         nn.init.constant_(self.heatmap.bias, -2.19)
 
-    def forward(self, bev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """bev: (B, C, H, W) -> heatmap logits (B, 3, H, W), regression (B, 9, H, W) and
-        the IoU prediction (B, 1, H, W), 2 * IoU - 1, or None without an IoU branch."""
+    def forward(self, bev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """bev: (B, C, H, W) -> heatmap logits (B, 3, H, W) and regression (B, 9, H, W)."""
         shared = self.shared(bev)
         # The 1x1 convolutions as one matrix product in the map's memory layout (the
         # convolution backward pass on contiguous maps zero-fills a map per call).
-        outputs = [self.heatmap, self.regression] + ([self.iou] if self.iou is not None else [])
-        weight = torch.cat([m.weight.flatten(1) for m in outputs])
-        bias = torch.cat([m.bias for m in outputs])
+        weight = torch.cat([self.heatmap.weight.flatten(1), self.regression.weight.flatten(1)])
+        bias = torch.cat([self.heatmap.bias, self.regression.bias])
         if shared.is_contiguous():
             b, c, h, w = shared.shape
             maps = (torch.matmul(weight, shared.view(b, c, h * w)) + bias[:, None]).view(b, -1, h, w)
         else:  # channels-last
             maps = torch.addmm(bias, shared.permute(0, 2, 3, 1).flatten(0, 2), weight.t())
             maps = maps.view(*shared.permute(0, 2, 3, 1).shape[:3], -1).permute(0, 3, 1, 2)
-        heatmap, regression = maps[:, :NUM_CLASSES], maps[:, NUM_CLASSES:NUM_CLASSES + REGRESSION_DIM]
-        iou = maps[:, NUM_CLASSES + REGRESSION_DIM:] if self.iou is not None else None
-        return heatmap, regression, iou
+        return maps[:, :NUM_CLASSES], maps[:, NUM_CLASSES:]
 
 
 # ---------------------------------------------------------------------------- targets
@@ -170,18 +157,17 @@ def gaussian_radius(length_cells: float, width_cells: float, min_overlap: float)
 
 def build_targets(boxes: list[np.ndarray], labels: list[np.ndarray], grid: tuple[int, int],
                   range_min: tuple[float, float], cell_size: float, min_radius: int,
-                  min_overlap: float, regression_radius: int = 0) -> HeadTargets:
+                  min_overlap: float) -> HeadTargets:
     """Heatmap and regression targets for a batch.
 
     boxes[i]: (M, 7) boxes of frame i that should be detected (ignored boxes removed).
-    labels[i]: (M,) class indices. grid: (H, W) cells of the head's output.
-    regression_radius: also supervise the regression at cells up to this many cells from
-    an object's centre cell (a cell claimed by several objects goes to the nearest centre).
+    labels[i]: (M,) class indices. grid: (H, W) cells of the head's output. The
+    regression is supervised at each object's centre cell (the nearer centre's object
+    where two share a cell).
     """
     height, width = grid
     heatmap = np.zeros((len(boxes), NUM_CLASSES, height, width), dtype=np.float32)
-    claims: dict[tuple[int, int], tuple] = {}  # (frame, cell) -> (distance, weight, target, box)
-    steps = range(-regression_radius, regression_radius + 1)
+    claims: dict[tuple[int, int], tuple] = {}  # (frame, cell) -> (distance, target, box)
     for frame, (frame_boxes, frame_labels) in enumerate(zip(boxes, labels)):
         for box, label in zip(frame_boxes, frame_labels):
             cx = (box[0] - range_min[0]) / cell_size
@@ -194,24 +180,17 @@ def build_targets(boxes: list[np.ndarray], labels: list[np.ndarray], grid: tuple
             _draw_gaussian(heatmap[frame, int(label)], row, col, radius)
             shape = [math.log(box[3]), math.log(box[4]), math.log(box[5]), math.sin(2 * box[6]),
                      math.cos(2 * box[6]), float(math.cos(box[6] - DIRECTION_OFFSET) > 0)]
-            for dr in steps:
-                for dc in steps:
-                    r, c = row + dr, col + dc
-                    if not (0 <= c < width and 0 <= r < height):
-                        continue
-                    distance = (cx - c - 0.5) ** 2 + (cy - r - 0.5) ** 2
-                    key = (frame, r * width + c)
-                    if key not in claims or distance < claims[key][0]:
-                        claims[key] = (distance, math.exp(-(dr * dr + dc * dc) / 2),
-                                       [cx - c, cy - r, box[2]] + shape, box[:7])
+            distance = (cx - col - 0.5) ** 2 + (cy - row - 0.5) ** 2
+            key = (frame, row * width + col)
+            if key not in claims or distance < claims[key][0]:
+                claims[key] = (distance, [cx - col, cy - row, box[2]] + shape, box[:7])
     keys = sorted(claims)
     return HeadTargets(
         torch.from_numpy(heatmap),
         torch.tensor([k[0] for k in keys], dtype=torch.long),
         torch.tensor([k[1] for k in keys], dtype=torch.long),
-        torch.tensor([claims[k][2] for k in keys], dtype=torch.float32).reshape(-1, REGRESSION_DIM),
-        torch.tensor([claims[k][1] for k in keys], dtype=torch.float32),
-        torch.tensor(np.array([claims[k][3] for k in keys], dtype=np.float32)).reshape(-1, 7),
+        torch.tensor([claims[k][1] for k in keys], dtype=torch.float32).reshape(-1, REGRESSION_DIM),
+        torch.tensor(np.array([claims[k][2] for k in keys], dtype=np.float32)).reshape(-1, 7),
     )
 
 
@@ -245,33 +224,17 @@ def _at_targets(dense: torch.Tensor, targets: HeadTargets) -> torch.Tensor:
 
 
 def regression_loss(regression: torch.Tensor, targets: HeadTargets) -> tuple[torch.Tensor, torch.Tensor]:
-    """At the supervised cells: L1 of the box regression (summed over its 8 values,
-    weighted mean over cells) and weighted binary cross-entropy of the direction logit."""
-    total_weight = batch_count(targets.weight.sum(), minimum=1e-6)  # before any return: DDP
+    """At the supervised cells: L1 of the box regression (summed over its 8 values, mean
+    over cells) and binary cross-entropy of the direction logit."""
+    cells = batch_count(targets.cell.new_tensor(targets.cell.numel()), minimum=1e-6)  # before any return: DDP
     if targets.cell.numel() == 0:
         zero = regression.sum() * 0
         return zero, zero
     predicted = _at_targets(regression, targets)
-    weight = targets.weight
-    box = ((predicted[:, :8] - targets.regression[:, :8]).abs().sum(dim=1) * weight).sum() / total_weight
-    direction = F.binary_cross_entropy_with_logits(predicted[:, 8], targets.regression[:, 8], weight=weight,
-                                                   reduction="sum") / total_weight
+    box = (predicted[:, :8] - targets.regression[:, :8]).abs().sum() / cells
+    direction = F.binary_cross_entropy_with_logits(predicted[:, 8], targets.regression[:, 8],
+                                                   reduction="sum") / cells
     return box, direction
-
-
-def iou_loss(iou: torch.Tensor, regression: torch.Tensor, targets: HeadTargets,
-             range_min: tuple[float, float], cell_size: float) -> torch.Tensor:
-    """Weighted L1 between the IoU prediction and 2 * IoU - 1, where IoU is the 3D IoU of
-    the box decoded at the cell (no gradient through it) with the cell's object."""
-    total_weight = batch_count(targets.weight.sum(), minimum=1e-6)  # before any return: DDP
-    if targets.cell.numel() == 0:
-        return iou.sum() * 0
-    width = regression.shape[3]
-    with torch.no_grad():
-        boxes = boxes_at_cells(_at_targets(regression, targets), targets.cell, width, range_min, cell_size)
-        target = 2 * iou_3d_paired(boxes, targets.boxes).float() - 1
-    predicted = _at_targets(iou, targets)[:, 0]
-    return ((predicted - target).abs() * targets.weight).sum() / total_weight
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -292,13 +255,8 @@ def boxes_at_cells(reg: torch.Tensor, cell: torch.Tensor, width: int, range_min:
 
 def decode(heatmap_logits: torch.Tensor, regression: torch.Tensor, range_min: tuple[float, float],
            cell_size: float, score_threshold: float, max_detections: int,
-           nms_iou: list[float], pre_nms: int = 500, iou: torch.Tensor | None = None,
-           iou_rectify: list[float] | None = None) -> list[Detections]:
-    """Heatmap peaks -> boxes, with per-class rotated NMS. Deterministic.
-
-    With an IoU prediction, a peak's score is heatmap^(1 - a) * IoU^a with a =
-    iou_rectify[class]; the score threshold and NMS use that score.
-    """
+           nms_iou: list[float], pre_nms: int = 500) -> list[Detections]:
+    """Heatmap peaks -> boxes, with per-class rotated NMS. Deterministic."""
     heatmap = torch.sigmoid(heatmap_logits.float())
     regression = regression.float()
     peaks = F.max_pool2d(heatmap, 3, stride=1, padding=1) == heatmap
@@ -309,10 +267,6 @@ def decode(heatmap_logits: torch.Tensor, regression: torch.Tensor, range_min: tu
         scores, flat = heatmap[frame].reshape(-1).topk(min(pre_nms, heatmap[frame].numel()))
         labels = flat // (height * width)
         cell = flat % (height * width)
-        if iou is not None:
-            quality = ((iou[frame, 0].reshape(-1)[cell].float() + 1) / 2).clamp(0, 1)
-            alpha = torch.tensor(iou_rectify, dtype=scores.dtype, device=scores.device)[labels]
-            scores = scores.pow(1 - alpha) * quality.pow(alpha)
         keep = scores >= score_threshold
         scores, labels, cell = scores[keep], labels[keep], cell[keep]
         boxes = boxes_at_cells(regression[frame].reshape(REGRESSION_DIM, -1)[:, cell].T, cell, width,

@@ -6,7 +6,7 @@ import torch
 
 from haltdet.config import ModelConfig
 from haltdet.model.detector import Detector, DetectorOutput
-from haltdet.model.head import REGRESSION_DIM, boxes_at_cells, decode, iou_loss
+from haltdet.model.head import REGRESSION_DIM
 from haltdet.model.pillars import PillarFeatureNet, PointBatch
 
 SMALL = dict(point_cloud_range=[-19.2, -19.2, -4.0, 19.2, 19.2, 3.0], d_model=32,
@@ -75,55 +75,18 @@ def test_targets_decode_back_to_the_boxes(yaws):
     assert (targets.heatmap == 1.0).sum() == 3
 
 
-def test_regression_targets_at_neighbour_cells():
-    """With regression_radius 1 the 3x3 cells around a centre all regress the same box,
-    weighted 1 at the centre and less around it; a cell near two objects belongs to the
-    nearer centre, and no cell gets two targets."""
-    model = Detector(ModelConfig(**SMALL, regression_radius=1))
-    boxes = np.array([[3.3, -4.1, -1.0, 4.5, 1.9, 1.6, 0.4],
-                      [-6.1, 2.0, -1.2, 0.7, 0.6, 1.8, -2.0],
-                      [-5.5, 2.0, -1.2, 0.7, 0.6, 1.8, 1.0]], dtype=np.float32)
-    targets = model.targets([boxes], [np.array([0, 1, 1])])
-    width = model.head_grid[1]
-    assert len(set(targets.cell.tolist())) == len(targets.cell)
-    assert targets.cell.numel() < 27 and targets.weight.max() == 1.0 and (targets.weight == 1.0).sum() == 3
-    reg = targets.regression.clone()
-    reg[:, 8] = 4.0 * (2 * reg[:, 8] - 1)
-    decoded = boxes_at_cells(reg, targets.cell, width, model.range_min, model.cell_size)
-    torch.testing.assert_close(decoded[:, :6], targets.boxes[:, :6], atol=1e-4, rtol=0)
-    yaw_error = torch.remainder(decoded[:, 6] - targets.boxes[:, 6] + np.pi, 2 * np.pi) - np.pi
-    assert yaw_error.abs().max() < 1e-4
-    # every cell regresses the object whose centre is nearest to the cell's centre
-    row, col = targets.cell // width, targets.cell % width
-    centre = torch.stack([(col + 0.5) * model.cell_size + model.range_min[0],
-                          (row + 0.5) * model.cell_size + model.range_min[1]], dim=1)
-    distance = torch.cdist(centre.double(), torch.from_numpy(boxes[:, :2]).double())
-    nearest = torch.from_numpy(boxes)[distance.argmin(dim=1)]
-    torch.testing.assert_close(targets.boxes, nearest)
-
-
-def test_iou_branch_loss_and_rectified_scores():
-    model = Detector(ModelConfig(**SMALL, iou_head=True, regression_radius=1))
-    boxes = np.array([[3.3, -4.1, -1.0, 4.5, 1.9, 1.6, 0.4]], dtype=np.float32)
-    targets = model.targets([boxes], [np.array([0])])
-    height, width = model.head_grid
-    regression = torch.zeros(1, REGRESSION_DIM, height * width)
-    regression[0, :, targets.cell] = targets.regression.T
-    regression = regression.view(1, REGRESSION_DIM, height, width)
-    # a perfect box regression has IoU 1 everywhere: predicting 2*1-1 = 1 costs nothing
-    for predicted, expected in ((1.0, 0.0), (-1.0, 2.0), (0.0, 1.0)):
-        iou = torch.full((1, 1, height, width), predicted)
-        loss = iou_loss(iou, regression, targets, model.range_min, model.cell_size)
-        assert float(loss) == pytest.approx(expected, abs=1e-5)
-    # rectified score = heatmap^(1 - a) * ((iou + 1) / 2)^a at the peak
-    heatmap = torch.full((1, 3, height, width), -10.0)
-    centre = targets.cell[targets.weight == 1.0]
-    heatmap.view(1, 3, -1)[0, 0, centre] = 0.5
-    iou = torch.full((1, 1, height, width), 0.2)
-    (det,) = decode(heatmap, regression, model.range_min, model.cell_size, 0.05, 10, [0.2] * 3,
-                    iou=iou, iou_rectify=[0.68, 0.71, 0.65])
-    expected = torch.sigmoid(torch.tensor(0.5)) ** 0.32 * 0.6 ** 0.68
-    assert len(det.scores) == 1 and float(det.scores[0]) == pytest.approx(float(expected), rel=1e-5)
+def test_two_centres_in_one_cell_regress_the_nearer_object():
+    model = Detector(ModelConfig(**SMALL))
+    size = model.cell_size
+    corner = np.array(model.range_min) + 40 * size  # a cell's lower corner
+    boxes = np.array([[corner[0] + 0.2 * size, corner[1] + 0.5 * size, -1.2, 0.7, 0.6, 1.8, 1.0],
+                      [corner[0] + 0.45 * size, corner[1] + 0.55 * size, -1.2, 0.7, 0.6, 1.8, -2.0],
+                      [corner[0] + 5.5 * size, corner[1] + 0.5 * size, -1.0, 4.5, 1.9, 1.6, 0.4]],
+                     dtype=np.float32)
+    targets = model.targets([boxes], [np.array([1, 1, 0])])
+    assert targets.cell.tolist() == sorted(targets.cell.tolist()) and len(targets.cell) == 2
+    torch.testing.assert_close(targets.boxes, torch.from_numpy(boxes[1:]))  # the second is nearer the centre
+    assert (targets.heatmap == 1.0).sum() == 2  # one peak for the two pedestrians, one for the vehicle
 
 
 def test_detector_is_deterministic_and_trains():
