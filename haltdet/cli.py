@@ -179,7 +179,7 @@ def cmd_eval(args) -> None:
     two_stage = model.refiner is not None and model.second_stage
     start = time.perf_counter()
     result = evaluate_model(model, args.data, args.batch_size, args.device, progress=not args.quiet,
-                            bootstrap=args.bootstrap)
+                            bootstrap=args.bootstrap, camera_view=not args.whole_scene)
     result["checkpoint"] = str(args.checkpoint)
     result["data"] = str(args.data)
     result["halting"] = {"layers": config.model.halting_layers, "thresholds": model.encoder.halting.thresholds,
@@ -436,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, nargs="+", help="halting threshold(s): one, or one per stage")
     p.add_argument("--keep-ratio", type=float, nargs="+", help="keep ratio(s) per stage instead of thresholds")
     p.add_argument("--max-tokens", type=int, help="cap on active tokens per frame at each stage (0: none)")
+    p.add_argument("--whole-scene", action="store_true",
+                   help="score all around even in frames whose labels a camera view bounds (KITTI: by "
+                        "default only what the front camera sees is scored)")
     p.add_argument("--bootstrap", type=_count(0), default=0, metavar="N",
                    help="also the split's evaluation noise: the spread of mAPH_L2 over N sets of frames "
                         "drawn from it with replacement (default 0: off)")

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from haltdet.boxes import points_in_boxes, wrap_angle
 from haltdet.config import DataConfig
 from haltdet.data.formats import open_data
-from haltdet.data.frames import Frame, read_frame
+from haltdet.data.frames import CameraView, Frame, read_frame
 from haltdet.model.pillars import PointBatch
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ class Batch:
     points: the frames' points, concatenated.
     boxes / labels / difficulty / num_points: per frame, every ground-truth box (numpy).
     frame_ids: per frame.
+    cameras: per frame, the camera view bounding its labels, or None.
     """
 
     points: PointBatch
@@ -35,6 +36,7 @@ class Batch:
     difficulty: list[np.ndarray]
     num_points: list[np.ndarray]
     frame_ids: list[str]
+    cameras: list[CameraView | None]
 
     def trainable(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Boxes and labels that should be detected: boxes with at least one point."""
@@ -50,6 +52,7 @@ def collate(frames: list[Frame]) -> Batch:
         difficulty=[f.difficulty for f in frames],
         num_points=[f.num_points for f in frames],
         frame_ids=[f.frame_id for f in frames],
+        cameras=[f.camera for f in frames],
     )
 
 

@@ -24,6 +24,8 @@ num_points    (M,)       int64    points of ``points`` inside each box
 difficulty    (M,)       int64    0 ignored (0 points), 1 LEVEL_1 (>5), 2 LEVEL_2 (1..5)
 ============  =========  =======  ==================================================
 
+A frame may also hold ``camera_projection`` (3, 4) float64 and ``camera_image_size`` (2,)
+float64: the camera view that bounds its labels (:class:`CameraView`; KITTI frames).
 The frame id is the file name without ``.npz``. Every reader here validates what it
 reads and raises :class:`haltdet.InputError` naming the file and the problem. Points
 with NaN/inf coordinates are the one thing repaired rather than refused: those rows are
@@ -108,6 +110,25 @@ class DroppedPointsWarning(UserWarning):
 
 
 @dataclass
+class CameraView:
+    """The image of a camera whose view bounds a frame's labels (KITTI labels only what
+    the front camera sees): pixel = projection @ (x, y, z, 1) from the project frame, in
+    an image of width x height pixels."""
+
+    projection: np.ndarray  # (3, 4) float64
+    width: float
+    height: float
+
+    def sees(self, xyz: np.ndarray) -> np.ndarray:
+        """Bool (N,): the points (N, >= 3) lie in front of the camera and inside its image."""
+        h = np.asarray(xyz, dtype=np.float64)[:, :3] @ self.projection[:, :3].T + self.projection[:, 3]
+        depth = h[:, 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u, v = h[:, 0] / depth, h[:, 1] / depth
+        return (depth > 0) & (u >= 0) & (u < self.width) & (v >= 0) & (v < self.height)
+
+
+@dataclass
 class Frame:
     """One LiDAR frame with its labels (all arrays in the project conventions)."""
 
@@ -117,6 +138,7 @@ class Frame:
     labels: np.ndarray  # (M,) int64 index into haltdet.CLASSES
     num_points: np.ndarray  # (M,) int64 points inside each box
     difficulty: np.ndarray  # (M,) int64: 0 ignored (0 points), 1 LEVEL_1, 2 LEVEL_2
+    camera: CameraView | None = None  # the view the labels are bounded by, if any
 
     def __post_init__(self) -> None:
         self.points = np.asarray(self.points)
@@ -265,6 +287,9 @@ def write_frame(dataset_dir, frame: Frame) -> Path:
         "num_points": np.ascontiguousarray(frame.num_points, dtype=np.int64).reshape(-1),
         "difficulty": np.ascontiguousarray(frame.difficulty, dtype=np.int64).reshape(-1),
     }
+    if frame.camera is not None:
+        arrays["camera_projection"] = np.asarray(frame.camera.projection, dtype=np.float64).reshape(3, 4)
+        arrays["camera_image_size"] = np.array([frame.camera.width, frame.camera.height], dtype=np.float64)
     # Labels as the reader checks them (non-finite points it drops and counts itself).
     _validate_labels(arrays, f"frame {fid}")
     tmp = path.with_name(f".{fid}.tmp.npz")
@@ -283,7 +308,19 @@ def read_frame(path) -> Frame:
         raise _fail(path, f"missing array(s) {missing} (a frame file needs {list(FRAME_ARRAYS)})")
     points = validate_points(arrays["points"], path)
     boxes, labels, num_points, difficulty = _validate_labels(arrays, path)
-    return Frame(path.stem, points, boxes, labels, num_points, difficulty)
+    return Frame(path.stem, points, boxes, labels, num_points, difficulty, _camera(arrays, path))
+
+
+def _camera(arrays: dict, path) -> CameraView | None:
+    """The optional camera view of a frame file (arrays camera_projection, camera_image_size)."""
+    if "camera_projection" not in arrays and "camera_image_size" not in arrays:
+        return None
+    projection = np.asarray(arrays.get("camera_projection", np.zeros(0)), dtype=np.float64)
+    size = np.asarray(arrays.get("camera_image_size", np.zeros(0)), dtype=np.float64)
+    if projection.shape != (3, 4) or size.shape != (2,) or not (np.isfinite(projection).all()
+                                                               and np.isfinite(size).all() and (size > 0).all()):
+        raise _fail(path, "camera_projection must be (3, 4) and camera_image_size (2,) positive, all finite")
+    return CameraView(projection, float(size[0]), float(size[1]))
 
 
 # ----------------------------------------------------------------------------- dataset index

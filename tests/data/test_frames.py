@@ -280,3 +280,24 @@ def test_write_frame_refuses_what_the_reader_would(tmp_path):
     with pytest.raises(InputError, match="labels out of range"):
         write_frame(tmp_path, Frame("y", points, huge * [1, 1, 1, 0.01, 1, 1, 1], np.full(1, 7), one, one))
     assert not list(tmp_path.rglob("*.npz"))
+
+
+def test_camera_view_by_hand_and_bad_camera_arrays(tmp_path):
+    from haltdet.data.frames import CameraView, Frame, read_frame, write_frame
+
+    # A camera at the origin looking along +x (image u to the right = -y, v down = -z),
+    # focal length 100 px, image 200 x 100 with its centre at (100, 50).
+    projection = np.array([[100.0, -100.0, 0.0, 0.0], [50.0, 0.0, -100.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    projection[0, 0] = 100.0  # u = 100 * (x - y) / x
+    camera = CameraView(projection, 200.0, 100.0)
+    points = np.array([[10.0, 0.0, 0.0], [10.0, 9.9, 0.0], [10.0, -9.9, 0.0], [10.0, 0.0, 4.9],
+                       [10.0, 10.1, 0.0], [10.0, 0.0, 5.1], [-10.0, 0.0, 0.0]])
+    assert camera.sees(points).tolist() == [True, True, True, True, False, False, False]
+    frame = Frame("f", np.zeros((1, 4), np.float32), np.zeros((0, 7), np.float32), np.zeros(0, np.int64),
+                  np.zeros(0, np.int64), np.zeros(0, np.int64), camera)
+    path = write_frame(tmp_path, frame)
+    arrays = dict(np.load(path))
+    arrays["camera_image_size"] = np.array([200.0, -1.0])
+    np.savez(path, **arrays)
+    with pytest.raises(InputError, match="camera_projection must be"):
+        read_frame(path)

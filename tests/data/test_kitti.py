@@ -73,7 +73,8 @@ def _write_kitti(root: Path, labels: str | None, points: np.ndarray, calib: bool
         (root / "label_2" / "000007.txt").write_text(labels)
         if calib:
             (root / "calib" / "000007.txt").write_text(
-                "P0: " + " ".join(["0"] * 12) + "\nR0_rect: 1 0 0 0 1 0 0 0 1\n"
+                "P0: " + " ".join(["0"] * 12) + "\nP2: 721.5 0 609.6 44.9 0 721.5 172.9 0.2 0 0 1 0.003\n"
+                "R0_rect: 1 0 0 0 1 0 0 0 1\n"
                 "Tr_velo_to_cam: " + " ".join(str(v) for v in TR.ravel()) + "\n")
     return root
 
@@ -133,3 +134,32 @@ def test_a_folder_without_velodyne_is_an_input_error(tmp_path):
     (tmp_path / "training").mkdir()
     with pytest.raises(InputError, match="no 'velodyne' folder.*try"):
         open_data(f"kitti:{tmp_path}")
+
+
+def test_labelled_frames_carry_the_front_camera_view_and_eval_scores_only_it(kitti, tmp_path):
+    """KITTI labels only what the front camera sees: each labelled frame carries that view
+    (P2 of its calib, in the project frame); its labelled objects are in it, points behind
+    the car are not; it survives conversion; eval scores only detections the camera sees
+    unless --whole-scene."""
+    import haltdet
+    from haltdet.data.formats import open_data as open_spec
+    from haltdet.data.frames import read_frame, write_frame
+    from haltdet.predict import predict_dataset
+
+    for frame_id in kitti.frame_ids():
+        frame = kitti.read(frame_id)
+        assert frame.camera is not None and frame.camera.sees(frame.boxes).all()
+        assert 0.05 < frame.camera.sees(frame.points).mean() < 0.4  # about the front quarter
+        assert not frame.camera.sees(np.array([[-10.0, 0.0, -1.0], [10.0, 10.0, -1.0]])).any()
+        assert frame.camera.sees(np.array([[10.0, 0.0, -1.0]])).all()
+        back = read_frame(write_frame(tmp_path / "converted", frame))
+        np.testing.assert_array_equal(back.camera.projection, frame.camera.projection)
+        assert (back.camera.width, back.camera.height) == (frame.camera.width, frame.camera.height)
+    model = haltdet.load("baseline")
+    spec = f"kitti:{KITTI}"
+    front, _, _ = predict_dataset(model, spec, progress=False)
+    everywhere, truth, _ = predict_dataset(model, spec, progress=False, camera_view=False)
+    for seen, full, frame_id in zip(front, everywhere, kitti.frame_ids()):
+        camera = kitti.read(frame_id).camera
+        assert camera.sees(seen.boxes).all() and len(seen.boxes) == camera.sees(full.boxes).sum() < len(full.boxes)
+    assert sum(len(t.boxes) for t in truth) == 4 and open_spec(spec).read("000001").num_objects == 3

@@ -34,8 +34,10 @@ import numpy as np
 from haltdet import InputError
 from haltdet.boxes import wrap_angle
 from haltdet.data.formats import make_frame, map_classes, to_project_frame
-from haltdet.data.frames import Frame, load_points_file
+from haltdet.data.frames import GROUND_Z, CameraView, Frame, load_points_file
 
+IMAGE_SIZE = (1242.0, 375.0)
+"""Width and height of most KITTI images (some are 1224 x 370 or 1238 x 374)."""
 GROUND_BELOW_ORIGIN = 1.73
 """The road below the Velodyne (KITTI's setup: the scanner is mounted 1.73 m up)."""
 CLASS_MAP: dict[str, str | None] = {
@@ -50,6 +52,20 @@ CLASS_MAP: dict[str, str | None] = {
 def read_calib(path) -> np.ndarray:
     """The 4x4 transform from the rectified camera frame to the Velodyne frame:
     inverse of ``R0_rect @ Tr_velo_to_cam`` read from a KITTI calib file."""
+    return np.linalg.inv(_calibration(path)[1])
+
+
+def camera_view(path) -> CameraView:
+    """The left colour camera's view (P2) in the project frame, from a KITTI calib file;
+    the image is taken to be IMAGE_SIZE (calib files do not say)."""
+    p2, velo_to_rect = _calibration(path)
+    velo_from_project = np.eye(4)
+    velo_from_project[2, 3] = -(GROUND_Z + GROUND_BELOW_ORIGIN)  # undo to_project_frame's move
+    return CameraView(p2 @ velo_to_rect @ velo_from_project, *IMAGE_SIZE)
+
+
+def _calibration(path) -> tuple[np.ndarray, np.ndarray]:
+    """P2 (3, 4) and R0_rect @ Tr_velo_to_cam (4, 4) of a KITTI calib file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found (calibration)")
@@ -62,15 +78,16 @@ def read_calib(path) -> np.ndarray:
             values[key.strip()] = [float(v) for v in rest.split()]
         except ValueError as exc:
             raise InputError(f"{path}:{lineno}: malformed calibration line ({exc})") from exc
-    rect, velo_to_cam = np.eye(4), np.eye(4)
-    for key, size, matrix in (("R0_rect", 9, rect[:3, :3]), ("Tr_velo_to_cam", 12, velo_to_cam[:3, :4])):
+    rect, velo_to_cam, p2 = np.eye(4), np.eye(4), np.zeros((3, 4))
+    for key, size, matrix in (("R0_rect", 9, rect[:3, :3]), ("Tr_velo_to_cam", 12, velo_to_cam[:3, :4]),
+                              ("P2", 12, p2)):
         if len(values.get(key, [])) != size:
             raise InputError(f"{path}: needs '{key}:' with {size} numbers")
         matrix[:] = np.reshape(values[key], matrix.shape)
-    try:
-        return np.linalg.inv(rect @ velo_to_cam)
-    except np.linalg.LinAlgError as exc:
-        raise InputError(f"{path}: R0_rect @ Tr_velo_to_cam is not invertible") from exc
+    transform = rect @ velo_to_cam
+    if not np.isfinite(transform).all() or abs(np.linalg.det(transform)) < 1e-9:
+        raise InputError(f"{path}: R0_rect @ Tr_velo_to_cam is not invertible")
+    return p2, transform
 
 
 def read_labels(path) -> tuple[list[str], np.ndarray]:
@@ -131,14 +148,17 @@ class KittiSource:
             label_path = self.root / "label_2" / f"{frame_id}.txt"
             types, values = read_labels(label_path)
             keep, labels = map_classes(types, CLASS_MAP, label_path)
+            calib = self.root / "calib" / f"{frame_id}.txt"
             if len(keep):
-                cam_to_velo = read_calib(self.root / "calib" / f"{frame_id}.txt")
-                boxes = camera_to_lidar_boxes(values[keep], cam_to_velo)
+                boxes = camera_to_lidar_boxes(values[keep], read_calib(calib))
             where = label_path
         else:
             where = self.root / "velodyne" / f"{frame_id}.bin"
         points, boxes = to_project_frame(points, boxes, GROUND_BELOW_ORIGIN)
-        return make_frame(frame_id, points, boxes, labels, where)
+        frame = make_frame(frame_id, points, boxes, labels, where)
+        if self.labelled:  # only objects the camera sees are labelled
+            frame.camera = camera_view(calib)
+        return frame
 
 
 def open_source(path) -> KittiSource:
