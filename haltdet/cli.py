@@ -229,11 +229,20 @@ def cmd_detect(args) -> None:
         raise InputError("detect: --sensor-height is for a points file; readers of --data put the road in place")
     if not 0 <= args.min_score <= 1:
         raise InputError(f"detect: --min-score must be in [0, 1], got {args.min_score}")
+    calib_dir = None  # KITTI data: its calib files place the labels in its camera frame
+    if args.kitti_labels:
+        out = Path(args.kitti_labels)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--kitti-labels {out}: exists and is not a folder")
     model, _ = _load_model(args)
     if args.data is not None:
         data = open_data(args.data)
         ids = _data_frame_ids(data, args.data, args.frame)
         clouds = ((fid, data.read(fid).points) for fid in ids)
+        if args.kitti_labels:
+            from haltdet.data.formats.kitti import KittiSource
+
+            calib_dir = data.root / "calib" if isinstance(data, KittiSource) else None
     else:
         name = Path(args.points).name
         ids = [name[:-len(".pcd.bin")] if name.endswith(".pcd.bin") else Path(args.points).stem]
@@ -245,6 +254,13 @@ def cmd_detect(args) -> None:
         with torch.no_grad():
             detections = detect_points(model, points, args.device)
         keep = detections.scores >= args.min_score
+        if args.kitti_labels:
+            from haltdet.data.formats.kitti import label_lines
+
+            lines = label_lines(detections.boxes[keep].numpy(), detections.labels[keep].numpy(),
+                                detections.scores[keep].numpy(), calib_dir / f"{frame_id}.txt" if calib_dir else None)
+            Path(args.kitti_labels).mkdir(parents=True, exist_ok=True)
+            (Path(args.kitti_labels) / f"{frame_id}.txt").write_text("".join(line + "\n" for line in lines))
         frames.append({"frame_id": frame_id,
                        "boxes": [[round(v, 4) for v in box] for box in detections.boxes[keep].tolist()],
                        "labels": [CLASSES[i] for i in detections.labels[keep].tolist()],
@@ -476,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-score", type=float, default=0.0,
                    help="only detections scoring at least this (default 0: all the model returns)")
     p.add_argument("--json", help="write detections here (default: print)")
+    p.add_argument("--kitti-labels", metavar="DIR",
+                   help="also write one KITTI label file per frame here (camera frame, score last): through "
+                        "the frame's calib file for --data kitti:..., else the camera axes at the LiDAR")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_detect)
 

@@ -163,3 +163,38 @@ def test_labelled_frames_carry_the_front_camera_view_and_eval_scores_only_it(kit
         camera = kitti.read(frame_id).camera
         assert camera.sees(seen.boxes).all() and len(seen.boxes) == camera.sees(full.boxes).sum() < len(full.boxes)
     assert sum(len(t.boxes) for t in truth) == 4 and open_spec(spec).read("000001").num_objects == 3
+
+
+def test_kitti_label_export_reads_back_as_the_same_boxes(kitti, tmp_path):
+    """Labels written by `label_lines` (and `detect --kitti-labels`) are the KITTI labels of
+    the boxes: read back by this reader they give the same boxes; without calib, the
+    camera axes at the LiDAR."""
+    from haltdet.cli import main
+    from haltdet.boxes import wrap_angle
+    from haltdet.data.formats import to_project_frame
+    from haltdet.data.formats.kitti import (GROUND_BELOW_ORIGIN, camera_to_lidar_boxes, label_lines, read_calib,
+                                            read_labels)
+
+    for frame_id in kitti.frame_ids():
+        frame = kitti.read(frame_id)
+        calib = KITTI / "calib" / f"{frame_id}.txt"
+        path = tmp_path / f"{frame_id}.txt"
+        path.write_text("\n".join(label_lines(frame.boxes, frame.labels, np.full(len(frame.boxes), 0.5), calib)))
+        types, values = read_labels(path)
+        assert types == [{"Vehicle": "Car"}.get(CLASSES[i], CLASSES[i]) for i in frame.labels]
+        original_types, original = read_labels(KITTI / "label_2" / f"{frame_id}.txt")
+        kept = [t != "DontCare" for t in original_types]
+        np.testing.assert_allclose(values[:, 7:], original[kept][:, 7:], atol=0.011)  # sizes, place, rotation_y
+        np.testing.assert_allclose(values[:, 3:7], original[kept][:, 3:7], atol=15)  # 2D boxes, pixels
+        _, back = to_project_frame(np.zeros((0, 4)), camera_to_lidar_boxes(values, read_calib(calib)),
+                                   GROUND_BELOW_ORIGIN)
+        np.testing.assert_allclose(back[:, :6], frame.boxes[:, :6], atol=0.02)
+        assert np.abs(wrap_angle(back[:, 6] - frame.boxes[:, 6])).max() < 0.02
+    ideal = label_lines(np.array([[10.0, 2.0, -1.0, 4.0, 2.0, 1.5, 0.0]]), np.array([0]), np.array([0.9]))
+    # camera x = -y, y = -(z + 0.17) + h / 2 (bottom), z = x; rotation_y = -yaw - pi / 2
+    assert ideal == ["Car 0.00 0 -1.37 0.00 0.00 0.00 0.00 1.50 2.00 4.00 -2.00 1.58 10.00 -1.57 0.9000"]
+    out = tmp_path / "labels"
+    assert main(["detect", "--data", f"kitti:{KITTI}", "--checkpoint", "baseline", "--min-score", "0.3",
+                 "--kitti-labels", str(out), "--json", str(tmp_path / "det.json")]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000000.txt", "000001.txt"]
+    assert all(len(line.split()) == 16 for line in (out / "000001.txt").read_text().splitlines())

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from haltdet import InputError
+from haltdet import CLASSES, InputError
 from haltdet.boxes import wrap_angle
 from haltdet.data.formats import make_frame, map_classes, to_project_frame
 from haltdet.data.frames import GROUND_Z, CameraView, Frame, load_points_file
@@ -120,6 +120,48 @@ def camera_to_lidar_boxes(values: np.ndarray, cam_to_velo: np.ndarray) -> np.nda
     heading = heading_cam @ cam_to_velo[:3, :3].T
     yaw = wrap_angle(np.arctan2(heading[:, 1], heading[:, 0]))
     return np.stack([centre[:, 0], centre[:, 1], centre[:, 2], l, w, h, yaw], axis=1)
+
+
+KITTI_TYPES = {"Vehicle": "Car", "Pedestrian": "Pedestrian", "Cyclist": "Cyclist"}
+IDEAL_VELO_TO_RECT = np.array([[0.0, -1.0, 0.0, 0.0], [0.0, 0.0, -1.0, 0.0], [1.0, 0.0, 0.0, 0.0],
+                               [0.0, 0.0, 0.0, 1.0]])
+"""Camera axes (x right, y down, z forward) at the LiDAR: the frame without a calib file."""
+
+
+def label_lines(boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, calib=None) -> list[str]:
+    """KITTI label lines (16 fields: the 15 of a label and the score) for boxes (M, 7) in
+    the project frame: back to the Velodyne frame, then through the calib file's
+    ``R0_rect @ Tr_velo_to_cam`` to the rectified camera frame (bottom centre, heading
+    ``rotation_y``, ``alpha`` = rotation_y - atan2(x, z)) and its ``P2`` for the 2D box (the
+    projected corners, clipped to IMAGE_SIZE). Without a calib file: the camera axes at the
+    LiDAR (`IDEAL_VELO_TO_RECT`) and a 2D box of zeros. The inverse of `camera_to_lidar_boxes`."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 7).copy()
+    boxes[:, 2] -= GROUND_Z + GROUND_BELOW_ORIGIN  # the Velodyne frame
+    p2, velo_to_rect = _calibration(calib) if calib is not None else (None, IDEAL_VELO_TO_RECT)
+    rotation, translation = velo_to_rect[:3, :3], velo_to_rect[:3, 3]
+    l, w, h, yaw = boxes[:, 3], boxes[:, 4], boxes[:, 5], boxes[:, 6]
+    centre = boxes[:, :3] @ rotation.T + translation
+    bottom = centre + np.stack([np.zeros_like(h), h / 2, np.zeros_like(h)], axis=1)
+    heading = np.stack([np.cos(yaw), np.sin(yaw), np.zeros_like(yaw)], axis=1) @ rotation.T
+    rot_y = wrap_angle(np.arctan2(-heading[:, 2], heading[:, 0]))
+    alpha = wrap_angle(rot_y - np.arctan2(centre[:, 0], centre[:, 2]))
+    corners_2d = np.zeros((len(boxes), 4))
+    if p2 is not None and len(boxes):
+        signs = np.array([[sx, sy, sz] for sx in (-0.5, 0.5) for sy in (-0.5, 0.5) for sz in (-0.5, 0.5)])
+        local = signs[None] * boxes[:, None, 3:6]  # (M, 8, 3) along, across, up
+        c, s = np.cos(yaw)[:, None], np.sin(yaw)[:, None]
+        corners = np.stack([c * local[..., 0] - s * local[..., 1], s * local[..., 0] + c * local[..., 1],
+                            local[..., 2]], axis=-1) + boxes[:, None, :3]
+        pixels = (corners @ rotation.T + translation) @ p2[:, :3].T + p2[:, 3]
+        uv = pixels[..., :2] / np.maximum(pixels[..., 2:], 1e-6)
+        width, height = IMAGE_SIZE
+        corners_2d = np.concatenate([uv.min(1), uv.max(1)], axis=1).clip(0, [width - 1, height - 1] * 2)
+    lines = []
+    for i in range(len(boxes)):
+        lines.append(" ".join([KITTI_TYPES[CLASSES[int(labels[i])]], "0.00", "0", f"{alpha[i]:.2f}"]
+                              + [f"{v:.2f}" for v in (*corners_2d[i], h[i], w[i], l[i], *bottom[i], rot_y[i])]
+                              + [f"{float(scores[i]):.4f}"]))
+    return lines
 
 
 class KittiSource:
