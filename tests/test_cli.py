@@ -457,3 +457,12 @@ def test_sensor_height_moves_a_raw_cloud_to_the_training_ground(tmp_path, capsys
     assert exit_code.value.code == 2 and "a height in metres or 'auto'" in capsys.readouterr().err
     assert main(["demo", "--sensor-height", "1.7"]) == 2
     assert "for a points file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["train", "--config", "baseline", "--out", "x", "--max-steps", "0"],
+                                  ["eval", "--data", "x", "--batch-size", "0"],
+                                  ["gradcheck", "--cases", "0"]])
+def test_counts_below_their_minimum_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        main(argv)
+    assert exit_code.value.code == 2 and "must be an integer >=" in capsys.readouterr().err

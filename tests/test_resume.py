@@ -20,8 +20,8 @@ from haltdet.checkpoint import (CHECKPOINT_VERSION, load_checkpoint, rng_state, 
 from haltdet.config import config_from_dict
 
 
-def _train(config, out, *extra) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # bit-exact CPU results need equal thread counts
+def _train(config, out, *extra, threads: int = 1) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # bit-exact CPU results need equal thread counts
     return subprocess.Popen([sys.executable, "-m", "haltdet.cli", "train", "--config", str(config),
                              "--out", str(out), "--quiet", *extra], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -33,11 +33,12 @@ def _finish(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_the_uninterrupted_run(tiny_config, tmp_path):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sigkill_then_resume_equals_the_uninterrupted_run(tiny_config, tmp_path, threads):
     config = tiny_config(batch_size=2, max_steps=8, checkpoint_every=2, deterministic=True)
-    reference = _train(config, tmp_path / "reference")
+    reference = _train(config, tmp_path / "reference", threads=threads)
     run = tmp_path / "run"
-    victim = _train(config, run)
+    victim = _train(config, run, threads=threads)
     deadline = time.time() + 300
     while not (run / "latest.pt").exists():  # the step-2 checkpoint
         assert victim.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
@@ -47,7 +48,7 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tiny_config, tmp_path)
     assert not (run / "final.pt").exists(), "killed too late: the run had finished"
     interrupted_at = load_checkpoint(run / "latest.pt")["step"]
     assert 2 <= interrupted_at < 8
-    _finish(_train(config, run, "--resume"))
+    _finish(_train(config, run, "--resume", threads=threads))
     _finish(reference)
 
     resumed, uninterrupted = load_checkpoint(run / "latest.pt"), load_checkpoint(tmp_path / "reference" / "latest.pt")

@@ -198,3 +198,12 @@ def test_kitti_label_export_reads_back_as_the_same_boxes(kitti, tmp_path):
                  "--kitti-labels", str(out), "--json", str(tmp_path / "det.json")]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["000000.txt", "000001.txt"]
     assert all(len(line.split()) == 16 for line in (out / "000001.txt").read_text().splitlines())
+
+
+def test_calib_without_p2_is_an_input_error_naming_it(tmp_path):
+    root = _write_kitti(tmp_path / "training", "Car 0.00 0 0.0 0 0 10 10 1.5 1.6 4.0 2.0 1.5 10.0 0.3\n",
+                        np.zeros((3, 4)))
+    calib = root / "calib" / "000007.txt"
+    calib.write_text("\n".join(line for line in calib.read_text().splitlines() if not line.startswith("P2")))
+    with pytest.raises(InputError, match=r"000007\.txt: needs 'P2:' with 12 numbers"):
+        open_data(f"kitti:{root}").read("000007")
