@@ -209,7 +209,9 @@ class PillarFeatureNet(nn.Module):
             point_features = layer(features)
             pooled = _scatter_max(point_features, pillar_of_point, num_pillars)
             if i < len(self.layers) - 1:
-                features = torch.cat([point_features, pooled[pillar_of_point]], dim=1)
+                # index_select, not pooled[...]: the gradient of an indexed gather sums the
+                # points of a pillar with atomic adds on several threads (order varies run to run)
+                features = torch.cat([point_features, pooled.index_select(0, pillar_of_point)], dim=1)
 
         coords = torch.stack([
             unique_keys // (self.grid_y * self.grid_x),
