@@ -390,22 +390,25 @@ def build_parser() -> argparse.ArgumentParser:
                            help="change an inference setting of the model, in YAML syntax (repeatable), e.g. "
                                 f"--set model.score_threshold=0.3; KEY: {', '.join(INFERENCE_SETTINGS)}")
 
-    p = sub.add_parser("demo", parents=[common, inference], help="detect objects in a synthetic frame with the bundled model")
+    # Options of the commands that read a points file.
+    raw = argparse.ArgumentParser(add_help=False)
+    raw.add_argument("--columns", type=int, default=None,
+                     help="float32 values per point in a raw .bin points file (default: 5 for a nuScenes .pcd.bin, "
+                          "else 4); a reading that does not look like a LiDAR frame is refused")
+    raw.add_argument("--intensity-scale", type=float, default=None,
+                     help="divide the intensities of the points file by this (default: automatic, values above 1 "
+                          "are taken as 0..255 and divided by 255; 1 keeps them as stored)")
+    raw.add_argument("--sensor-height", type=_height, metavar="H|auto",
+                     help="the sensor's height above the road in metres, or 'auto' to measure it from the "
+                          "points: a raw cloud is moved so that its road lies where the models expect it "
+                          "(default: the cloud is taken to be in the project frame, the road 1.9 m below the sensor)")
+
+    p = sub.add_parser("demo", parents=[common, inference, raw], help="detect objects in a synthetic frame with the bundled model")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint file or bundled name")
     p.add_argument("--seed", type=int, default=DEMO_SEED, help="seed of the synthetic frame")
     p.add_argument("--input", help="a points file, or data (FORMAT:PATH or a dataset directory) whose "
                                    "frame is drawn with its ground truth, instead of a synthetic frame")
     p.add_argument("--frame", help="frame id of --input data (default: its first frame)")
-    p.add_argument("--columns", type=int, default=None,
-                   help="float32 values per point in a raw .bin --input (default: 5 for a nuScenes .pcd.bin, "
-                        "else 4); a reading that does not look like a LiDAR frame is refused")
-    p.add_argument("--intensity-scale", type=float, default=None,
-                   help="divide the intensities of a points --input by this (default: automatic, values above 1 "
-                        "are taken as 0..255 and divided by 255; 1 keeps them as stored)")
-    p.add_argument("--sensor-height", type=_height, metavar="H|auto",
-                   help="the sensor's height above the road in metres, or 'auto' to measure it from the "
-                        "points: a raw cloud is moved so that its road lies where the models expect it "
-                        "(default: the cloud is taken to be in the project frame, the road 1.9 m below the sensor)")
     p.add_argument("--out", default="haltdet_demo.png", help="BEV picture to write")
     p.add_argument("--extent", type=float, help="half-width of the pictures in metres (default: fitted to the "
                                                "boxes, 20 to 62 m)")
@@ -473,22 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the metrics here")
     p.set_defaults(func=cmd_eval_boxes)
 
-    p = sub.add_parser("detect", parents=[common, inference], help="detect objects in a points file or in frames of a dataset")
+    p = sub.add_parser("detect", parents=[common, inference, raw], help="detect objects in a points file or in frames of a dataset")
     p.add_argument("points", nargs="?", help=".bin (float32 rows), .pcd.bin (nuScenes), .pcd (PCL), .ply, .npy, "
                                              ".npz frame, .txt/.csv")
     p.add_argument("--data", help="instead of a points file: dataset directory or FORMAT:PATH")
     p.add_argument("--frame", action="append", help="frame id of --data (repeatable; default: every frame)")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    p.add_argument("--columns", type=int, default=None,
-                   help="float32 values per point in a raw .bin file (default: 5 for a nuScenes .pcd.bin, else 4); "
-                        "a reading that does not look like a LiDAR frame is refused")
-    p.add_argument("--intensity-scale", type=float, default=None,
-                   help="divide the intensities of the points file by this (default: automatic, values above 1 "
-                        "are taken as 0..255 and divided by 255; 1 keeps them as stored)")
-    p.add_argument("--sensor-height", type=_height, metavar="H|auto",
-                   help="the sensor's height above the road in metres, or 'auto' to measure it from the "
-                        "points: a raw cloud is moved so that its road lies where the models expect it "
-                        "(default: the cloud is taken to be in the project frame, the road 1.9 m below the sensor)")
     p.add_argument("--min-score", type=float, default=0.0,
                    help="only detections scoring at least this (default 0: all the model returns)")
     p.add_argument("--json", help="write detections here (default: print)")

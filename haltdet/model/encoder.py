@@ -300,8 +300,8 @@ class SparseWindowEncoder(nn.Module):
         active = torch.ones(num_tokens, dtype=torch.bool, device=x.device)
         gate = torch.ones(num_tokens, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         all_scores = []
-        state = halting.start(x)
-        index = torch.arange(num_tokens, device=x.device)
+        state = halting.start(x)  # the act rule's; None for the threshold rule
+        index = torch.arange(num_tokens, device=x.device) if state is not None else None
         for i, layer in enumerate(self.layers):
             stage = halting.stage_before(i)
             if stage is not None:
