@@ -177,9 +177,14 @@ def cmd_eval(args) -> None:
                     halting_max_tokens=args.max_tokens, refine_passes=args.refine_passes,
                     refine_mirror=args.refine_mirror, second_stage=False if args.first_stage else None)
     two_stage = model.refiner is not None and model.second_stage
+    against = None
+    if args.against:  # with its own settings (NAME@T: halting thresholds)
+        from haltdet.bench import load_spec
+
+        against = load_spec(args.against, _device(args.device))
     start = time.perf_counter()
     result = evaluate_model(model, args.data, args.batch_size, args.device, progress=not args.quiet,
-                            bootstrap=args.bootstrap, camera_view=not args.whole_scene)
+                            bootstrap=args.bootstrap, camera_view=not args.whole_scene, against=against)
     result["checkpoint"] = str(args.checkpoint)
     result["data"] = str(args.data)
     result["halting"] = {"layers": config.model.halting_layers, "thresholds": model.encoder.halting.thresholds,
@@ -199,6 +204,11 @@ def cmd_eval(args) -> None:
         b = result["bootstrap"]
         print(f"evaluation noise: mAPH_L2 over {b['samples']} resampled sets of the {result['num_frames']} frames: "
               f"std {b['mAPH_L2_std']:.4f}, 5-95 % {b['mAPH_L2_p5']:.4f}-{b['mAPH_L2_p95']:.4f}")
+    if "against" in result:
+        a = result["against"]
+        spread = (f" (over the same resampled frame sets: std {a['difference_std']:.4f}, 5-95 % "
+                  f"{a['difference_p5']:+.4f} to {a['difference_p95']:+.4f})" if "difference_std" in a else "")
+        print(f"against {args.against}: mAPH_L2 {a['mAPH_L2']:.4f}; difference {a['difference']:+.4f}{spread}")
     if args.json:
         Path(args.json).write_text(result_to_json(result))
         print(f"metrics written to {args.json}")
@@ -458,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--whole-scene", action="store_true",
                    help="score all around even in frames whose labels a camera view bounds (KITTI: by "
                         "default only what the front camera sees is scored)")
+    p.add_argument("--against", metavar="CHECKPOINT",
+                   help="also evaluate this model (a file, NAME, or NAME@T for halting thresholds; its own "
+                        "settings otherwise) on the same frames and report the difference of mAPH_L2; with "
+                        "--bootstrap, its spread over the same resampled frame sets")
     p.add_argument("--bootstrap", type=_count(0), default=0, metavar="N",
                    help="also the split's evaluation noise: the spread of mAPH_L2 over N sets of frames "
                         "drawn from it with replacement (default 0: off)")

@@ -218,7 +218,8 @@ def _index_frames(frames: list[FrameBoxes], what: str, need_scores: bool) -> dic
     return out
 
 
-def evaluate(gt: list[FrameBoxes], pred: list[FrameBoxes], bootstrap: int = 0, seed: int = 0) -> dict:
+def evaluate(gt: list[FrameBoxes], pred: list[FrameBoxes], bootstrap: int = 0, seed: int = 0,
+             against: list[FrameBoxes] | None = None) -> dict:
     """Waymo-style AP / APH of predictions against ground truth (see the module docstring).
 
     Frames are matched by ``frame_id``; a prediction frame without a ground truth frame is
@@ -233,8 +234,47 @@ def evaluate(gt: list[FrameBoxes], pred: list[FrameBoxes], bootstrap: int = 0, s
         With ``bootstrap`` > 0 also "bootstrap": the evaluation noise of the split, the
         spread of mAPH_L2 over that many sets of frames drawn from it with replacement
         (``seed``): {"samples", "seed", "mAPH_L2_std", "mAPH_L2_p5", "mAPH_L2_p95"}.
+        With ``against`` (other predictions for the same frames) also "against": their
+        mAPH_L2 and the difference of these predictions' from it, with, given
+        ``bootstrap``, the difference's spread over the same resampled frame sets
+        ("difference_std", "difference_p5", "difference_p95"): whether a difference
+        exceeds the split's noise.
     """
     gt_by_id = _index_frames(gt, "ground truth", need_scores=False)
+    keep_frames = bootstrap > 0 and len(gt_by_id) > 0  # keep every frame's statistics to resample them
+    stats = _split_statistics(gt_by_id, pred, keep_frames)
+    result = _metrics(*(x.sum(0) for x in stats) if keep_frames else stats)
+    result["num_frames"] = len(gt_by_id)
+    other = None
+    if against is not None:
+        other = _split_statistics(gt_by_id, against, keep_frames)
+        base = _metrics(*(x.sum(0) for x in other) if keep_frames else other)["mAPH_L2"]
+        result["against"] = {"mAPH_L2": base, "difference": result["mAPH_L2"] - base}
+    if keep_frames:
+        rng = np.random.default_rng(seed)
+        frames = len(gt_by_id)
+        values, differences = [], []
+        for _ in range(bootstrap):
+            weight = np.bincount(rng.integers(0, frames, frames), minlength=frames)
+            value = _metrics(*(np.tensordot(weight, x, 1) for x in stats))["mAPH_L2"]
+            values.append(value)
+            if other is not None:
+                differences.append(value - _metrics(*(np.tensordot(weight, x, 1) for x in other))["mAPH_L2"])
+        result["bootstrap"] = {"samples": bootstrap, "seed": seed, **_spread("mAPH_L2", values)}
+        if other is not None:
+            result["against"].update(_spread("difference", differences))
+    return result
+
+
+def _spread(name: str, values: list[float]) -> dict:
+    values = np.array(values)
+    return {f"{name}_std": float(np.nanstd(values)), f"{name}_p5": float(np.nanpercentile(values, 5)),
+            f"{name}_p95": float(np.nanpercentile(values, 95))}
+
+
+def _split_statistics(gt_by_id: dict[str, FrameBoxes], pred: list[FrameBoxes], per_frame: bool):
+    """The matching statistics of predictions on the split (`_frame_statistics`): stacked
+    per frame (each array with a leading frame axis), or summed over the frames."""
     pred_by_id = _index_frames(pred, "predictions", need_scores=True)
     unknown = [fid for fid in pred_by_id if fid not in gt_by_id]
     if unknown:
@@ -242,30 +282,14 @@ def evaluate(gt: list[FrameBoxes], pred: list[FrameBoxes], bootstrap: int = 0, s
             f"predictions: {len(unknown)} frame(s) have no ground truth frame, e.g. {unknown[0]!r}"
         )
     frame_stats = _frame_statistics(gt_by_id, pred_by_id)
-    if bootstrap > 0 and len(gt_by_id):  # keep every frame's statistics to resample them
-        totals, num_gt, num_pred = (np.stack(x) for x in zip(*frame_stats))
-        result = _metrics(totals.sum(0), num_gt.sum(0), num_pred.sum(0))
-    else:
-        sums = [np.zeros((len(CLASSES), len(SCORE_CUTOFFS), 5)), np.zeros((len(CLASSES), 2), np.int64),
-                np.zeros(len(CLASSES), np.int64)]
-        for stats in frame_stats:
-            for total, x in zip(sums, stats):
-                total += x
-        result = _metrics(*sums)
-    result["num_frames"] = len(gt_by_id)
-    if bootstrap > 0 and len(gt_by_id):
-        rng = np.random.default_rng(seed)
-        frames = len(gt_by_id)
-        values = []
-        for _ in range(bootstrap):
-            weight = np.bincount(rng.integers(0, frames, frames), minlength=frames)
-            values.append(_metrics(np.tensordot(weight, totals, 1), np.tensordot(weight, num_gt, 1),
-                                   np.tensordot(weight, num_pred, 1))["mAPH_L2"])
-        values = np.array(values)
-        result["bootstrap"] = {"samples": bootstrap, "seed": seed, "mAPH_L2_std": float(np.nanstd(values)),
-                               "mAPH_L2_p5": float(np.nanpercentile(values, 5)),
-                               "mAPH_L2_p95": float(np.nanpercentile(values, 95))}
-    return result
+    if per_frame:
+        return [np.stack(x) for x in zip(*frame_stats)]
+    sums = [np.zeros((len(CLASSES), len(SCORE_CUTOFFS), 5)), np.zeros((len(CLASSES), 2), np.int64),
+            np.zeros(len(CLASSES), np.int64)]
+    for frame in frame_stats:
+        for total, x in zip(sums, frame):
+            total += x
+    return sums
 
 
 def _frame_statistics(gt_by_id: dict[str, FrameBoxes], pred_by_id: dict[str, FrameBoxes]):

@@ -74,13 +74,17 @@ def summarise_tokens(token_stats: list[dict]) -> dict:
 
 def evaluate_model(model: Detector, data_dir, batch_size: int = 2, device="cpu",
                    progress: bool = True, num_workers: int = 1, frames: int = 0, bootstrap: int = 0,
-                   camera_view: bool = True) -> dict:
+                   camera_view: bool = True, against: Detector | None = None) -> dict:
     """Waymo-style AP/APH of a model on a dataset directory (its first `frames`, if > 0),
-    with its token statistics averaged per frame under "tokens" and, with `bootstrap` > 0,
-    the split's evaluation noise (`evaluate.evaluate`); what is scored: `predict_dataset`."""
+    with its token statistics averaged per frame under "tokens", with `bootstrap` > 0 the
+    split's evaluation noise, and with `against` the difference from that model on the same
+    frames (`evaluate.evaluate`); what is scored: `predict_dataset`."""
     predictions, ground_truth, token_stats = predict_dataset(model, data_dir, batch_size, device, progress,
                                                              num_workers, frames, camera_view)
-    result = evaluate(ground_truth, predictions, bootstrap=bootstrap)
+    other = None
+    if against is not None:
+        other = predict_dataset(against, data_dir, batch_size, device, progress, num_workers, frames, camera_view)[0]
+    result = evaluate(ground_truth, predictions, bootstrap=bootstrap, against=other)
     if token_stats:
         result["tokens"] = summarise_tokens(token_stats)
     return result

@@ -54,6 +54,13 @@ def test_eval_writes_waymo_style_metrics(tiny_run, capsys):
     assert "mAPH_L2" in result
     assert result["bootstrap"]["samples"] == 20 and result["bootstrap"]["mAPH_L2_std"] >= 0
     assert "evaluation noise: mAPH_L2 over 20 resampled sets of the 2 frames" in capsys.readouterr().out
+    # The same model against itself: no difference, on any resampled set.
+    checkpoint = str(tiny_run / "run" / "final.pt")
+    assert main(["eval", "--checkpoint", checkpoint, "--data", str(tiny_run / "val"), "--json", str(out), "--quiet",
+                 "--bootstrap", "20", "--against", checkpoint]) == 0
+    against = json.loads(out.read_text())["against"]
+    assert against["difference"] == 0 and against["difference_std"] == 0
+    assert f"against {checkpoint}: mAPH_L2" in capsys.readouterr().out
 
 
 def test_eval_of_a_two_stage_model_with_and_without_its_refiner(tiny_run, capsys):

@@ -364,3 +364,20 @@ def test_bootstrap_spread_of_the_split():
     assert spread["samples"] == 200 and spread["mAPH_L2_std"] > 0.05
     assert spread["mAPH_L2_p5"] < plain["mAPH_L2"] < spread["mAPH_L2_p95"]
     assert evaluate(hit + miss, hit_pred + miss_pred, bootstrap=200, seed=3)["bootstrap"] == spread
+
+
+def test_paired_difference_against_other_predictions():
+    """`against`: the difference of two models' mAPH_L2 on the same frames, its spread over
+    the same resampled frame sets (none when the two agree frame by frame)."""
+    gt = [gt_frame([box(10.0 * i)], [VEH], fid=f"f{i}") for i in range(10)]
+    good = [pred_frame([box(10.0 * i)], [VEH], [0.9], fid=f"f{i}") for i in range(10)]
+    worse = [pred_frame([box(10.0 * i + (2.0 if i % 3 == 0 else 0.0))], [VEH], [0.9], fid=f"f{i}")
+             for i in range(10)]
+    same = evaluate(gt, good, bootstrap=100, against=good)["against"]
+    assert same["difference"] == 0 and same["difference_std"] == 0
+    result = evaluate(gt, good, bootstrap=300, seed=1, against=worse)
+    diff = result["against"]
+    assert diff["mAPH_L2"] == evaluate(gt, worse)["mAPH_L2"] < result["mAPH_L2"] == 1.0
+    assert diff["difference"] == pytest.approx(result["mAPH_L2"] - diff["mAPH_L2"])
+    assert 0 < diff["difference_std"] and diff["difference_p5"] < diff["difference"] < diff["difference_p95"]
+    assert "difference_std" not in evaluate(gt, good, against=worse)["against"]  # no spread without resampling
