@@ -128,4 +128,8 @@ def load_model(name_or_path: str | Path, device="cpu"):
         raise InputError(f"{name_or_path}: checkpoint config is invalid: {err}") from None
     model = Detector(config.model)
     load_weights(model, payload["model"], name_or_path)
+    # The kind of data it was trained on ("synth", a dataset format; None: not recorded).
+    # The bundled models were trained on simulated frames only.
+    bundled = resolve_checkpoint(name_or_path).parent == BUNDLED_DIR
+    model.data_source = payload.get("data_source") or ("synth" if bundled else None)
     return model.to(device).eval(), config

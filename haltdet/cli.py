@@ -40,6 +40,18 @@ def _load_model(args):
     return model, config
 
 
+def _warn_if_trained_on_simulation(model, points_file: str | None, data: str | None) -> None:
+    """Say once when a model trained on simulated frames only meets real input (a points
+    file, or a real dataset)."""
+    from haltdet.data.formats import data_source
+
+    real = points_file is not None or (data is not None and data_source(data) not in (None, "synth"))
+    if real and model.data_source == "synth":
+        logging.getLogger("haltdet").warning(
+            "this model was trained on simulated frames only: on real data expect false positives and "
+            "misses; the input must be in the project frame (docs/data_format.md)")
+
+
 def _data_frame_ids(source, spec, wanted: list[str] | None) -> list[str]:
     """The frame ids of a source to use: `wanted` (each must exist) or all of them."""
     ids = source.frame_ids()
@@ -69,6 +81,9 @@ def cmd_demo(args) -> None:
     if args.sensor_height is not None and not (args.input and not _is_data_spec(args.input)):
         raise InputError("demo: --sensor-height is for a points file given as --input")
     model, config = _load_model(args)
+    if args.input:
+        spec = _is_data_spec(args.input)
+        _warn_if_trained_on_simulation(model, None if spec else args.input, args.input if spec else None)
     gt_boxes = gt_labels = None
     if args.input and _is_data_spec(args.input):
         from haltdet.data.formats import open_data
@@ -245,6 +260,7 @@ def cmd_detect(args) -> None:
         if out.exists() and not out.is_dir():
             raise InputError(f"--kitti-labels {out}: exists and is not a folder")
     model, _ = _load_model(args)
+    _warn_if_trained_on_simulation(model, args.points, args.data)
     if args.data is not None:
         data = open_data(args.data)
         ids = _data_frame_ids(data, args.data, args.frame)

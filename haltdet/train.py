@@ -37,6 +37,7 @@ from haltdet import ConfigError, InputError
 from haltdet.checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from haltdet.config import Config
 from haltdet.data.dataset import FrameFolder, collate
+from haltdet.data.formats import data_source
 from haltdet.distributed import all_reduce_sum, global_batch_losses, init_from_env, sync_batchnorm
 from haltdet.model.detector import Detector
 
@@ -314,7 +315,8 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
     final = out_dir / "final.pt"
     if rank == 0:
         save_checkpoint(final, {"config": config.to_dict(), "model": model.state_dict(), "step": step,
-                                "train_seconds": round(time.time() - start_time, 1)})
+                                "train_seconds": round(time.time() - start_time, 1),
+                                "data_source": data_source(config.data.train)})
     logger.close()
     if world > 1:
         dist.barrier()

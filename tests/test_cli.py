@@ -473,3 +473,23 @@ def test_counts_below_their_minimum_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_code:
         main(argv)
     assert exit_code.value.code == 2 and "must be an integer >=" in capsys.readouterr().err
+
+
+def test_a_model_trained_on_simulation_says_so_once_on_real_input(tmp_path, caplog, tiny_run):
+    from haltdet.data.synth import simulate_frame
+
+    np.save(tmp_path / "cloud.npy", np.asarray(simulate_frame(7).points, dtype=np.float32))
+    with caplog.at_level("WARNING"):
+        assert main(["detect", "--checkpoint", "baseline", str(tmp_path / "cloud.npy"), "--json",
+                     str(tmp_path / "a.json")]) == 0
+    assert [r.message for r in caplog.records].count(
+        "this model was trained on simulated frames only: on real data expect false positives and misses; "
+        "the input must be in the project frame (docs/data_format.md)") == 1
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # simulated data: nothing to say
+        assert main(["detect", "--checkpoint", "baseline", "--data", str(tiny_run / "val"), "--json",
+                     str(tmp_path / "b.json")]) == 0
+    assert not any("simulated frames only" in r.message for r in caplog.records)
+    from haltdet.checkpoint import load_model
+
+    assert load_model(tiny_run / "run" / "final.pt")[0].data_source == "synth"  # recorded by training

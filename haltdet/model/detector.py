@@ -54,6 +54,7 @@ class Detector(nn.Module):
                                            config.halting_layers, config.halting_scorer, config.halting_gradient,
                                            config.halting_secant, config.halting_rule)
         self.second_stage = True  # False: decode scores the first stage's boxes alone
+        self.data_source: str | None = None  # what it was trained on, when loaded from a checkpoint
         self.configure()
         # Embedding of the stage at which a token halted (last row: never halted).
         self.stage_embedding = (nn.Embedding(len(config.halting_layers) + 1, config.d_model)

@@ -93,6 +93,19 @@ def open_data(spec) -> Source:
     return FrameDirectory(path)
 
 
+def data_source(spec) -> str | None:
+    """What kind of data a spec holds: its format for ``FORMAT:PATH``, else the
+    ``source`` its dataset.json records ("synth" for simulated data, the format for
+    converted data); None if unknown."""
+    name, path = parse_spec(spec)
+    if name is not None:
+        return name
+    try:
+        return read_dataset_index(path).get("source")
+    except InputError:
+        return None
+
+
 def map_classes(names: Sequence[str], class_map: Mapping[str, str | None], where) -> tuple[np.ndarray, np.ndarray]:
     """Map dataset class names to haltdet classes.
 
