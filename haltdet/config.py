@@ -43,6 +43,9 @@ class ModelConfig:
     ffn_dim: int = 128
     num_layers: int = 6
     window_size: int = 12  # pillars per window side; odd layers shift by half of it
+    # > 0: attention in equal-size groups of this many tokens, sorted by window, instead of
+    # in windows (FlatFormer-style; haltdet/model/encoder.py, partition_groups); no halting
+    group_size: int = 0
     dropout: float = 0.0
     bev_stride: int = 2  # the dense stage and the head run at this stride
     bev_channels: int = 64
@@ -138,6 +141,11 @@ class ModelConfig:
                "needs one value in (0, 1] per halting stage, or none")
         _check(self.halting_max_tokens >= 0, "model.halting_max_tokens", "must be >= 0")
         _check(self.halting_scorer in ("mlp", "random"), "model.halting_scorer", "must be 'mlp' or 'random'")
+        _check(self.group_size == 0 or 2 <= self.group_size <= 4096, "model.group_size", "must be 0 (windows) or 2..4096")
+        # Which tokens share a group depends on which are active, so the masked training
+        # pass would not compute what the removal pass does: groups are for the baseline.
+        _check(not (self.group_size and self.halting_layers), "model.group_size",
+               "equal-size groups are not combined with halting (model.halting_layers)")
         _check(self.halting_gradient in GRADIENT_PATHS, "model.halting_gradient",
                f"must be one of {', '.join(GRADIENT_PATHS)}")
         _check(self.halting_rule in HALTING_RULES, "model.halting_rule", f"must be one of {', '.join(HALTING_RULES)}")

@@ -31,7 +31,7 @@ import yaml
 from haltdet import InputError
 from haltdet.config import yaml_problem
 
-METHODS = ("baseline", "halting", "random", "topk", "act", "coarse", "size", "ablation")
+METHODS = ("baseline", "halting", "random", "topk", "act", "coarse", "size", "groups", "ablation")
 BENCH_KEYS = {"frames": 20, "threads": 0, "warmup": 1, "points": 0, "device": "cpu"}
 POINT_KEYS = {"method", "name", "checkpoint", "threshold", "seed"}
 

@@ -2,13 +2,14 @@
 # Retrains and re-evaluates every point of docs/results.md: the baseline, the halting
 # model at several thresholds, the larger halting encoder, the token-reduction peers on the
 # same backbone (random dropping, top-k, cumulative ACT halting, coarser pillars), the
+# FlatFormer-style equal-size token groups encoder, the
 # baseline at other sizes and the ablations, each trained from the first step for the
 # baseline's 4,000 steps; then the refiner of halting_large, the evaluation noise of the
 # validation split, and one `haltdet pareto` run that evaluates every point and times all
 # of them in one interleaved bench.
 #
-# Cost: 18 first-stage runs of 3-4 h each at one thread on a 2-core CPU, two at a time
-# (LANES=2, one core each): about 32 hours, then ~1 h of evaluation and timing. Run it from
+# Cost: 19 first-stage runs of 3-4 h each at one thread on a 2-core CPU, two at a time
+# (LANES=2, one core each): about 34 hours, then ~1 h of evaluation and timing. Run it from
 # the repository root, in the background:
 #   nohup bash scripts/reproduce_results.sh > runs/reproduce_results.log 2>&1 &
 # It can be stopped at any time and started again: finished runs are skipped, stopped
@@ -38,6 +39,7 @@ RUN_LIST=(
   "act|peer_act|"
   "coarse_048|peer_coarse|"
   "coarse_064|peer_coarse|--set model.pillar_size=0.64"
+  "groups|peer_groups|"
   "size_small|baseline|--set model.d_model=48 --set model.num_layers=4 --set model.ffn_dim=96 --set model.pfn_channels=[24,48]"
   "size_large|baseline|--set model.d_model=96 --set model.num_layers=8 --set model.ffn_dim=192 --set model.pfn_channels=[48,96]"
   "no_recycling|halting_scratch|--set model.recycling=false"

@@ -51,7 +51,7 @@ def test_reproduce_results_runs_build_and_the_specs_name_them():
             name, config, overrides = line.strip().strip('"').split("|")
             runs[name] = load_config(config, shlex.split(overrides)[1::2])
             Detector(runs[name].model)
-    assert len(runs) == 18
+    assert len(runs) == 19 and runs["groups"].model.group_size == 69
     assert runs["coarse_064"].model.pillar_size == 0.64 and runs["halting_s1"].train.seed == 1
     assert runs["gradient_hard"].model.halting_gradient == "hard"
     refine = load_config("halting_large_refine")

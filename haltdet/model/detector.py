@@ -52,7 +52,7 @@ class Detector(nn.Module):
         self.encoder = SparseWindowEncoder(config.d_model, config.num_heads, config.ffn_dim,
                                            config.num_layers, config.window_size, config.dropout,
                                            config.halting_layers, config.halting_scorer, config.halting_gradient,
-                                           config.halting_secant, config.halting_rule)
+                                           config.halting_secant, config.halting_rule, config.group_size)
         self.second_stage = True  # False: decode scores the first stage's boxes alone
         self.data_source: str | None = None  # what it was trained on, when loaded from a checkpoint
         self.configure()

@@ -120,6 +120,41 @@ def partition_windows(coords: torch.Tensor, window_size: int, shift: int,
     return WindowPartition(buckets, gather_all, scatter_index, position)
 
 
+def partition_groups(coords: torch.Tensor, window_size: int, shift: int, channels: int,
+                     group: int) -> WindowPartition:
+    """Equal-size token groups instead of windows (FlatFormer-style): each frame's tokens
+    sorted by (possibly shifted) window and by their cell in it, then cut into groups of
+    `group` tokens (a frame's last group padded), all in one bucket: one attention call,
+    no padding but the last group's. Groups never mix frames. Positions are encoded in
+    the window as for `partition_windows`.
+    """
+    device = coords.device
+    num_tokens = coords.shape[0]
+    shifted_y = coords[:, 1] + shift
+    shifted_x = coords[:, 2] + shift
+    window_y = torch.div(shifted_y, window_size, rounding_mode="floor")
+    window_x = torch.div(shifted_x, window_size, rounding_mode="floor")
+    span = int(max(shifted_y.max().item(), shifted_x.max().item())) + 1 if num_tokens else 1
+    windows = -(-span // window_size)
+    cell = (shifted_y % window_size) * window_size + shifted_x % window_size
+    key = ((coords[:, 0] * windows + window_y) * windows + window_x) * window_size * window_size + cell
+    order = torch.argsort(key, stable=True)
+    frame = coords[order, 0]
+    num_frames = int(frame.max().item()) + 1 if num_tokens else 0
+    counts = torch.bincount(frame, minlength=num_frames)
+    groups = -(-counts // group)
+    rank = torch.arange(num_tokens, device=device) - (torch.cumsum(counts, 0) - counts)[frame]
+    first_group = torch.cumsum(groups, 0) - groups
+    scatter_index = torch.empty(num_tokens, dtype=torch.long, device=device)
+    scatter_index[order] = (first_group[frame] + torch.div(rank, group, rounding_mode="floor")) * group + rank % group
+    total_groups = int(groups.sum().item())
+    gather_all = torch.full((total_groups * group,), num_tokens, dtype=torch.long, device=device)
+    gather_all[scatter_index] = torch.arange(num_tokens, device=device)
+    buckets = [Bucket(gather_all, (gather_all < num_tokens).view(total_groups, group), group)] if total_groups else []
+    in_window = torch.stack([shifted_x % window_size, shifted_y % window_size], dim=1)
+    return WindowPartition(buckets, gather_all, scatter_index, sine_encoding(in_window, window_size, channels))
+
+
 def sine_encoding(cells: torch.Tensor, window_size: int, channels: int) -> torch.Tensor:
     """(T, 2) integer in-window (x, y) cells -> (T, channels) sine/cosine encoding:
     per axis, sin then cos of the centred coordinate at `channels // 4` octave frequencies.
@@ -263,10 +298,12 @@ class SparseWindowEncoder(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, ffn_dim: int, num_layers: int,
                  window_size: int, dropout: float = 0.0, halting_layers: list[int] | None = None,
-                 scorer: str = "mlp", gradient: str = "both", secant: bool = True, rule: str = "threshold"):
+                 scorer: str = "mlp", gradient: str = "both", secant: bool = True, rule: str = "threshold",
+                 group_size: int = 0):
         super().__init__()
         self.d_model = d_model
         self.window_size = window_size
+        self.group_size = group_size  # > 0: equal-size token groups instead of windows
         self.layers = nn.ModuleList(
             EncoderLayer(d_model, num_heads, ffn_dim, dropout) for _ in range(num_layers))
         self.halting = TokenHalting(d_model, halting_layers or [], scorer, gradient, secant, rule)
@@ -278,6 +315,8 @@ class SparseWindowEncoder(nn.Module):
     def partitions(self, coords: torch.Tensor) -> dict[int, WindowPartition]:
         """The window partitions of both shifts for a token set."""
         shifts = {self.shift_of_layer(i) for i in range(len(self.layers))}
+        if self.group_size:
+            return {s: partition_groups(coords, self.window_size, s, self.d_model, self.group_size) for s in shifts}
         return {s: partition_windows(coords, self.window_size, s, self.d_model) for s in shifts}
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor, batch_size: int = 1,

@@ -186,3 +186,25 @@ def test_pillar_max_pool_gradient_is_autograds_for_scatter_max():
     grad_reference, = torch.autograd.grad((reference * upstream).sum(), values)
     assert torch.equal(grad_ours, grad_reference)
     assert (grad_ours != 0).any() and (grad_ours == 0).any()
+
+
+def test_equal_group_encoder_trains_and_keeps_frames_independent():
+    """model.group_size: a detector whose encoder attends in equal-size token groups runs,
+    trains (every parameter gets a gradient) and gives a frame the same result alone or in
+    a batch (groups never mix frames); it is not combined with halting."""
+    from haltdet import ConfigError
+
+    torch.manual_seed(0)
+    model = Detector(ModelConfig(**SMALL, group_size=29)).eval()
+    clouds = [torch.rand(3000, 4) * torch.tensor([36.0, 36.0, 3.0, 1.0]) - torch.tensor([18.0, 18.0, 2.0, 0.0])
+              for _ in range(2)]
+    with torch.no_grad():
+        both = model(PointBatch.from_list(clouds))
+        alone = model(PointBatch.from_list(clouds[1:]))
+    torch.testing.assert_close(both.heatmap[1:], alone.heatmap, atol=1e-5, rtol=1e-5)
+    model.train()
+    output = model(PointBatch.from_list(clouds))
+    (output.heatmap.sum() + output.regression.sum()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ConfigError, match="model.group_size"):
+        ModelConfig(**SMALL, group_size=29, halting_layers=[1]).validate()

@@ -112,3 +112,37 @@ def test_padding_is_masked_not_attended():
     q, k, v = (t.view(3, heads, 8).transpose(0, 1) for t in (q, k, v))
     expected = attention.out(F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(3, 16))
     torch.testing.assert_close(attention(x, partition), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 40, 700])
+def test_equal_groups_attend_within_groups_of_window_sorted_tokens(num_tokens):
+    """partition_groups: each frame's tokens sorted by window then cell, cut into groups of
+    `group` (a frame's last one padded), never mixing frames; attention over a group
+    equals plain attention over its members."""
+    from haltdet.model.encoder import partition_groups
+
+    torch.manual_seed(2)
+    coords = random_coords(num_tokens)
+    partition = partition_groups(coords, 6, 3, 32, group=23)
+    (bucket,) = partition.buckets
+    members = [row[row < num_tokens] for row in bucket.gather_index.view(-1, 23)]
+    assert sorted(torch.cat(members).tolist()) == list(range(num_tokens))
+    for frame in range(2):
+        count = int((coords[:, 0] == frame).sum())
+        sizes = [len(m) for m in members if len(m) and int(coords[m[0], 0]) == frame]
+        assert sizes == [23] * (count // 23) + ([count % 23] if count % 23 else [])
+    for m in members:
+        assert len(set(coords[m, 0].tolist())) == 1
+        shifted = coords[m, 1:] + 3
+        key = (shifted[:, 0] // 6 * 100 + shifted[:, 1] // 6) * 36 + (shifted[:, 0] % 6) * 6 + shifted[:, 1] % 6
+        assert torch.all(key[1:] >= key[:-1])  # sorted by window, then by cell
+    x = torch.randn(num_tokens, 32)
+    attention = WindowAttention(32, 4)
+    got = attention(x, partition)
+    q_all, k_all = attention.query_key(x + partition.position).chunk(2, dim=1)
+    v_all = attention.value(x)
+    expected = torch.zeros_like(x)
+    for m in members:
+        q, k, v = (t[m].view(len(m), 4, 8).transpose(0, 1) for t in (q_all, k_all, v_all))
+        expected[m] = ((q @ k.transpose(1, 2) / math.sqrt(8)).softmax(-1) @ v).transpose(0, 1).reshape(len(m), 32)
+    torch.testing.assert_close(got, attention.out(expected), atol=1e-5, rtol=1e-5)
