@@ -62,3 +62,10 @@ def test_reproduce_results_runs_build_and_the_specs_name_them():
         points = load_spec(ROOT / "docs" / "results" / spec)["points"]
         assert {p["checkpoint"] for p in points} <= trained | {"baseline", "halting"}, spec
         assert f"pareto docs/results/{spec}" in text
+
+
+def test_crc32c_speed_script_runs_and_checks_agreement():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "crc32c_speed.py"), "--megabytes", "1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "numpy (haltdet)" in result.stdout and "MB/s" in result.stdout

@@ -118,7 +118,7 @@ def crc32c(data: bytes | bytearray | memoryview) -> int:
 
 
 try:  # the maintained C implementation where installed (`pip install haltdet[real]`):
-    import google_crc32c  # 7,200 MB/s against 115 for `crc32c` here (64 MB, one thread)
+    import google_crc32c  # ~60x `crc32c` here: python scripts/crc32c_speed.py
 
     _crc32c_fast = google_crc32c.value
 except ImportError:  # pragma: no cover - depends on the environment
