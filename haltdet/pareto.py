@@ -6,13 +6,16 @@ them are timed in one interleaved `haltdet bench` run, so their times compare:
 ```yaml
 data: data/val                       # the evaluation split
 bench: {frames: 20, threads: 2}      # `haltdet bench` options (warmup, points, device too)
+bootstrap: 500                       # resampled frame sets for the noise (default 500)
 points:
   - {method: baseline, name: baseline, checkpoint: baseline}
   - {method: halting, name: "halting t=0.5", checkpoint: halting, threshold: [0.5], seed: 0}
 ```
 
 `method` is one of METHODS; points that share a name (several training seeds) are drawn
-as their mean with the seeds' range as an error bar. The outputs: `pareto.json`
+as their mean with the seeds' range as an error bar. Each point also gets the split's
+noise on its mAPH_L2 and its difference from the first point with that difference's
+spread over the same resampled frame sets (`haltdet eval --against`). The outputs: `pareto.json`
 (`{"points": [...], "bench": ..., "machine": ...}`), `pareto.png` (mAPH_L2 against
 encoder and against end-to-end milliseconds) and `results.md` (the table, which halting
 point dominates each other point, the command and the machine).
@@ -52,6 +55,9 @@ def load_spec(path: str | Path) -> dict:
     bench = {**BENCH_KEYS, **(spec.get("bench") or {})}
     if set(bench) - set(BENCH_KEYS):
         raise InputError(f"{path}: unknown bench keys {sorted(set(bench) - set(BENCH_KEYS))}")
+    bootstrap = spec.get("bootstrap", 500)
+    if not isinstance(bootstrap, int) or isinstance(bootstrap, bool) or bootstrap < 0:
+        raise InputError(f"{path}: 'bootstrap' must be a count of resampled frame sets (>= 0)")
     points = []
     for i, point in enumerate(spec["points"]):
         where = f"{path}: points[{i}]"
@@ -72,7 +78,7 @@ def load_spec(path: str | Path) -> dict:
     keys = [(p["name"], p["seed"]) for p in points]
     if len(set(keys)) != len(keys):
         raise InputError(f"{path}: two points share a name and seed")
-    return {"data": spec["data"], "bench": bench, "points": points}
+    return {"data": spec["data"], "bench": bench, "points": points, "bootstrap": bootstrap}
 
 
 def bench_name(point: dict) -> str:
@@ -82,33 +88,44 @@ def bench_name(point: dict) -> str:
     return point["checkpoint"] + "@" + ",".join(str(t) for t in point["threshold"])
 
 
-def evaluate_point(point: dict, data, progress: bool = True) -> dict:
-    """mAPH_L2 of a point with and without its second stage, and its token-layers."""
+def evaluate_point(point: dict, data, progress: bool = True):
+    """mAPH_L2 of a point with and without its second stage, and its token-layers; with
+    its predictions and the ground truth, for the noise (`run_pareto`)."""
     from haltdet.bench import load_spec as load_model_spec
-    from haltdet.predict import evaluate_model
+    from haltdet.evaluate import evaluate
+    from haltdet.predict import evaluate_model, predict_dataset, summarise_tokens
 
     model = load_model_spec(bench_name(point), "cpu")
-    result = evaluate_model(model, data, progress=progress)
-    scores = {"mAPH_L2": result["mAPH_L2"], "token_layers": result.get("tokens", {}).get("token_layers", 1.0)}
+    predictions, truth, token_stats = predict_dataset(model, data, progress=progress)
+    scores = {"mAPH_L2": evaluate(truth, predictions)["mAPH_L2"],
+              "token_layers": summarise_tokens(token_stats)["token_layers"] if token_stats else 1.0}
     if model.refiner is None:
-        scores["mAPH_L2_first_stage"] = result["mAPH_L2"]
+        scores["mAPH_L2_first_stage"] = scores["mAPH_L2"]
     else:
         model.configure(second_stage=False)
         scores["mAPH_L2_first_stage"] = evaluate_model(model, data, progress=progress)["mAPH_L2"]
-    return scores
+    return scores, predictions, truth
 
 
 def run_pareto(spec_path: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
     from haltdet.bench import benchmark
+    from haltdet.evaluate import evaluate
 
     spec = load_spec(spec_path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     points = [dict(p) for p in spec["points"]]
+    first = None
     for point in points:
         if progress:
             print(f"evaluating {point['name']} (seed {point['seed']})")
-        point.update(evaluate_point(point, spec["data"], progress))
+        scores, predictions, truth = evaluate_point(point, spec["data"], progress)
+        point.update(scores)
+        first = first or predictions
+        if spec["bootstrap"]:
+            noise = evaluate(truth, predictions, bootstrap=spec["bootstrap"], against=first)
+            point.update(mAPH_L2_std=noise["bootstrap"]["mAPH_L2_std"], vs_first=noise["against"]["difference"],
+                         vs_first_std=noise["against"]["difference_std"])
     b = spec["bench"]
     report = benchmark([bench_name(p) for p in points], b["frames"], b["points"], b["warmup"], b["device"],
                        b["threads"])
@@ -117,7 +134,7 @@ def run_pareto(spec_path: str | Path, out_dir: str | Path, progress: bool = True
         point["total_ms"] = 1000 * timing["median_seconds"]["total"]
     import torch
 
-    result = {"points": points, "data": spec["data"],
+    result = {"points": points, "data": spec["data"], "bootstrap": spec["bootstrap"],
               "bench": {"frames": report["frames"], "threads": report["threads"], "device": report["device"]},
               "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__,
                           "python": platform.python_version()},
@@ -139,6 +156,9 @@ def grouped(points: list[dict]) -> list[dict]:
         for key in ("mAPH_L2", "mAPH_L2_first_stage", "encoder_ms", "total_ms", "token_layers"):
             values = np.array([m[key] for m in members], dtype=np.float64)
             row[key], row[key + "_min"], row[key + "_max"] = values.mean(), values.min(), values.max()
+        for key in ("mAPH_L2_std", "vs_first", "vs_first_std"):  # the split's noise, averaged over seeds
+            if all(key in m for m in members):
+                row[key] = float(np.mean([m[key] for m in members]))
         rows.append(row)
     return rows
 
@@ -161,16 +181,21 @@ def markdown(result: dict) -> str:
         f"Generated by `haltdet pareto {result['spec']} --out DIR` from its `pareto.json`: every point "
         f"evaluated on `{result['data']}`, all of them timed in one interleaved `haltdet bench` run "
         f"({b['frames']} frames, {b['threads']} threads, {b['device']}; {m['processor']}, torch {m['torch']}). "
-        "Times are medians; compare rows of this table only.",
+        "Times are medians; compare rows of this table only. mAPH_L2: the seeds' mean (their range); "
+        f"+- the split's noise, the std over {result.get('bootstrap', 0)} resampled frame sets; "
+        f"vs first: the difference from the first point of the spec ({result['points'][0]['name']}) "
+        "and its std over the same resampled sets.",
         "",
-        "| method | point | seeds | mAPH_L2 | first stage | token-layers | encoder ms | total ms "
+        "| method | point | seeds | mAPH_L2 | vs first | first stage | token-layers | encoder ms | total ms "
         "| dominated on encoder ms by | on total ms by |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         spread = f" ({row['mAPH_L2_min']:.4f}-{row['mAPH_L2_max']:.4f})" if row["seeds"] > 1 else ""
+        noise = f" +-{row['mAPH_L2_std']:.4f}" if "mAPH_L2_std" in row else ""
+        versus = f"{row['vs_first']:+.4f} +-{row['vs_first_std']:.4f}" if "vs_first" in row else "-"
         lines.append(
-            f"| {row['method']} | {row['name']} | {row['seeds']} | {row['mAPH_L2']:.4f}{spread} "
+            f"| {row['method']} | {row['name']} | {row['seeds']} | {row['mAPH_L2']:.4f}{noise}{spread} | {versus} "
             f"| {row['mAPH_L2_first_stage']:.4f} | {row['token_layers']:.3f} | {row['encoder_ms']:.1f} "
             f"| {row['total_ms']:.1f} | {dominating(row, rows, 'encoder_ms') or '-'} "
             f"| {dominating(row, rows, 'total_ms') or '-'} |")

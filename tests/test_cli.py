@@ -313,8 +313,12 @@ def test_pareto_evaluates_times_and_writes_the_frontier(tiny_run, tmp_path, caps
         assert 0 <= point["mAPH_L2"] <= 1 and point["encoder_ms"] > 0 and point["total_ms"] >= point["encoder_ms"]
     assert base["token_layers"] == keep_all["token_layers"] == 1.0 and halt_all["token_layers"] == pytest.approx(1 / 3)
     assert (out / "pareto.png").stat().st_size > 10_000
+    assert base["vs_first"] == base["vs_first_std"] == 0  # the first point against itself
+    assert keep_all["vs_first"] == pytest.approx(keep_all["mAPH_L2"] - base["mAPH_L2"])
+    assert all(p["mAPH_L2_std"] >= 0 and p["vs_first_std"] >= 0 for p in result["points"])
     table = (out / "results.md").read_text()
     assert "| halting | halt all | 1 |" in table and "haltdet pareto" in table
+    assert "| +0.0000 +-0.0000 |" in table and "over 500 resampled frame sets" in table
     assert main(["pareto", str(tmp_path / "missing.yaml"), "--out", str(out)]) == 2
 
 
