@@ -89,6 +89,16 @@ class ModelConfig:
     def stage_thresholds(self) -> list[float]:
         return per_stage(self.halting_threshold, len(self.halting_layers))
 
+    def weight_count(self) -> int:
+        """About how many weights the first stage has (the encoder's linear layers, the
+        pillar net, the dense stage and the head): for a size check before building it."""
+        d, ffn = self.d_model, self.ffn_dim
+        encoder = self.num_layers * (4 * d * d + 2 * d * ffn)
+        pillars = sum(a * b for a, b in zip([9] + [2 * c for c in self.pfn_channels[:-1]], self.pfn_channels))
+        dense = (d * self.bev_channels * self.bev_stride ** 2 + self.bev_convs * 9 * self.bev_channels ** 2
+                 + 9 * self.bev_channels * self.head_channels)
+        return int(encoder + pillars + dense)
+
     def grid_size(self) -> tuple[int, int]:
         """(ny, nx) pillars of the BEV grid."""
         r = self.point_cloud_range
@@ -126,6 +136,10 @@ class ModelConfig:
             _check(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
         for key in ("bev_convs", "min_gaussian_radius", "max_pillars", "max_points", "max_points_per_pillar"):
             _check(getattr(self, key) >= 0, f"model.{key}", "must be >= 0")
+        weights = self.weight_count()
+        _check(weights <= 2**28, "model.d_model",
+               f"the sizes (d_model, ffn_dim, num_layers, pfn/bev/head channels) give about {weights:.2e} "
+               f"weights, {4 * weights / 2**30:.0f} GB in float32: more than 2**28 (1 GB)")
         _check(0 < self.gaussian_overlap < 1, "model.gaussian_overlap", "must be in (0, 1)")
         _check(len(self.nms_iou) == 3 and all(0 <= t <= 1 for t in self.nms_iou), "model.nms_iou",
                "needs one value in [0, 1] per class")

@@ -86,3 +86,13 @@ def test_removed_options_load_when_off_and_are_refused_when_on():
                                 ("train", "sparsity_start", 0.3)):
         with pytest.raises(ConfigError, match=f"'{section}.{key}': removed"):
             config_from_dict({section: {key: value}})
+
+
+def test_sizes_that_cannot_fit_in_memory_are_refused_before_building():
+    from haltdet.model.detector import Detector
+
+    config = load_config("baseline")
+    counted = sum(p.numel() for p in Detector(config.model).parameters())
+    assert abs(config.model.weight_count() - counted) < 0.05 * counted  # the estimate is close
+    with pytest.raises(ConfigError, match=r"'model.d_model': the sizes .* 768 GB in float32"):
+        load_config("baseline", ["model.d_model=65536", "model.ffn_dim=131072", "model.pfn_channels=[64,65536]"])
