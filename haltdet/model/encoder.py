@@ -74,10 +74,7 @@ def partition_windows(coords: torch.Tensor, window_size: int, shift: int,
     """
     device = coords.device
     num_tokens = coords.shape[0]
-    shifted_y = coords[:, 1] + shift
-    shifted_x = coords[:, 2] + shift
-    window_y = torch.div(shifted_y, window_size, rounding_mode="floor")
-    window_x = torch.div(shifted_x, window_size, rounding_mode="floor")
+    shifted_y, shifted_x, window_y, window_x = _shifted_windows(coords, window_size, shift)
     windows_per_row = int(window_x.max().item()) + 1 if num_tokens else 1
     windows_per_col = int(window_y.max().item()) + 1 if num_tokens else 1
     window_key = (coords[:, 0] * windows_per_col + window_y) * windows_per_row + window_x
@@ -115,9 +112,8 @@ def partition_windows(coords: torch.Tensor, window_size: int, shift: int,
             gather_index = gather_all[offset:offset + num_windows * slots]
             buckets.append(Bucket(gather_index, (gather_index < num_tokens).view(num_windows, slots), slots))
             offset += num_windows * slots
-    in_window = torch.stack([shifted_x % window_size, shifted_y % window_size], dim=1)
-    position = sine_encoding(in_window, window_size, channels)
-    return WindowPartition(buckets, gather_all, scatter_index, position)
+    return WindowPartition(buckets, gather_all, scatter_index,
+                           _in_window_position(shifted_y, shifted_x, window_size, channels))
 
 
 def partition_groups(coords: torch.Tensor, window_size: int, shift: int, channels: int,
@@ -130,10 +126,7 @@ def partition_groups(coords: torch.Tensor, window_size: int, shift: int, channel
     """
     device = coords.device
     num_tokens = coords.shape[0]
-    shifted_y = coords[:, 1] + shift
-    shifted_x = coords[:, 2] + shift
-    window_y = torch.div(shifted_y, window_size, rounding_mode="floor")
-    window_x = torch.div(shifted_x, window_size, rounding_mode="floor")
+    shifted_y, shifted_x, window_y, window_x = _shifted_windows(coords, window_size, shift)
     span = int(max(shifted_y.max().item(), shifted_x.max().item())) + 1 if num_tokens else 1
     windows = -(-span // window_size)
     cell = (shifted_y % window_size) * window_size + shifted_x % window_size
@@ -151,8 +144,22 @@ def partition_groups(coords: torch.Tensor, window_size: int, shift: int, channel
     gather_all = torch.full((total_groups * group,), num_tokens, dtype=torch.long, device=device)
     gather_all[scatter_index] = torch.arange(num_tokens, device=device)
     buckets = [Bucket(gather_all, (gather_all < num_tokens).view(total_groups, group), group)] if total_groups else []
+    return WindowPartition(buckets, gather_all, scatter_index,
+                           _in_window_position(shifted_y, shifted_x, window_size, channels))
+
+
+def _shifted_windows(coords: torch.Tensor, window_size: int, shift: int):
+    """Pillar rows and columns moved by `shift`, and the window row and column of each."""
+    shifted_y, shifted_x = coords[:, 1] + shift, coords[:, 2] + shift
+    return (shifted_y, shifted_x, torch.div(shifted_y, window_size, rounding_mode="floor"),
+            torch.div(shifted_x, window_size, rounding_mode="floor"))
+
+
+def _in_window_position(shifted_y: torch.Tensor, shifted_x: torch.Tensor, window_size: int,
+                        channels: int) -> torch.Tensor:
+    """The sine encoding of each token's cell inside its window."""
     in_window = torch.stack([shifted_x % window_size, shifted_y % window_size], dim=1)
-    return WindowPartition(buckets, gather_all, scatter_index, sine_encoding(in_window, window_size, channels))
+    return sine_encoding(in_window, window_size, channels)
 
 
 def sine_encoding(cells: torch.Tensor, window_size: int, channels: int) -> torch.Tensor:
