@@ -8,8 +8,9 @@
 # validation split, and one `haltdet pareto` run that evaluates every point and times all
 # of them in one interleaved bench.
 #
-# Cost: 19 first-stage runs of 3-4 h each at one thread on a 2-core CPU, two at a time
-# (LANES=2, one core each): about 34 hours, then ~1 h of evaluation and timing. Run it from
+# Cost: 19 first-stage runs of 3 h (baseline-like) to 5 h (halting) each at one thread on
+# a 2-core CPU, two at a time (LANES=2, one core each): about 40 hours, then ~1 h of
+# evaluation and timing. Run it from
 # the repository root, in the background:
 #   nohup bash scripts/reproduce_results.sh > runs/reproduce_results.log 2>&1 &
 # It can be stopped at any time and started again: finished runs are skipped, stopped
