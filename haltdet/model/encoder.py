@@ -196,19 +196,22 @@ class WindowAttention(nn.Module):
         heads, head_dim = self.num_heads, channels // self.num_heads
         qkv = torch.cat([self.query_key(x + partition.position.to(x.dtype)), self.value(x)], dim=1)
         qkv = torch.cat([qkv, qkv.new_zeros(1, 3 * channels)])  # row T: padding
-        packed_all = qkv.index_select(0, partition.gather_index)
+        # One gather for every bucket, then split: the backward pass of `split` is one
+        # concatenation, where slicing would add each bucket's gradient into a zero-filled
+        # copy of the whole tensor.
+        sizes = [bucket.gather_index.numel() for bucket in partition.buckets]
+        packed_all = qkv.index_select(0, partition.gather_index).split(sizes)
+        gate_all = [None] * len(sizes)
         if key_gate is not None:  # padding slots: gate 0
-            gate_all = torch.cat([key_gate, key_gate.new_zeros(1)])[partition.gather_index]
-        outputs, offset = [], 0
-        for bucket in partition.buckets:
-            rows = slice(offset, offset + bucket.gather_index.numel())
-            offset = rows.stop
-            packed = packed_all[rows].view(bucket.num_windows, bucket.slots, 3, heads, head_dim)
+            gate_all = torch.cat([key_gate, key_gate.new_zeros(1)]).index_select(0, partition.gather_index).split(sizes)
+        outputs = []
+        for bucket, packed, gate in zip(partition.buckets, packed_all, gate_all):
+            packed = packed.view(bucket.num_windows, bucket.slots, 3, heads, head_dim)
             q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)  # (W, H, S, D) each
             if key_gate is None:
                 attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.key_valid[:, None, None, :])
             else:
-                gate = gate_all[rows].view_as(bucket.key_valid)
+                gate = gate.view_as(bucket.key_valid)
                 self_slot = torch.eye(bucket.slots, dtype=torch.bool, device=x.device)
                 if gate.dtype == torch.bool:
                     mask = (gate[:, None, :] | self_slot)[:, None]  # (W, 1, S, S)
