@@ -55,6 +55,9 @@ class ModelConfig:
     score_threshold: float = 0.05
     max_detections: int = 200
     nms_iou: list[float] = field(default_factory=lambda: [0.2, 0.2, 0.2])  # per class
+    # after the per-class NMS (and the refiner): boxes of any classes overlapping more than
+    # this in BEV IoU keep the better-scored one; 1 = off
+    cross_class_iou: float = 1.0
     # targets
     min_gaussian_radius: int = 1
     gaussian_overlap: float = 0.1
@@ -144,6 +147,7 @@ class ModelConfig:
         _check(len(self.nms_iou) == 3 and all(0 <= t <= 1 for t in self.nms_iou), "model.nms_iou",
                "needs one value in [0, 1] per class")
         _check(0 <= self.score_threshold < 1, "model.score_threshold", "must be in [0, 1)")
+        _check(0 <= self.cross_class_iou <= 1, "model.cross_class_iou", "must be in [0, 1] (1: off)")
         stages = self.halting_layers
         _check(all(0 < layer < self.num_layers for layer in stages) and stages == sorted(set(stages)),
                "model.halting_layers", f"must be increasing layer counts in 1..{self.num_layers - 1}")
@@ -423,7 +427,8 @@ def yaml_problem(err: yaml.YAMLError) -> str:
 # ModelConfig keys that change inference only (`Detector.configure`, `--set` of the
 # inference commands).
 INFERENCE_SETTINGS = ("halting_threshold", "halting_keep_ratio", "halting_max_tokens", "score_threshold",
-                      "max_detections", "nms_iou", "refine_passes", "refine_min_score", "refine_mirror")
+                      "max_detections", "nms_iou", "cross_class_iou", "refine_passes", "refine_min_score",
+                      "refine_mirror")
 
 
 def inference_overrides(overrides: list[str] | None) -> dict:

@@ -17,7 +17,7 @@ from haltdet.distributed import batch_count
 from haltdet.model.encoder import EncoderOutput, SparseWindowEncoder
 from haltdet.model.halting import sparsity_loss, token_statistics, token_weights
 from haltdet.model.head import (BEVBackbone, CenterHead, Detections, HeadTargets, build_targets,
-                                decode, heatmap_focal_loss, regression_loss)
+                                decode, heatmap_focal_loss, regression_loss, suppress_across_classes)
 from haltdet.model.pillars import PillarFeatureNet, PointBatch, Tokens, pillar_centres
 from haltdet.model.refine import (BoxRefiner, refine_detections, refinement_loss, refinement_targets,
                                   training_proposals)
@@ -277,9 +277,9 @@ class Detector(nn.Module):
     def decode(self, output: DetectorOutput) -> list[Detections]:
         """Boxes per frame: the head's, refined by the second stage if the model has one."""
         detections = self.decode_first_stage(output)
-        if self.refiner is None or not self.second_stage or output.tokens.points is None:
-            return detections
-        return self.refine(output, detections)
+        if self.refiner is not None and self.second_stage and output.tokens.points is not None:
+            detections = self.refine(output, detections)
+        return [suppress_across_classes(d, self.config.cross_class_iou) for d in detections]
 
     def refine(self, output: DetectorOutput, detections: list[Detections]) -> list[Detections]:
         """The second stage on the first stage's detections, reading the points the pillar

@@ -275,6 +275,17 @@ def decode(heatmap_logits: torch.Tensor, regression: torch.Tensor, range_min: tu
     return results
 
 
+def suppress_across_classes(detections: Detections, iou_threshold: float) -> Detections:
+    """Class-agnostic rotated BEV NMS at `iou_threshold`: of two boxes of different (or the
+    same) classes on the same spot, the better-scored stays (a pedestrian and a cyclist
+    box on one object). Order by score kept. 1 or more: nothing is suppressed."""
+    if iou_threshold >= 1 or detections.scores.numel() < 2:
+        return detections
+    kept = nms_bev(detections.boxes, detections.scores, iou_threshold)
+    kept = kept[torch.argsort(detections.scores[kept], descending=True, stable=True)]
+    return Detections(detections.boxes[kept], detections.scores[kept], detections.labels[kept])
+
+
 def nms_per_class(detections: Detections, nms_iou: list[float], max_detections: int) -> Detections:
     """Rotated BEV NMS within each class, then the best `max_detections` by score (ties
     by index). Deterministic."""

@@ -208,3 +208,18 @@ def test_equal_group_encoder_trains_and_keeps_frames_independent():
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(ConfigError, match="model.group_size"):
         ModelConfig(**SMALL, group_size=29, halting_layers=[1]).validate()
+
+
+def test_cross_class_suppression_keeps_the_better_box_on_a_spot():
+    from haltdet.model.head import Detections, suppress_across_classes
+
+    boxes = torch.tensor([[5.0, 0.0, -1.0, 0.8, 0.6, 1.7, 0.0], [5.05, 0.0, -1.0, 1.7, 0.6, 1.7, 0.0],
+                          [9.0, 3.0, -1.0, 4.5, 1.9, 1.6, 0.3], [9.0, 3.0, -1.0, 4.5, 1.9, 1.6, 0.3]])
+    detections = Detections(boxes, torch.tensor([0.5, 0.7, 0.9, 0.4]), torch.tensor([1, 2, 0, 0]))
+    kept = suppress_across_classes(detections, 0.3)
+    # the cyclist (0.7) outscores the pedestrian on its spot; the lower duplicate vehicle goes too
+    assert kept.scores.tolist() == pytest.approx([0.9, 0.7]) and kept.labels.tolist() == [0, 2]
+    assert suppress_across_classes(detections, 1.0) is detections  # off
+    model = Detector(ModelConfig(**SMALL))
+    model.configure(cross_class_iou=0.3)
+    assert model.config.cross_class_iou == 0.3
