@@ -243,6 +243,7 @@ def cmd_detect(args) -> None:
     from tqdm import tqdm
 
     from haltdet.data.formats import open_data
+    from haltdet.data.formats.kitti import KittiSource, label_lines
     from haltdet.data.frames import load_points_file, shift_to_ground
     from haltdet.predict import detect_points
 
@@ -254,21 +255,20 @@ def cmd_detect(args) -> None:
         raise InputError("detect: --sensor-height is for a points file; readers of --data put the road in place")
     if not 0 <= args.min_score <= 1:
         raise InputError(f"detect: --min-score must be in [0, 1], got {args.min_score}")
+    labels_dir = Path(args.kitti_labels) if args.kitti_labels else None
     calib_dir = None  # KITTI data: its calib files place the labels in its camera frame
-    if args.kitti_labels:
-        out = Path(args.kitti_labels)
-        if out.exists() and not out.is_dir():
-            raise InputError(f"--kitti-labels {out}: exists and is not a folder")
+    if labels_dir is not None:
+        if labels_dir.exists() and not labels_dir.is_dir():
+            raise InputError(f"--kitti-labels {labels_dir}: exists and is not a folder")
+        labels_dir.mkdir(parents=True, exist_ok=True)
     model, _ = _load_model(args)
     _warn_if_trained_on_simulation(model, args.points, args.data)
     if args.data is not None:
         data = open_data(args.data)
         ids = _data_frame_ids(data, args.data, args.frame)
         clouds = ((fid, data.read(fid).points) for fid in ids)
-        if args.kitti_labels:
-            from haltdet.data.formats.kitti import KittiSource
-
-            calib_dir = data.root / "calib" if isinstance(data, KittiSource) else None
+        if labels_dir is not None and isinstance(data, KittiSource):
+            calib_dir = data.root / "calib"
     else:
         name = Path(args.points).name
         ids = [name[:-len(".pcd.bin")] if name.endswith(".pcd.bin") else Path(args.points).stem]
@@ -280,13 +280,10 @@ def cmd_detect(args) -> None:
         with torch.no_grad():
             detections = detect_points(model, points, args.device)
         keep = detections.scores >= args.min_score
-        if args.kitti_labels:
-            from haltdet.data.formats.kitti import label_lines
-
+        if labels_dir is not None:
             lines = label_lines(detections.boxes[keep].numpy(), detections.labels[keep].numpy(),
                                 detections.scores[keep].numpy(), calib_dir / f"{frame_id}.txt" if calib_dir else None)
-            Path(args.kitti_labels).mkdir(parents=True, exist_ok=True)
-            (Path(args.kitti_labels) / f"{frame_id}.txt").write_text("".join(line + "\n" for line in lines))
+            (labels_dir / f"{frame_id}.txt").write_text("".join(line + "\n" for line in lines))
         frames.append({"frame_id": frame_id,
                        "boxes": [[round(v, 4) for v in box] for box in detections.boxes[keep].tolist()],
                        "labels": [CLASSES[i] for i in detections.labels[keep].tolist()],
