@@ -242,13 +242,16 @@ def evaluate(gt: list[FrameBoxes], pred: list[FrameBoxes], bootstrap: int = 0, s
     """
     gt_by_id = _index_frames(gt, "ground truth", need_scores=False)
     keep_frames = bootstrap > 0 and len(gt_by_id) > 0  # keep every frame's statistics to resample them
+    def totals(stats):  # the split's statistics, summed over frames
+        return [x.sum(0) for x in stats] if keep_frames else stats
+
     stats = _split_statistics(gt_by_id, pred, keep_frames)
-    result = _metrics(*(x.sum(0) for x in stats) if keep_frames else stats)
+    result = _metrics(*totals(stats))
     result["num_frames"] = len(gt_by_id)
     other = None
     if against is not None:
         other = _split_statistics(gt_by_id, against, keep_frames)
-        base = _metrics(*(x.sum(0) for x in other) if keep_frames else other)["mAPH_L2"]
+        base = _metrics(*totals(other))["mAPH_L2"]
         result["against"] = {"mAPH_L2": base, "difference": result["mAPH_L2"] - base}
     if keep_frames:
         rng = np.random.default_rng(seed)
