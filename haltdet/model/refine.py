@@ -41,6 +41,7 @@ from haltdet.model.pillars import _rank_in_group
 NUM_CLASSES = 3
 POINT_FEATURES = 7  # box-frame x, y, z; the same over the half sizes; intensity
 RESIDUAL_DIM = 7  # along, across, z, log l, log w, log h ratios, heading change
+CANDIDATE_STRIP = 1.0  # metres of x per strip of the point index that finds a box's points
 
 
 @dataclass
@@ -69,21 +70,10 @@ def gather_box_points(points: torch.Tensor, batch_index: torch.Tensor, boxes: to
     if boxes.shape[0] and points.shape[0]:
         for frame in torch.unique(box_frame).tolist():  # a loop over the batch's frames, not over boxes
             box_ids = torch.nonzero(box_frame == frame).flatten()
-            point_ids = torch.nonzero(batch_index == frame).flatten()
-            x = points[point_ids, 0]
-            finite = torch.isfinite(points[point_ids]).all(dim=1)  # NaN/inf rows: never gathered
-            point_ids, x = point_ids[finite], x[finite]
-            # Candidates: the points whose x lies within each box's bounding circle (a
-            # slab of the frame, from one sort): every pair by index arithmetic, no loop.
-            x, order = torch.sort(x, stable=True)
-            point_ids = point_ids[order]
-            lo = torch.searchsorted(x, boxes[box_ids, 0] - radius[box_ids])
-            hi = torch.searchsorted(x, boxes[box_ids, 0] + radius[box_ids], right=True)
-            size = hi - lo
-            owner = torch.repeat_interleave(torch.arange(box_ids.numel(), device=device), size)
-            rank = torch.arange(owner.numel(), device=device) - (torch.cumsum(size, 0) - size)[owner]
-            pair_box.append(box_ids[owner])
-            pair_point.append(point_ids[lo[owner] + rank])
+            box_pairs, point_pairs = _candidates(points, torch.nonzero(batch_index == frame).flatten(),
+                                                 boxes[box_ids, :2], radius[box_ids] + 0.01)
+            pair_box.append(box_ids[box_pairs])
+            pair_point.append(point_pairs)
     if pair_box:
         pair_box, pair_point = torch.cat(pair_box), torch.cat(pair_point)
     else:
@@ -107,6 +97,37 @@ def gather_box_points(points: torch.Tensor, batch_index: torch.Tensor, boxes: to
         local, half, pair_box, p = local[keep], half[keep], pair_box[keep], p[keep]
     features = torch.cat([local, local / half.clamp(min=0.05), p[:, 3:4].clamp(0, 1)], dim=1)
     return BoxPoints(features, pair_box, counts, local / (half + context).clamp(min=0.05))
+
+
+def _candidates(points: torch.Tensor, point_ids: torch.Tensor, centres: torch.Tensor, radius: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs (box, point) of boxes with centres (K, 2) and the points `point_ids` of their
+    frame that lie in each box's bounding square (half side `radius`, (K,)): every point
+    within `radius` of a centre. The points are sorted once by strip (CANDIDATE_STRIP
+    metres of x) and y within it, so each box's candidates are one contiguous run per strip
+    it covers, found by binary search: index arithmetic only, no loop over boxes."""
+    device = points.device
+    xy = points[point_ids, :2]
+    low, high = (centres - radius[:, None]).amin(0), (centres + radius[:, None]).amax(0)
+    # Only points near some box (finite ones: NaN compares false); the keys stay small.
+    near = torch.isfinite(points[point_ids]).all(1) & ((xy >= low) & (xy <= high)).all(1)
+    point_ids, xy = point_ids[near], xy[near]
+    span = float(high[1] - low[1]) + 1.0  # > any y - low[1]: strips never overlap in key
+    strip = torch.floor((xy[:, 0] - low[0]) / CANDIDATE_STRIP)
+    key, order = torch.sort(strip.double() * span + (xy[:, 1] - low[1]).double(), stable=True)
+    point_ids = point_ids[order]
+    first = torch.floor((centres[:, 0] - radius - low[0]) / CANDIDATE_STRIP).long()
+    strips = torch.floor((centres[:, 0] + radius - low[0]) / CANDIDATE_STRIP).long() - first + 1
+    box_of_run = torch.repeat_interleave(torch.arange(centres.shape[0], device=device), strips)
+    run_strip = first[box_of_run] + torch.arange(box_of_run.numel(), device=device) \
+        - (torch.cumsum(strips, 0) - strips)[box_of_run]
+    base = run_strip.double() * span
+    start = torch.searchsorted(key, base + (centres[box_of_run, 1] - radius[box_of_run] - low[1]).double())
+    end = torch.searchsorted(key, base + (centres[box_of_run, 1] + radius[box_of_run] - low[1]).double(), right=True)
+    size = end - start
+    run = torch.repeat_interleave(torch.arange(size.numel(), device=device), size)
+    rank = torch.arange(run.numel(), device=device) - (torch.cumsum(size, 0) - size)[run]
+    return box_of_run[run], point_ids[start[run] + rank]
 
 
 def _max_per_group(values: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:

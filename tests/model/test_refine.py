@@ -72,6 +72,25 @@ def test_gathered_points_are_those_in_the_enlarged_box_capped_evenly():
     assert other.features.shape[0] == 0 and other.counts.sum() == 0
 
 
+def test_gathering_finds_every_point_of_every_box_over_frames_and_odd_points():
+    """The strip index against the independent point-in-box test: two frames, boxes across
+    strip edges and overlapping each other, NaN rows and points far outside every box."""
+    g = torch.Generator().manual_seed(3)
+    points = torch.cat([_cloud(6000, 1), _cloud(6000, 2)])
+    points[::97, 1] = float("nan")
+    points[5::89, :2] = torch.tensor([1e4, -1e4])
+    frame = torch.arange(len(points)) // 6000
+    boxes = torch.cat([torch.rand(40, 2, generator=g) * 20 - 10, torch.rand(40, 1, generator=g) - 1.5,
+                       torch.rand(40, 3, generator=g) * 4 + 0.2, torch.rand(40, 1, generator=g) * 6 - 3], 1)
+    box_frame = torch.arange(40) % 2
+    gathered = gather_box_points(points, frame, boxes, box_frame, 0.3, 0)
+    for k in range(40):
+        own = points[frame == box_frame[k]]
+        inside = points_in_boxes(own, boxes[k:k + 1], margin=0.3)[0]
+        assert gathered.counts[k] == inside.sum() > 0
+        assert torch.allclose(gathered.features[gathered.box == k, 2], own[inside, 2] - boxes[k, 2])
+
+
 def test_applying_the_targets_gives_the_ground_truth_boxes():
     torch.manual_seed(1)
     gt = BOXES.repeat(30, 1)
