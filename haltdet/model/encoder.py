@@ -5,7 +5,7 @@ only to tokens of their own window. Even layers use unshifted windows, odd layer
 shifted by half a window, so information crosses window borders.
 
 Batching: windows hold between 1 and window_size**2 tokens. Each window is put in the
-smallest of a few padding buckets (sizes `BUCKET_SIZES` scaled to the window) that holds
+smallest of a few padding buckets (`attention_plan`, sizes scaled to the window) that holds
 it; each bucket is one dense (windows, slots, channels) tensor and one attention call,
 with padded slots masked out of the keys. No Python loop runs over windows, only over
 the handful of buckets.
@@ -14,7 +14,7 @@ the handful of buckets.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,16 @@ from torch import nn
 
 from haltdet.model.halting import TokenHalting
 
-# Bucket capacities as fractions of the window's pillar count (the last is the full window).
-BUCKET_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
+
+
+def attention_plan() -> tuple[int, tuple[float, ...]]:
+    """(largest bucket, in slots, that attends by matrix products rather than the fused
+    kernel; bucket capacities as fractions of the window's pillar count, the last the full
+    window), for the current thread count. Measured by scripts/attention_kernels.py: the
+    fused kernel gains little from a second thread, the matrix products do."""
+    if torch.get_num_threads() > 1:
+        return 72, (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
+    return 0, (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 
 
 @dataclass
@@ -38,10 +46,20 @@ class Bucket:
     gather_index: torch.Tensor
     key_valid: torch.Tensor
     slots: int
+    fused: bool = True  # the fused attention kernel, else matrix products (`window_attention`)
+    _bias: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_windows(self) -> int:
         return self.key_valid.shape[0]
+
+    def key_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """(num_windows, slots): 0 on tokens, -inf on padding; made once per partition
+        (the layers of one shift share it)."""
+        if self._bias is None or self._bias.dtype != dtype:
+            self._bias = torch.zeros(self.key_valid.shape, dtype=dtype,
+                                     device=self.key_valid.device).masked_fill_(~self.key_valid, -math.inf)
+        return self._bias
 
 
 @dataclass
@@ -89,7 +107,8 @@ def partition_windows(coords: torch.Tensor, window_size: int, shift: int,
     # laid out one after the other (bucket by bucket, window by window), all at once: no
     # loop over buckets but the final slicing.
     capacity = window_size * window_size
-    sizes = sorted({max(1, math.ceil(capacity * f)) for f in BUCKET_FRACTIONS})
+    matmul_max, fractions = attention_plan()
+    sizes = sorted({max(1, math.ceil(capacity * f)) for f in fractions})
     size_tensor = torch.tensor(sizes, device=device)
     bucket_of_window = torch.searchsorted(size_tensor, counts)
     windows_in_bucket = torch.bincount(bucket_of_window, minlength=len(sizes))
@@ -110,7 +129,8 @@ def partition_windows(coords: torch.Tensor, window_size: int, shift: int,
     for slots, num_windows in zip(sizes, per_bucket):
         if num_windows:
             gather_index = gather_all[offset:offset + num_windows * slots]
-            buckets.append(Bucket(gather_index, (gather_index < num_tokens).view(num_windows, slots), slots))
+            buckets.append(Bucket(gather_index, (gather_index < num_tokens).view(num_windows, slots), slots,
+                                  slots > matmul_max))
             offset += num_windows * slots
     return WindowPartition(buckets, gather_all, scatter_index,
                            _in_window_position(shifted_y, shifted_x, window_size, channels))
@@ -209,7 +229,7 @@ class WindowAttention(nn.Module):
             packed = packed.view(bucket.num_windows, bucket.slots, 3, heads, head_dim)
             q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)  # (W, H, S, D) each
             if key_gate is None:
-                attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.key_valid[:, None, None, :])
+                attended = window_attention(q, k, v, bucket)
             else:
                 gate = gate.view_as(bucket.key_valid)
                 self_slot = torch.eye(bucket.slots, dtype=torch.bool, device=x.device)
@@ -223,6 +243,17 @@ class WindowAttention(nn.Module):
         if not outputs:  # no tokens: an empty result that keeps every parameter in the
             return self.out(qkv[:num_tokens, 2 * channels:])  # graph, as DDP requires
         return self.out(torch.cat(outputs).index_select(0, partition.scatter_index))
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bucket: Bucket) -> torch.Tensor:
+    """Attention of a bucket's windows over their tokens (padding masked out of the keys).
+    q, k, v: (W, H, S, D). Small windows: matrix products and a softmax over a per-key
+    bias; large ones: the fused kernel."""
+    if bucket.fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.key_valid[:, None, None, :])
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    logits = logits + bucket.key_bias(q.dtype)[:, None, None, :]
+    return torch.softmax(logits, dim=-1) @ v
 
 
 def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor,

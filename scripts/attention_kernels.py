@@ -1,0 +1,73 @@
+"""Times the encoder's window attention with each kernel choice and padding-bucket set.
+
+For each bundled model, the encoder (inference pass) runs on the same synthetic frames
+under every combination of
+  * the largest bucket (slots) that attends by matrix products and a softmax
+    (`encoder.MATMUL_MAX_SLOTS`; 0: every bucket uses the fused
+    `scaled_dot_product_attention` kernel), and
+  * the bucket sizes (`encoder.BUCKET_FRACTIONS` of the 144 cells of a 12 x 12 window),
+interleaved round by round so machine noise hits them alike; it prints the median
+milliseconds per frame of each and the largest difference of its output from the first
+combination's. The encoder's choice (`encoder.attention_plan`) comes from this table.
+Run it on an otherwise idle machine:
+
+    python scripts/attention_kernels.py --threads 2
+    python scripts/attention_kernels.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import haltdet
+from haltdet.bench import bench_cloud
+from haltdet.model import encoder
+from haltdet.model.pillars import PointBatch
+
+BUCKETS = {"six": (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0),
+           "nine": (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)}
+MATMUL_MAX = (0, 36, 72, 144)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--models", nargs="+", default=["baseline", "halting"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    plan = encoder.attention_plan
+    try:
+        for name in args.models:
+            model = haltdet.load(name).eval()
+            with torch.no_grad():
+                tokens = [model.pillar_net(PointBatch.from_list([bench_cloud(seed)])) for seed in range(args.frames)]
+                combos = [(m, b) for b in BUCKETS for m in MATMUL_MAX]
+                times = {c: [] for c in combos}
+                reference, error = None, {}
+                for round_ in range(args.rounds + 1):  # round 0 warms up
+                    for m, b in combos:
+                        encoder.attention_plan = lambda m=m, b=b: (m, BUCKETS[b])
+                        start = time.perf_counter()
+                        outputs = [model.encoder(t.features, t.coords, 1).features for t in tokens]
+                        if round_:
+                            times[(m, b)].append((time.perf_counter() - start) / len(tokens) * 1e3)
+                        else:
+                            reference = reference or outputs
+                            error[(m, b)] = max(float((o - r).abs().max()) for o, r in zip(outputs, reference))
+            print(f"{name}, {args.threads} thread(s), {args.frames} frames x {args.rounds} rounds: "
+                  "encoder ms per frame (median), max |difference| from the first")
+            for m, b in combos:
+                print(f"  matmul up to {m:3d} slots, {b:4s} buckets: {statistics.median(times[(m, b)]):7.1f} ms"
+                      f"   {error[(m, b)]:.1e}")
+    finally:
+        encoder.attention_plan = plan
+
+
+if __name__ == "__main__":
+    main()
