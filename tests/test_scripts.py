@@ -4,10 +4,13 @@ exist."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from haltdet.cli import build_parser
 
@@ -69,3 +72,24 @@ def test_crc32c_speed_script_runs_and_checks_agreement():
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "numpy (haltdet)" in result.stdout and "MB/s" in result.stdout
+
+
+def test_protobuf_vs_wire_script_decoders_agree_on_the_waymo_fixtures(tmp_path):
+    """scripts/protobuf_vs_wire.py: on the real Waymo records, haltdet's wire decoder and the
+    protobuf runtime reach the same values, and both reject a record cut in half."""
+    pytest.importorskip("google.protobuf")
+    data = ROOT.parent / "shared" / "data" / "real" / "waymo"
+    if not (data / "val.tfrecord").is_file() or not (data / "pvps_data_one_frame.tfrecord").is_file():
+        pytest.skip(f"Waymo fixtures not available in {data}")
+    out = tmp_path / "numbers.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "protobuf_vs_wire.py"), "--data", str(data),
+                             "--repeat", "2", "--sweep-max-bytes", "0", "--json", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    records = {row["record"]: row for row in json.loads(out.read_text())["records"]}
+    assert {"val.tfrecord#0", "pvps_data_one_frame.tfrecord#0"} <= set(records)
+    assert records["val.tfrecord#0"]["labels"] == 18 and records["pvps_data_one_frame.tfrecord#0"]["labels"] == 75
+    for row in records.values():
+        assert row["agree"] and row["differences"] == [], row["differences"]
+        cut = row["malformed"]["truncated at half"]
+        assert cut["wire"][0] == cut["protobuf"][0] == "error"
