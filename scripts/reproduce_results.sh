@@ -59,9 +59,10 @@ train_run() {  # train_run LANE "name|config|overrides": train (or continue) one
   local pin=()
   if command -v taskset > /dev/null && [ "$LANES" -le "$(nproc)" ]; then pin=(taskset -c "$lane"); fi
   # shellcheck disable=SC2086  # the overrides are words
-  # A checkpoint every 50 steps: little is lost when the script is stopped.
+  # A checkpoint every 50 steps: little is lost when the script is stopped. No wall-time
+  # limit: every run gets its config's steps, however slow the machine.
   OMP_NUM_THREADS=1 "${pin[@]}" $HALTDET train --config "$config" --out "$RUNS/$name" --threads 1 --quiet \
-    --set train.checkpoint_every=50 "${resume[@]}" $overrides >> "$RUNS/$name.log" 2>&1
+    --set train.checkpoint_every=50 --set train.max_minutes=0 "${resume[@]}" $overrides >> "$RUNS/$name.log" 2>&1
   echo "$(date -u +%FT%TZ) $name done"
 }
 
