@@ -8,6 +8,7 @@ rejected with a `ConfigError` that names the key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import typing
@@ -309,10 +310,15 @@ RETIRED = {"model.iou_head": False, "model.iou_rectify": None, "model.regression
            "train.iou_weight": None, "train.sparsity_start": 0.0, "train.sparsity_ramp": 0.0}
 
 
+@functools.cache
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
 def _build(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
         raise ConfigError(f"config section '{prefix}' must be a mapping, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():

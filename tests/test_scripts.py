@@ -93,3 +93,19 @@ def test_protobuf_vs_wire_script_decoders_agree_on_the_waymo_fixtures(tmp_path):
         assert row["agree"] and row["differences"] == [], row["differences"]
         cut = row["malformed"]["truncated at half"]
         assert cut["wire"][0] == cut["protobuf"][0] == "error"
+
+
+def test_config_validation_vs_pydantic_cases_are_all_refused_by_haltdet(tmp_path):
+    """scripts/config_validation_vs_pydantic.py: every bad config in its list is refused by
+    haltdet's loader, and the configs it gives as controls are accepted."""
+    pytest.importorskip("pydantic")
+    out = tmp_path / "numbers.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_validation_vs_pydantic.py"),
+                             "--no-timings", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads(out.read_text())
+    assert len(numbers["cases"]) >= 15
+    for row in numbers["cases"]:
+        assert row["haltdet"] == "refused" and row["haltdet_message"], row["case"]
+    assert all(row["haltdet"] == "accepted" for row in numbers["controls"])
+    assert numbers["lines"]["replaced_total"] > 0
