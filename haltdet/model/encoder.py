@@ -39,7 +39,7 @@ class Bucket:
     """Windows padded to `slots` tokens.
 
     gather_index: (num_windows * slots,) token filling each padded slot; padding slots
-      hold T, the index of an extra all-zero row.
+      hold T (no token).
     key_valid: (num_windows, slots) bool, False on padding.
     """
 
@@ -185,14 +185,16 @@ def _in_window_position(shifted_y: torch.Tensor, shifted_x: torch.Tensor, window
 def sine_encoding(cells: torch.Tensor, window_size: int, channels: int) -> torch.Tensor:
     """(T, 2) integer in-window (x, y) cells -> (T, channels) sine/cosine encoding:
     per axis, sin then cos of the centred coordinate at `channels // 4` octave frequencies.
-    The window_size possible values per axis are encoded once and looked up."""
+    The window_size**2 possible encodings are made once and looked up."""
     values = torch.arange(window_size, device=cells.device)
     centred = (values.float() + 0.5) / window_size - 0.5  # in (-0.5, 0.5)
     num_freq = channels // 4
     freqs = torch.pow(2.0, torch.arange(num_freq, device=cells.device, dtype=torch.float32)) * math.pi
     angles = centred[:, None] * freqs  # (window_size, F)
-    table = torch.cat([angles.sin(), angles.cos()], dim=1)  # (window_size, 2F)
-    return torch.cat([table[cells[:, 0]], table[cells[:, 1]]], dim=1)
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (window_size, 2F)
+    # row y * window_size + x: the x encoding, then the y encoding
+    table = torch.cat([axis.repeat(window_size, 1), axis.repeat_interleave(window_size, dim=0)], dim=1)
+    return table[cells[:, 1] * window_size + cells[:, 0]]
 
 
 class WindowAttention(nn.Module):
@@ -215,12 +217,13 @@ class WindowAttention(nn.Module):
         num_tokens, channels = x.shape
         heads, head_dim = self.num_heads, channels // self.num_heads
         qkv = torch.cat([self.query_key(x + partition.position.to(x.dtype)), self.value(x)], dim=1)
-        qkv = torch.cat([qkv, qkv.new_zeros(1, 3 * channels)])  # row T: padding
         # One gather for every bucket, then split: the backward pass of `split` is one
         # concatenation, where slicing would add each bucket's gradient into a zero-filled
-        # copy of the whole tensor.
+        # copy of the whole tensor. Padding slots (index T) read the last token: masked out
+        # of the keys, their queries' outputs unused, so any finite row serves and no
+        # zero row is appended (a copy of the whole tensor).
         sizes = [bucket.gather_index.numel() for bucket in partition.buckets]
-        packed_all = qkv.index_select(0, partition.gather_index).split(sizes)
+        packed_all = qkv.index_select(0, partition.gather_index.clamp(max=num_tokens - 1)).split(sizes)
         gate_all = [None] * len(sizes)
         if key_gate is not None:  # padding slots: gate 0
             gate_all = torch.cat([key_gate, key_gate.new_zeros(1)]).index_select(0, partition.gather_index).split(sizes)
