@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from haltdet.model import encoder
 from haltdet.model.encoder import EncoderLayer, SparseWindowEncoder, WindowAttention, partition_windows
 
 
@@ -36,9 +37,13 @@ def reference_attention(attention: WindowAttention, x, coords, window_size, shif
     return attention.out(out)
 
 
+@pytest.mark.parametrize("matmul_max", [0, 9, 1000])  # fused kernel only, both, matrix products only
 @pytest.mark.parametrize("shift", [0, 3])
 @pytest.mark.parametrize("num_tokens", [1, 40, 700])
-def test_window_attention_matches_per_window_reference(shift, num_tokens):
+def test_window_attention_matches_per_window_reference(shift, num_tokens, matmul_max, monkeypatch):
+    """Both attention kernels (`encoder.attention_plan` picks them by thread count)."""
+    fractions = encoder.attention_plan()[1]
+    monkeypatch.setattr(encoder, "attention_plan", lambda: (matmul_max, fractions))
     torch.manual_seed(1)
     coords = random_coords(num_tokens)
     x = torch.randn(num_tokens, 32)
