@@ -72,12 +72,30 @@ class WindowPartition:
     scatter_index: (T,) position of each token in the concatenation of all buckets'
       flattened padded slots.
     position: (T, C) sine encoding of each token's coordinates inside its window.
+    order, window_of_sorted, capacity: the tokens sorted by window, each one's window
+      (numbered 0, 1, ... in that order) and the window's pillar count, kept by
+      `partition_windows` so that `subset` can partition the survivors of a halting stage
+      without sorting again (None, None, 0 for equal-size groups).
     """
 
     buckets: list[Bucket]
     gather_index: torch.Tensor
     scatter_index: torch.Tensor
     position: torch.Tensor
+    order: torch.Tensor | None = None
+    window_of_sorted: torch.Tensor | None = None
+    capacity: int = 0
+
+    def subset(self, keep: torch.Tensor) -> "WindowPartition":
+        """The partition of the tokens with `keep` (T,) bool, numbered in their order: the
+        same as partitioning their coordinates afresh (a stable sort's order restricted to
+        a subset is the subset's stable order), from the stored order."""
+        kept_sorted = keep[self.order]
+        renumber = torch.cumsum(keep, 0) - 1
+        order = renumber[self.order[kept_sorted]]
+        _, window_of_sorted, counts = torch.unique_consecutive(
+            self.window_of_sorted[kept_sorted], return_inverse=True, return_counts=True)
+        return _bucket_windows(order, window_of_sorted, counts, self.capacity, self.position[keep])
 
 
 def partition_windows(coords: torch.Tensor, window_size: int, shift: int,
@@ -90,7 +108,6 @@ def partition_windows(coords: torch.Tensor, window_size: int, shift: int,
         shift: shift of the window grid in pillars (0 or window_size // 2).
         channels: width of the positional encoding.
     """
-    device = coords.device
     num_tokens = coords.shape[0]
     shifted_y, shifted_x, window_y, window_x = _shifted_windows(coords, window_size, shift)
     windows_per_row = int(window_x.max().item()) + 1 if num_tokens else 1
@@ -100,13 +117,22 @@ def partition_windows(coords: torch.Tensor, window_size: int, shift: int,
     order = torch.argsort(window_key, stable=True)
     _, window_of_sorted, counts = torch.unique_consecutive(
         window_key[order], return_inverse=True, return_counts=True)
+    return _bucket_windows(order, window_of_sorted, counts, window_size * window_size,
+                           _in_window_position(shifted_y, shifted_x, window_size, channels))
+
+
+def _bucket_windows(order: torch.Tensor, window_of_sorted: torch.Tensor, counts: torch.Tensor, capacity: int,
+                    position: torch.Tensor) -> WindowPartition:
+    """The padded layout of windows: tokens `order` sorted by window, `window_of_sorted`
+    their windows (0, 1, ...), `counts` (W,) tokens per window of `capacity` pillars."""
+    device = order.device
+    num_tokens = order.numel()
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(num_tokens, device=device) - starts[window_of_sorted]
 
     # Every window goes to the smallest bucket that holds it. The buckets' padded slots are
     # laid out one after the other (bucket by bucket, window by window), all at once: no
     # loop over buckets but the final slicing.
-    capacity = window_size * window_size
     matmul_max, fractions = attention_plan()
     sizes = sorted({max(1, math.ceil(capacity * f)) for f in fractions})
     size_tensor = torch.tensor(sizes, device=device)
@@ -132,8 +158,7 @@ def partition_windows(coords: torch.Tensor, window_size: int, shift: int,
             buckets.append(Bucket(gather_index, (gather_index < num_tokens).view(num_windows, slots), slots,
                                   slots > matmul_max))
             offset += num_windows * slots
-    return WindowPartition(buckets, gather_all, scatter_index,
-                           _in_window_position(shifted_y, shifted_x, window_size, channels))
+    return WindowPartition(buckets, gather_all, scatter_index, position, order, window_of_sorted, capacity)
 
 
 def partition_groups(coords: torch.Tensor, window_size: int, shift: int, channels: int,
@@ -432,7 +457,8 @@ class SparseWindowEncoder(nn.Module):
                 if alive_gate is not None:
                     alive_gate = (alive_gate * decision.factor)[keep]
                 alive, x, alive_coords = alive[keep], x[keep], alive_coords[keep]
-                partitions = self.partitions(alive_coords)
+                partitions = (self.partitions(alive_coords) if self.group_size
+                              else {s: p.subset(keep) for s, p in partitions.items()})
             updated = layer(x, partitions[self.shift_of_layer(i)])
             if alive_gate is None or not all_scores:
                 x = updated

@@ -151,3 +151,19 @@ def test_equal_groups_attend_within_groups_of_window_sorted_tokens(num_tokens):
         q, k, v = (t[m].view(len(m), 4, 8).transpose(0, 1) for t in (q_all, k_all, v_all))
         expected[m] = ((q @ k.transpose(1, 2) / math.sqrt(8)).softmax(-1) @ v).transpose(0, 1).reshape(len(m), 32)
     torch.testing.assert_close(got, attention.out(expected), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kept", [0.0, 0.1, 0.6, 1.0])
+def test_subset_of_a_partition_is_the_partition_of_the_subset(kept):
+    """What the removal pass does after a halting stage: the survivors' partition derived
+    from the stored order equals partitioning their coordinates afresh."""
+    coords = random_coords(900, grid=40, seed=3)
+    keep = torch.rand(900, generator=torch.Generator().manual_seed(4)) < kept
+    for shift in (0, 3):
+        derived = partition_windows(coords, 6, shift, 32).subset(keep)
+        fresh = partition_windows(coords[keep], 6, shift, 32)
+        for name in ("gather_index", "scatter_index", "position", "order", "window_of_sorted"):
+            assert torch.equal(getattr(derived, name), getattr(fresh, name)), name
+        assert [(b.slots, b.fused) for b in derived.buckets] == [(b.slots, b.fused) for b in fresh.buckets]
+        for a, b in zip(derived.buckets, fresh.buckets):
+            assert torch.equal(a.gather_index, b.gather_index) and torch.equal(a.key_valid, b.key_valid)
