@@ -9,10 +9,14 @@ under every combination of
 interleaved round by round so machine noise hits them alike; it prints the median
 milliseconds per frame of each and the largest difference of its output from the first
 combination's. The encoder's choice (`encoder.attention_plan`) comes from this table.
-Run it on an otherwise idle machine:
+`--partitions` times instead the window partition of both shifts: of all tokens, of the
+survivors of a halting stage afresh, and of the survivors from the stored order
+(`WindowPartition.subset`, what the removal pass does). Run it on an otherwise idle
+machine:
 
     python scripts/attention_kernels.py --threads 2
     python scripts/attention_kernels.py --threads 1
+    python scripts/attention_kernels.py --threads 2 --partitions
 """
 
 from __future__ import annotations
@@ -39,8 +43,13 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--models", nargs="+", default=["baseline", "halting"])
+    parser.add_argument("--partitions", action="store_true", help="time the window partitions instead")
+    parser.add_argument("--kept", type=float, default=0.12, help="share of tokens surviving, for --partitions")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.partitions:
+        time_partitions(args)
+        return
     plan = encoder.attention_plan
     try:
         for name in args.models:
@@ -67,6 +76,30 @@ def main() -> None:
                       f"   {error[(m, b)]:.1e}")
     finally:
         encoder.attention_plan = plan
+
+
+def time_partitions(args) -> None:
+    """Median ms of the partitions of both shifts on one frame's tokens, interleaved."""
+    model = haltdet.load(args.models[0]).eval()
+    coords = model.pillar_net(PointBatch.from_list([bench_cloud(0)])).coords
+    keep = torch.rand(len(coords), generator=torch.Generator().manual_seed(0)) < args.kept
+    size, channels = model.encoder.window_size, model.encoder.d_model
+    shifts = sorted({model.encoder.shift_of_layer(i) for i in range(len(model.encoder.layers))})
+    full = {s: encoder.partition_windows(coords, size, s, channels) for s in shifts}
+    ways = {"all tokens": lambda: [encoder.partition_windows(coords, size, s, channels) for s in shifts],
+            "survivors afresh": lambda: [encoder.partition_windows(coords[keep], size, s, channels) for s in shifts],
+            "survivors from the stored order": lambda: [full[s].subset(keep) for s in shifts]}
+    times = {name: [] for name in ways}
+    for round_ in range(args.rounds * 5 + 1):
+        for name, way in ways.items():
+            start = time.perf_counter()
+            way()
+            if round_:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    print(f"window partitions of both shifts, {len(coords)} tokens, {int(keep.sum())} surviving, "
+          f"{args.threads} thread(s), median ms:")
+    for name, values in times.items():
+        print(f"  {name:32s} {statistics.median(values):6.2f}")
 
 
 if __name__ == "__main__":
