@@ -70,8 +70,8 @@ def gather_box_points(points: torch.Tensor, batch_index: torch.Tensor, boxes: to
     if boxes.shape[0] and points.shape[0]:
         for frame in torch.unique(box_frame).tolist():  # a loop over the batch's frames, not over boxes
             box_ids = torch.nonzero(box_frame == frame).flatten()
-            box_pairs, point_pairs = _candidates(points, torch.nonzero(batch_index == frame).flatten(),
-                                                 boxes[box_ids, :2], radius[box_ids] + 0.01)
+            box_pairs, point_pairs = _candidates(points.detach(), torch.nonzero(batch_index == frame).flatten(),
+                                                 boxes[box_ids, :2].detach(), radius[box_ids].detach() + 0.01)
             pair_box.append(box_ids[box_pairs])
             pair_point.append(point_pairs)
     if pair_box:
