@@ -80,8 +80,11 @@ def flat_group_encoder(encoder, features: torch.Tensor, coords: torch.Tensor, gr
     """The FlatFormer-style peer of the window encoder, for timing on the same tokens with
     the same weights: per layer, tokens sorted by (shifted) window and by their cell in it,
     cut into equal groups of `group` (the last padded), one unmasked attention call over
-    all groups. Not the same outputs as the window encoder (groups straddle windows)."""
-    from haltdet.model.encoder import sine_encoding
+    all groups, by the kernel the window encoder picks for that size (`attention_plan`).
+    Not the same outputs as the window encoder (groups straddle windows)."""
+    from haltdet.model.encoder import attention_plan, sine_encoding
+
+    matmul_max = attention_plan()[0]
 
     size, channels = encoder.window_size, features.shape[1]
     num_tokens = features.shape[0]
@@ -102,7 +105,11 @@ def flat_group_encoder(encoder, features: torch.Tensor, coords: torch.Tensor, gr
         qkv = torch.cat([attention.query_key(x + position), attention.value(x)], dim=1)[order]
         qkv = torch.cat([qkv, qkv.new_zeros(padded - num_tokens, 3 * channels)])
         q, k, v = qkv.view(-1, group, 3, heads, channels // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        attended = F.scaled_dot_product_attention(q, k, v).permute(0, 2, 1, 3).reshape(padded, channels)
+        if group > matmul_max:
+            attended = F.scaled_dot_product_attention(q, k, v)
+        else:  # the kernel the window encoder would use for a bucket of this size
+            attended = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v
+        attended = attended.permute(0, 2, 1, 3).reshape(padded, channels)
         out = torch.empty_like(x)
         out[order] = attended[:num_tokens]
         x = layer.norm1(x + attention.out(out))
