@@ -22,16 +22,16 @@ from torch import nn
 
 from haltdet.model.halting import TokenHalting
 
+# Bucket capacities as fractions of the window's pillar count (the last is the full window).
+BUCKET_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 
 
 def attention_plan() -> tuple[int, tuple[float, ...]]:
     """(largest bucket, in slots, that attends by matrix products rather than the fused
-    kernel; bucket capacities as fractions of the window's pillar count, the last the full
-    window), for the current thread count. Measured by scripts/attention_kernels.py: the
-    fused kernel gains little from a second thread, the matrix products do."""
-    if torch.get_num_threads() > 1:
-        return 72, (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
-    return 0, (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
+    kernel; the bucket capacities), for the current thread count. Measured by
+    scripts/attention_kernels.py: the fused kernel gains little from a second thread, the
+    matrix products do."""
+    return (72 if torch.get_num_threads() > 1 else 0), BUCKET_FRACTIONS
 
 
 @dataclass
