@@ -10,8 +10,8 @@
 # time all of them in one interleaved bench.
 #
 # Cost: 19 first-stage runs of 3 h (baseline-like) to 5 h (halting) each at one thread on
-# a 2-core CPU, two at a time (LANES=2, one core each): about 40 hours, then ~1 h of
-# evaluation and timing. Run it from
+# a 2-core CPU, two at a time (LANES=2, one core each): about 40 hours, then ~3 h of
+# evaluation (on 800 validation frames) and timing. Run it from
 # the repository root, in the background:
 #   nohup bash scripts/reproduce_results.sh > runs/reproduce_results.log 2>&1 &
 # It can be stopped at any time and started again: finished runs are skipped, stopped
@@ -27,6 +27,9 @@ mkdir -p "$RUNS"
 [ -f data/train/dataset.json ] || $HALTDET data synth --out data/train --frames 4000 --seed 0 --workers 2 --quiet
 [ -f data/val/dataset.json ] || $HALTDET data synth --out data/val --frames 200 --seed 1234 --workers 2 --quiet
 [ -f data/val2/dataset.json ] || $HALTDET data synth --out data/val2 --frames 200 --seed 4321 --workers 2 --quiet
+# the pareto split: data/val's 200 frames and 600 more (each frame's seed derives from the
+# dataset seed and its index)
+[ -f data/val800/dataset.json ] || $HALTDET data synth --out data/val800 --frames 800 --seed 1234 --workers 2 --quiet
 
 # name | config | overrides
 RUN_LIST=(

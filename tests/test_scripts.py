@@ -62,8 +62,9 @@ def test_reproduce_results_runs_build_and_the_specs_name_them():
     assert refine.model.d_model == runs["halting_large_s0"].model.d_model == 96
     trained = {f"runs/results/{name}/final.pt" for name in runs} | {"runs/results/halting_large_refine/final.pt"}
     for spec in ("pareto_spec.yaml", "pareto_two_stage_spec.yaml"):
-        points = load_spec(ROOT / "docs" / "results" / spec)["points"]
-        assert {p["checkpoint"] for p in points} <= trained | {"baseline", "halting"}, spec
+        loaded = load_spec(ROOT / "docs" / "results" / spec)
+        assert {p["checkpoint"] for p in loaded["points"]} <= trained | {"baseline", "halting"}, spec
+        assert f"--out {loaded['data']} " in text, spec  # the script makes the split it evaluates on
         assert f"pareto docs/results/{spec}" in text
 
 
