@@ -13,6 +13,7 @@ the handful of buckets.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -85,6 +86,13 @@ class WindowPartition:
     order: torch.Tensor | None = None
     window_of_sorted: torch.Tensor | None = None
     capacity: int = 0
+
+    @functools.cached_property
+    def rows(self) -> torch.Tensor:
+        """(S,) the row of q, k, v each padded slot reads: its token, padding the last one
+        (masked out of the keys, its query's output unused: any finite row serves, and no
+        zero row has to be appended to a copy of q, k, v). Made once, shared by the layers."""
+        return self.gather_index.clamp(max=max(self.scatter_index.numel() - 1, 0))
 
     def subset(self, keep: torch.Tensor) -> "WindowPartition":
         """The partition of the tokens with `keep` (T,) bool, numbered in their order: the
@@ -244,11 +252,9 @@ class WindowAttention(nn.Module):
         qkv = torch.cat([self.query_key(x + partition.position.to(x.dtype)), self.value(x)], dim=1)
         # One gather for every bucket, then split: the backward pass of `split` is one
         # concatenation, where slicing would add each bucket's gradient into a zero-filled
-        # copy of the whole tensor. Padding slots (index T) read the last token: masked out
-        # of the keys, their queries' outputs unused, so any finite row serves and no
-        # zero row is appended (a copy of the whole tensor).
+        # copy of the whole tensor.
         sizes = [bucket.gather_index.numel() for bucket in partition.buckets]
-        packed_all = qkv.index_select(0, partition.gather_index.clamp(max=num_tokens - 1)).split(sizes)
+        packed_all = qkv.index_select(0, partition.rows).split(sizes)
         gate_all = [None] * len(sizes)
         if key_gate is not None:  # padding slots: gate 0
             gate_all = torch.cat([key_gate, key_gate.new_zeros(1)]).index_select(0, partition.gather_index).split(sizes)
