@@ -107,10 +107,11 @@ def _candidates(points: torch.Tensor, point_ids: torch.Tensor, centres: torch.Te
     metres of x) and y within it, so each box's candidates are one contiguous run per strip
     it covers, found by binary search: index arithmetic only, no loop over boxes."""
     device = points.device
-    xy = points[point_ids, :2]
+    own = points[point_ids]
+    xy = own[:, :2]
     low, high = (centres - radius[:, None]).amin(0), (centres + radius[:, None]).amax(0)
     # Only points near some box (finite ones: NaN compares false); the keys stay small.
-    near = torch.isfinite(points[point_ids]).all(1) & ((xy >= low) & (xy <= high)).all(1)
+    near = torch.isfinite(own).all(1) & ((xy >= low) & (xy <= high)).all(1)
     point_ids, xy = point_ids[near], xy[near]
     span = float(high[1] - low[1]) + 1.0  # > any y - low[1]: strips never overlap in key
     strip = torch.floor((xy[:, 0] - low[0]) / CANDIDATE_STRIP)
