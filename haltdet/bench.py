@@ -5,7 +5,8 @@ synthetic frames in one process, interleaving the models frame by frame so machi
 noise hits them alike, and reports each stage's median latency and the ratios against
 the first model (the baseline). Timings are wall-clock medians over frames.
 A checkpoint may carry halting thresholds, `NAME@T` or `NAME@T1,T2` (one per stage),
-so one halting model can be timed at several operating points in the same run.
+so one halting model can be timed at several operating points in the same run, and an
+inference precision, `NAME@bfloat16` or `NAME@T,bfloat16`, to time both precisions in one run.
 `--points N` times frames of N points (`bench_cloud`), e.g. 2,000,000 to see the input
 caps bound time and memory; "points" and "tokens" are what reached the model after them.
 """
@@ -33,11 +34,18 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def time_stages(model, points: torch.Tensor, device: torch.device, peer: bool = False) -> dict[str, float]:
     """Seconds spent in each stage of one detection pass over one cloud; with `peer`, also
-    the FlatFormer-style peer encoder on the same tokens ("peer_encoder")."""
-    from haltdet.model.detector import DetectorOutput
+    the FlatFormer-style peer encoder on the same tokens ("peer_encoder"); at the model's
+    inference precision."""
     from haltdet.model.pillars import PointBatch
 
     batch = PointBatch.from_list([points]).to(device)
+    with model.inference_precision():
+        return _time_stages(model, batch, device, peer)
+
+
+def _time_stages(model, batch, device: torch.device, peer: bool) -> dict[str, float]:
+    from haltdet.model.detector import DetectorOutput
+
     times = {}
     _sync(device)
     start = time.perf_counter()
@@ -174,22 +182,31 @@ def bench_cloud(seed: int, points: int = 0) -> torch.Tensor:
 
 
 def load_spec(spec: str, device, settings: dict | None = None):
-    """A model from `NAME` or `NAME@T[,T2...]` (halting thresholds for this run), with
-    inference `settings` (`Detector.configure`) applied first."""
+    """A model from `NAME` or `NAME@ITEM[,ITEM...]`, with inference `settings`
+    (`Detector.configure`) applied first; each ITEM a halting threshold (one, or one per
+    stage, in order) or an inference precision (`float32`, `bfloat16`): `halting@0.3`,
+    `baseline@bfloat16`, `halting@0.3,bfloat16`."""
     from haltdet import InputError
     from haltdet.checkpoint import load_model
+    from haltdet.config import INFERENCE_DTYPES
 
-    name, _, thresholds = str(spec).partition("@")
+    name, _, items = str(spec).partition("@")
     model = load_model(name, device)[0]
     model.configure(**(settings or {}))
+    thresholds = []
+    for item in items.split(",") if items else []:
+        if item in INFERENCE_DTYPES:
+            model.configure(inference_dtype=item)
+            continue
+        try:
+            thresholds.append(float(item))
+        except ValueError:
+            raise InputError(f"{spec}: after '@' come halting thresholds (numbers) and a precision "
+                             f"({', '.join(INFERENCE_DTYPES)}), e.g. {name}@0.4") from None
     if thresholds:
         if not model.halting:
-            raise InputError(f"{name}: '@{thresholds}' sets halting thresholds, but the model has no halting")
-        try:
-            values = [float(t) for t in thresholds.split(",")]
-        except ValueError:
-            raise InputError(f"{spec}: thresholds after '@' must be numbers, e.g. {name}@0.4") from None
-        model.set_halting(values)
+            raise InputError(f"{name}: '@{items}' sets halting thresholds, but the model has no halting")
+        model.set_halting(thresholds)
     return model
 
 
@@ -198,7 +215,7 @@ def run_benchmark(args) -> dict:
     from haltdet.config import inference_overrides
 
     report = benchmark(args.checkpoint, args.frames, args.points, args.warmup, args.device, args.threads,
-                       args.encoder_peer == "flat", inference_overrides(args.set))
+                       args.encoder_peer == "flat", inference_overrides(args.set, args.dtype))
     _print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -208,7 +225,7 @@ def run_benchmark(args) -> dict:
 
 def benchmark(specs: list[str], frames: int = 5, points: int = 0, warmup: int = 1, device="cpu",
               threads: int = 0, encoder_peer: bool = False, settings: dict | None = None) -> dict:
-    """Time the models `specs` (`NAME` or `NAME@T[,T2..]`) on the same `frames` synthetic
+    """Time the models `specs` (`NAME` or `NAME@ITEMS`, `load_spec`) on the same `frames` synthetic
     frames, interleaved frame by frame; threads 0: torch's default. encoder_peer: also
     time the FlatFormer-style peer encoder (`flat_group_encoder`) with the first model's
     weights on its tokens. settings: inference settings for every model (`Detector.configure`)."""

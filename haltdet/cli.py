@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from haltdet import CLASSES, HaltdetError, InputError, __version__
-from haltdet.config import INFERENCE_SETTINGS
+from haltdet.config import INFERENCE_DTYPES, INFERENCE_SETTINGS
 
 DEFAULT_CHECKPOINT = "halting"
 DEMO_SEED = 20261124  # not a seed of the training or validation splits
@@ -34,7 +34,7 @@ def _load_model(args):
     from haltdet.checkpoint import load_model
     from haltdet.config import inference_overrides
 
-    settings = inference_overrides(args.set)  # a bad --set fails before the model loads
+    settings = inference_overrides(args.set, args.dtype)  # a bad --set fails before the model loads
     model, config = load_model(args.checkpoint, _device(args.device))
     model.configure(**settings)
     return model, config
@@ -193,7 +193,7 @@ def cmd_eval(args) -> None:
                     refine_mirror=args.refine_mirror, second_stage=False if args.first_stage else None)
     two_stage = model.refiner is not None and model.second_stage
     against = None
-    if args.against:  # with its own settings (NAME@T: halting thresholds)
+    if args.against:  # with its own settings (NAME@T,bfloat16: halting thresholds, precision)
         from haltdet.bench import load_spec
 
         against = load_spec(args.against, _device(args.device))
@@ -363,7 +363,7 @@ def cmd_gradcheck(args) -> None:
 def cmd_pareto(args) -> None:
     from haltdet.pareto import run_pareto
 
-    result = run_pareto(args.spec, args.out, progress=not args.quiet)
+    result = run_pareto(args.spec, args.out, progress=not args.quiet, jobs=args.jobs)
     print((Path(args.out) / "results.md").read_text())
     print(f"{len(result['points'])} points written to {args.out}: pareto.json, pareto.png, results.md")
 
@@ -412,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     inference.add_argument("--set", action="append", metavar="model.KEY=VALUE",
                            help="change an inference setting of the model, in YAML syntax (repeatable), e.g. "
                                 f"--set model.score_threshold=0.3; KEY: {', '.join(INFERENCE_SETTINGS)}")
+    inference.add_argument("--dtype", choices=INFERENCE_DTYPES,
+                           help="precision of the matrix products and convolutions at inference (default: "
+                                "the checkpoint's, float32): bfloat16 is faster on CPUs with AMX and on GPUs, "
+                                "its accuracy measured in docs/experiments.md")
 
     # Options of the commands that read a points file.
     raw = argparse.ArgumentParser(add_help=False)
@@ -482,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score all around even in frames whose labels a camera view bounds (KITTI: by "
                         "default only what the front camera sees is scored)")
     p.add_argument("--against", metavar="CHECKPOINT",
-                   help="also evaluate this model (a file, NAME, or NAME@T for halting thresholds; its own "
+                   help="also evaluate this model (a file, NAME, or NAME@T for halting thresholds, NAME@bfloat16 "
+                        "for the precision, as in bench; its own "
                         "settings otherwise) on the same frames and report the difference of mAPH_L2; with "
                         "--bootstrap, its spread over the same resampled frame sets")
     p.add_argument("--bootstrap", type=_count(0), default=0, metavar="N",
@@ -555,12 +560,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "operating points: one evaluation each, one interleaved bench run")
     p.add_argument("spec", help="YAML spec: data, bench options, points (see haltdet/pareto.py)")
     p.add_argument("--out", required=True, help="directory for pareto.json, pareto.png and results.md")
+    p.add_argument("--jobs", type=_count(1), default=1,
+                   help="evaluations run at a time, in processes sharing --threads (default 1)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pareto)
 
     p = sub.add_parser("bench", parents=[common, inference], help="latency, throughput and memory of models, against the first")
     p.add_argument("--checkpoint", action="append",
-                   help="checkpoint to time, NAME or NAME@THRESHOLD for a halting model; repeat to compare "
+                   help="checkpoint to time, NAME, NAME@THRESHOLD for a halting model, NAME@bfloat16 or "
+                        "NAME@THRESHOLD,bfloat16 for another precision; repeat to compare "
                         "(ratios are against the first); default: the bundled baseline, then the bundled "
                         "halting model")
     p.add_argument("--frames", type=_count(1), default=5, help="synthetic frames to time")

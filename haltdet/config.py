@@ -90,6 +90,9 @@ class ModelConfig:
     refine_min_score: float = 0.2  # at inference: first-stage boxes below this score are dropped, not refined
     refine_mirror: bool = True  # at inference: average the refiner over the points and their left-right mirror
     refine_rectify: list[float] = field(default_factory=lambda: [0.68, 0.71, 0.65])
+    # at inference: "bfloat16" runs the matrix products and convolutions in bfloat16
+    # (autocast; fast on CPUs with AMX and on GPUs), everything else in float32
+    inference_dtype: str = "float32"
 
     def stage_thresholds(self) -> list[float]:
         return per_stage(self.halting_threshold, len(self.halting_layers))
@@ -177,6 +180,7 @@ class ModelConfig:
         _check(self.refine_points >= 1, "model.refine_points", "must be >= 1")
         _check(self.refine_passes >= 1, "model.refine_passes", "must be >= 1")
         _check(0 <= self.refine_min_score < 1, "model.refine_min_score", "must be in [0, 1)")
+        _check(self.inference_dtype in INFERENCE_DTYPES, "model.inference_dtype", f"must be one of {INFERENCE_DTYPES}")
         _check(self.refine_context >= 0, "model.refine_context", "must be >= 0")
         _check(len(self.refine_rectify) == 3 and all(0 <= a <= 1 for a in self.refine_rectify),
                "model.refine_rectify", "needs one value in [0, 1] per class")
@@ -435,13 +439,15 @@ def yaml_problem(err: yaml.YAMLError) -> str:
 # inference commands).
 INFERENCE_SETTINGS = ("halting_threshold", "halting_keep_ratio", "halting_max_tokens", "score_threshold",
                       "max_detections", "nms_iou", "cross_class_iou", "refine_passes", "refine_min_score",
-                      "refine_mirror")
+                      "refine_mirror", "inference_dtype")
+INFERENCE_DTYPES = ("float32", "bfloat16")
 
 
-def inference_overrides(overrides: list[str] | None) -> dict:
+def inference_overrides(overrides: list[str] | None, dtype: str | None = None) -> dict:
     """`--set model.KEY=VALUE` of the inference commands -> {KEY: value} for
-    `Detector.configure` (which checks that each KEY is an inference setting)."""
-    values: dict = {}
+    `Detector.configure` (which checks that each KEY is an inference setting); `--dtype
+    D` is `--set model.inference_dtype=D`."""
+    values: dict = {"model": {"inference_dtype": dtype}} if dtype else {}
     for override in overrides or []:
         apply_override(values, override)
     other = sorted(set(values) - {"model"})

@@ -7,9 +7,11 @@ them are timed in one interleaved `haltdet bench` run, so their times compare:
 data: data/val                       # the evaluation split
 bench: {frames: 20, threads: 2}      # `haltdet bench` options (warmup, points, device too)
 bootstrap: 500                       # resampled frame sets for the noise (default 500)
+about: what the points are and how they were trained   # printed under the table's heading
 points:
   - {method: baseline, name: baseline, checkpoint: baseline}
   - {method: halting, name: "halting t=0.5", checkpoint: halting, threshold: [0.5], seed: 0}
+  - {method: halting, name: "halting bf16", checkpoint: halting, dtype: bfloat16}
 ```
 
 `method` is one of METHODS; points that share a name (several training seeds) are drawn
@@ -32,11 +34,12 @@ import numpy as np
 import yaml
 
 from haltdet import InputError
-from haltdet.config import yaml_problem
+from haltdet.config import INFERENCE_DTYPES, yaml_problem
 
 METHODS = ("baseline", "halting", "random", "topk", "act", "coarse", "size", "groups", "ablation")
 BENCH_KEYS = {"frames": 20, "threads": 0, "warmup": 1, "points": 0, "device": "cpu"}
-POINT_KEYS = {"method", "name", "checkpoint", "threshold", "seed"}
+SPEC_KEYS = {"data", "bench", "bootstrap", "about", "points"}
+POINT_KEYS = {"method", "name", "checkpoint", "threshold", "seed", "dtype"}
 
 
 def load_spec(path: str | Path) -> dict:
@@ -50,6 +53,10 @@ def load_spec(path: str | Path) -> dict:
         raise InputError(f"{path}: not valid YAML ({yaml_problem(err)})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("points"), list) or not spec["points"]:
         raise InputError(f"{path}: a spec needs 'data' and a non-empty list 'points'")
+    if set(spec) - SPEC_KEYS:
+        raise InputError(f"{path}: unknown keys {sorted(set(spec) - SPEC_KEYS)} (a spec has {sorted(SPEC_KEYS)})")
+    if not isinstance(spec.get("about", ""), str):
+        raise InputError(f"{path}: 'about' must be text")
     if not isinstance(spec.get("data"), str):
         raise InputError(f"{path}: 'data' must name the evaluation split (a directory or FORMAT:PATH)")
     bench = {**BENCH_KEYS, **(spec.get("bench") or {})}
@@ -72,33 +79,40 @@ def load_spec(path: str | Path) -> dict:
             threshold = [threshold] if isinstance(threshold, (int, float)) else threshold
             if not (isinstance(threshold, list) and all(isinstance(t, (int, float)) for t in threshold)):
                 raise InputError(f"{where}: threshold must be a number or a list of numbers")
+        if point.get("dtype", "float32") not in INFERENCE_DTYPES:
+            raise InputError(f"{where}: dtype must be one of {', '.join(INFERENCE_DTYPES)}")
         points.append({"method": point["method"], "name": str(point.get("name", point["checkpoint"])),
                        "checkpoint": point["checkpoint"], "threshold": threshold,
-                       "seed": int(point.get("seed", 0))})
+                       "seed": int(point.get("seed", 0)), "dtype": point.get("dtype", "float32")})
     keys = [(p["name"], p["seed"]) for p in points]
     if len(set(keys)) != len(keys):
         raise InputError(f"{path}: two points share a name and seed")
-    return {"data": spec["data"], "bench": bench, "points": points, "bootstrap": bootstrap}
+    return {"data": spec["data"], "bench": bench, "points": points, "bootstrap": bootstrap,
+            "about": " ".join(spec.get("about", "").split())}
 
 
 def bench_name(point: dict) -> str:
-    """The `haltdet bench` spec of a point: CHECKPOINT or CHECKPOINT@T1,T2."""
-    if point["threshold"] is None:
-        return point["checkpoint"]
-    return point["checkpoint"] + "@" + ",".join(str(t) for t in point["threshold"])
+    """The `haltdet bench` spec of a point: CHECKPOINT or CHECKPOINT@T1,T2,DTYPE."""
+    items = [str(t) for t in point["threshold"] or []]
+    items += [point["dtype"]] if point["dtype"] != "float32" else []
+    return point["checkpoint"] + ("@" + ",".join(items) if items else "")
 
 
 def evaluate_point(point: dict, data, progress: bool = True):
-    """mAPH_L2 of a point with and without its second stage, and its token-layers; with
-    its predictions and the ground truth, for the noise (`run_pareto`)."""
+    """mAPH_L2 of a point with and without its second stage, its token-layers and the
+    steps and seconds of the run that wrote its checkpoint; with its predictions and the
+    ground truth, for the noise (`run_pareto`)."""
     from haltdet.bench import load_spec as load_model_spec
+    from haltdet.checkpoint import load_checkpoint
     from haltdet.evaluate import evaluate
     from haltdet.predict import evaluate_model, predict_dataset, summarise_tokens
 
     model = load_model_spec(bench_name(point), "cpu")
     predictions, truth, token_stats = predict_dataset(model, data, progress=progress)
+    run = load_checkpoint(point["checkpoint"])
     scores = {"mAPH_L2": evaluate(truth, predictions)["mAPH_L2"],
-              "token_layers": summarise_tokens(token_stats)["token_layers"] if token_stats else 1.0}
+              "token_layers": summarise_tokens(token_stats)["token_layers"] if token_stats else 1.0,
+              "train_steps": int(run.get("step", 0)), "train_seconds": float(run.get("train_seconds", 0.0))}
     if model.refiner is None:
         scores["mAPH_L2_first_stage"] = scores["mAPH_L2"]
     else:
@@ -107,7 +121,42 @@ def evaluate_point(point: dict, data, progress: bool = True):
     return scores, predictions, truth
 
 
-def run_pareto(spec_path: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
+def _evaluate_in_worker(point: dict, data, threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    return evaluate_point(point, data, progress=False)
+
+
+def evaluate_points(points: list[dict], data, jobs: int = 1, progress: bool = True) -> list:
+    """`evaluate_point` of every point, `jobs` at a time in worker processes that share
+    this process's threads; the results in the order of `points`."""
+    if jobs <= 1:
+        results = []
+        for point in points:
+            if progress:
+                print(f"evaluating {point['name']} (seed {point['seed']})")
+            results.append(evaluate_point(point, data, progress))
+        return results
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_evaluate_in_worker, point, data, threads) for point in points]
+        results = []
+        for point, future in zip(points, futures):
+            results.append(future.result())
+            if progress:
+                print(f"evaluated {point['name']} (seed {point['seed']})")
+        return results
+
+
+def run_pareto(spec_path: str | Path, out_dir: str | Path, progress: bool = True, jobs: int = 1) -> dict:
+    """Evaluate and time every point of a spec (`jobs` evaluations at a time); writes
+    pareto.json, pareto.png and results.md to `out_dir` and returns the result."""
     from haltdet.bench import benchmark
     from haltdet.evaluate import evaluate
 
@@ -116,10 +165,7 @@ def run_pareto(spec_path: str | Path, out_dir: str | Path, progress: bool = True
     out_dir.mkdir(parents=True, exist_ok=True)
     points = [dict(p) for p in spec["points"]]
     first = None
-    for point in points:
-        if progress:
-            print(f"evaluating {point['name']} (seed {point['seed']})")
-        scores, predictions, truth = evaluate_point(point, spec["data"], progress)
+    for point, (scores, predictions, truth) in zip(points, evaluate_points(points, spec["data"], jobs, progress)):
         point.update(scores)
         first = first or predictions
         if spec["bootstrap"]:
@@ -134,7 +180,7 @@ def run_pareto(spec_path: str | Path, out_dir: str | Path, progress: bool = True
         point["total_ms"] = 1000 * timing["median_seconds"]["total"]
     import torch
 
-    result = {"points": points, "data": spec["data"], "bootstrap": spec["bootstrap"],
+    result = {"points": points, "data": spec["data"], "bootstrap": spec["bootstrap"], "about": spec["about"],
               "bench": {"frames": report["frames"], "threads": report["threads"], "device": report["device"]},
               "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__,
                           "python": platform.python_version()},
@@ -152,7 +198,9 @@ def grouped(points: list[dict]) -> list[dict]:
         groups[(point["method"], point["name"])].append(point)
     rows = []
     for (method, name), members in groups.items():
-        row = {"method": method, "name": name, "seeds": len(members)}
+        row = {"method": method, "name": name, "seeds": len(members), "train_steps": members[0].get("train_steps", 0),
+               "dtype": members[0].get("dtype", "float32")}
+        row["train_seconds"] = float(np.mean([m.get("train_seconds", 0.0) for m in members]))
         for key in ("mAPH_L2", "mAPH_L2_first_stage", "encoder_ms", "total_ms", "token_layers"):
             values = np.array([m[key] for m in members], dtype=np.float64)
             row[key], row[key + "_min"], row[key + "_max"] = values.mean(), values.min(), values.max()
@@ -163,13 +211,49 @@ def grouped(points: list[dict]) -> list[dict]:
     return rows
 
 
+def halting_rows(row: dict, rows: list[dict]) -> list[dict]:
+    """The halting rows `row` is compared with: those at its precision, but itself."""
+    return [other for other in rows if other["method"] == "halting" and other is not row
+            and other.get("dtype", "float32") == row.get("dtype", "float32")]
+
+
 def dominating(row: dict, rows: list[dict], time_key: str) -> str | None:
-    """The name of a halting row at no more time with no less accuracy than `row`."""
-    for other in rows:
-        if (other["method"] == "halting" and other is not row and other[time_key] <= row[time_key]
-                and other["mAPH_L2"] >= row["mAPH_L2"]):
+    """The name of a halting row at the same precision, at no more time and with no less
+    accuracy than `row`."""
+    for other in halting_rows(row, rows):
+        if other[time_key] <= row[time_key] and other["mAPH_L2"] >= row["mAPH_L2"]:
             return other["name"]
     return None
+
+
+def training(row: dict) -> str:
+    """The steps and minutes (seeds' mean) of the run behind a row."""
+    if not row.get("train_steps"):
+        return "-"
+    return f"{row['train_steps']} steps, {row['train_seconds'] / 60:.0f} min"
+
+
+def comparisons(rows: list[dict]) -> list[str]:
+    """One line per row that is neither the baseline nor halting: the halting rows (at its
+    precision) that dominate it, and its difference from the halting row nearest to it in
+    encoder time (the accuracy it gives or loses at about equal latency)."""
+    lines = []
+    for row in rows:
+        halting = halting_rows(row, rows)
+        if row["method"] in ("baseline", "halting") or not halting:
+            continue
+        axes = []
+        for key, axis in (("encoder_ms", "on encoder time"), ("total_ms", "end to end")):
+            by = dominating(row, rows, key)
+            axes.append(f"dominated {axis} by {by}" if by else f"not dominated {axis}")
+        near = min(halting, key=lambda r: abs(r["encoder_ms"] - row["encoder_ms"]))
+        noise = f" (the split's noise on a difference: +-{row['vs_first_std']:.4f})" if "vs_first_std" in row else ""
+        lines.append(
+            f"- **{row['name']}** ({row['method']}): {', '.join(axes)}. Against {near['name']}, the halting point "
+            f"nearest in encoder time: {row['mAPH_L2'] - near['mAPH_L2']:+.4f} mAPH_L2{noise} at "
+            f"{row['encoder_ms'] / near['encoder_ms']:.2f}x its encoder and {row['total_ms'] / near['total_ms']:.2f}x "
+            "its end-to-end time.")
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -184,11 +268,14 @@ def markdown(result: dict) -> str:
         "Times are medians; compare rows of this table only. mAPH_L2: the seeds' mean (their range); "
         f"+- the split's noise, the std over {result.get('bootstrap', 0)} resampled frame sets; "
         f"vs first: the difference from the first point of the spec ({result['points'][0]['name']}) "
-        "and its std over the same resampled sets.",
+        "and its std over the same resampled sets. Training: the steps and minutes of the run that wrote "
+        "the checkpoint. Dominance: by a halting point at the same inference precision (float32 unless "
+        "the point's name says bfloat16).",
         "",
+        *([result["about"], ""] if result.get("about") else []),
         "| method | point | seeds | mAPH_L2 | vs first | first stage | token-layers | encoder ms | total ms "
-        "| dominated on encoder ms by | on total ms by |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dominated on encoder ms by | on total ms by | training |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         spread = f" ({row['mAPH_L2_min']:.4f}-{row['mAPH_L2_max']:.4f})" if row["seeds"] > 1 else ""
@@ -198,7 +285,10 @@ def markdown(result: dict) -> str:
             f"| {row['method']} | {row['name']} | {row['seeds']} | {row['mAPH_L2']:.4f}{noise}{spread} | {versus} "
             f"| {row['mAPH_L2_first_stage']:.4f} | {row['token_layers']:.3f} | {row['encoder_ms']:.1f} "
             f"| {row['total_ms']:.1f} | {dominating(row, rows, 'encoder_ms') or '-'} "
-            f"| {dominating(row, rows, 'total_ms') or '-'} |")
+            f"| {dominating(row, rows, 'total_ms') or '-'} | {training(row)} |")
+    versus = comparisons(rows)
+    if versus:
+        lines += ["", "Each peer and ablation against the halting points:", "", *versus]
     return "\n".join(lines) + "\n"
 
 

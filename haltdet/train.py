@@ -181,7 +181,8 @@ def train(config: Config, out_dir: str | Path, resume: bool = False, device: str
     step; the data order follows from the step), e.g. after the process was killed.
     init: start from this checkpoint's weights (fine-tuning). Parameters the checkpoint
     lacks (for example halting scorers added to a baseline) keep their initialisation;
-    a parameter of a different shape is an error.
+    a parameter of a different shape is an error. A first-stage model started from a
+    two-stage checkpoint takes its first stage and leaves its refiner.
     """
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda requested but CUDA is not available")
@@ -219,6 +220,8 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
     scheduler = make_scheduler(config, optimizer)
     if init is not None and not resume:
         weights = load_checkpoint(init, map_location=device)["model"]
+        if model.refiner is None:  # the first stage of a two-stage detector: its refiner is not used
+            weights = {k: v for k, v in weights.items() if not k.startswith("refiner.")}
         missing, unexpected = load_weights(model, weights, f"--init {init}", strict=False)
         if unexpected:
             raise InputError(f"--init {init}: parameters this model does not have: {', '.join(unexpected[:5])}")

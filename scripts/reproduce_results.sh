@@ -54,28 +54,8 @@ RUN_LIST=(
   "gradient_hard|halting_scratch|--set model.halting_gradient=hard"
 )
 
-train_run() {  # train_run LANE "name|config|overrides": train (or continue) one run
-  local lane=$1 name config overrides resume=()
-  IFS='|' read -r name config overrides <<< "$2"
-  [ -f "$RUNS/$name/final.pt" ] && return 0
-  [ -f "$RUNS/$name/latest.pt" ] && resume=(--resume)
-  local pin=()
-  if command -v taskset > /dev/null && [ "$LANES" -le "$(nproc)" ]; then pin=(taskset -c "$lane"); fi
-  # shellcheck disable=SC2086  # the overrides are words
-  # A checkpoint every 50 steps: little is lost when the script is stopped. No wall-time
-  # limit: every run gets its config's steps, however slow the machine.
-  OMP_NUM_THREADS=1 "${pin[@]}" $HALTDET train --config "$config" --out "$RUNS/$name" --threads 1 --quiet \
-    --set train.checkpoint_every=50 --set train.max_minutes=0 "${resume[@]}" $overrides >> "$RUNS/$name.log" 2>&1
-  echo "$(date -u +%FT%TZ) $name done"
-}
-
-lane() {  # lane N: every LANES-th run, starting at the N-th
-  local i
-  for ((i = $1; i < ${#RUN_LIST[@]}; i += LANES)); do train_run "$1" "${RUN_LIST[$i]}"; done
-}
-
-for ((n = 0; n < LANES; n++)); do lane "$n" & done
-wait
+. "$(dirname "$0")/lanes.sh"
+run_lanes
 
 [ -f "$RUNS/halting_large_refine/final.pt" ] || $HALTDET train --config halting_large_refine \
   --init "$RUNS/halting_large_s0/final.pt" --out "$RUNS/halting_large_refine" --quiet

@@ -43,3 +43,23 @@ def test_flat_peer_equals_window_attention_when_groups_are_windows():
     # groups of 6 straddle windows: a different encoder
     with torch.no_grad():
         assert not torch.allclose(flat_group_encoder(encoder, features, coords, group=6), expected, atol=1e-3)
+
+
+def test_specs_carry_thresholds_and_precision():
+    import pytest
+
+    from haltdet import InputError
+    from haltdet.bench import load_spec
+    from haltdet.pareto import bench_name
+
+    model = load_spec("halting@0.3,bfloat16", "cpu")
+    assert model.config.inference_dtype == "bfloat16" and model.encoder.halting.thresholds == [0.3, 0.3]
+    model = load_spec("baseline@bfloat16", "cpu", {"score_threshold": 0.2})
+    assert model.config.inference_dtype == "bfloat16" and model.config.score_threshold == 0.2
+    assert load_spec("halting@0.4,0.6", "cpu").config.inference_dtype == "float32"
+    for bad, message in (("halting@fast", "after '@'"), ("baseline@0.5", "has no halting")):
+        with pytest.raises(InputError, match=message):
+            load_spec(bad, "cpu")
+    point = {"checkpoint": "halting", "threshold": [0.3], "dtype": "bfloat16"}
+    assert bench_name(point) == "halting@0.3,bfloat16"
+    assert bench_name({**point, "threshold": None, "dtype": "float32"}) == "halting"

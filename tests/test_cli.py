@@ -78,6 +78,13 @@ def test_eval_of_a_two_stage_model_with_and_without_its_refiner(tiny_run, capsys
                      "--json", str(out), "--quiet", *extra]) == 0
         results[name] = json.loads(out.read_text())
     assert [results[k]["refine_passes"] for k in ("default", "one", "first", "plain")] == [2, 1, 0, 2]
+    # A first-stage model fine-tuned from the two-stage detector takes its first stage only.
+    from haltdet.checkpoint import load_checkpoint
+
+    assert main(["train", "--config", str(tiny_run / "tiny_halting.yaml"), "--out", str(tiny_run / "from_two"),
+                 "--init", str(tiny_run / "refine" / "final.pt"), "--max-steps", "1", "--quiet"]) == 0
+    tuned = load_checkpoint(tiny_run / "from_two" / "final.pt")["model"]
+    assert tuned and not any(k.startswith("refiner.") for k in tuned)
     assert [results[k]["refine_mirror"] for k in ("default", "one", "first", "plain")] == [True, True, False, False]
     assert main(["eval", "--checkpoint", str(tiny_run / "run" / "final.pt"), "--data", str(tiny_run / "val"),
                  "--first-stage", "--quiet"]) == 2  # a one-stage model: a clear error
@@ -299,16 +306,19 @@ def test_detect_min_score_keeps_the_confident_subset(tmp_path):
 
 def test_pareto_evaluates_times_and_writes_the_frontier(tiny_run, tmp_path, capsys):
     baseline, halting = str(tiny_run / "run" / "final.pt"), str(tiny_run / "halting" / "final.pt")
-    spec = {"data": str(tiny_run / "val"), "bench": {"frames": 1, "warmup": 0},
+    spec = {"data": str(tiny_run / "val"), "bench": {"frames": 1, "warmup": 0}, "about": "Tiny models,\n  one step.",
             "points": [{"method": "baseline", "name": "base", "checkpoint": baseline},
                        {"method": "halting", "name": "keep all", "checkpoint": halting, "threshold": 0.0},
-                       {"method": "halting", "name": "halt all", "checkpoint": halting, "threshold": [1.0, 1.0]}]}
+                       {"method": "halting", "name": "halt all", "checkpoint": halting, "threshold": [1.0, 1.0]},
+                       {"method": "baseline", "name": "base bf16", "checkpoint": baseline, "dtype": "bfloat16"}]}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "pareto"
     assert main(["pareto", str(tmp_path / "spec.yaml"), "--out", str(out), "--quiet"]) == 0
     result = json.loads((out / "pareto.json").read_text())
-    base, keep_all, halt_all = result["points"]
-    assert [p["method"] for p in result["points"]] == ["baseline", "halting", "halting"]
+    base, keep_all, halt_all, base_bf16 = result["points"]
+    assert [p["method"] for p in result["points"]] == ["baseline", "halting", "halting", "baseline"]
+    assert base_bf16["dtype"] == "bfloat16" and base["dtype"] == "float32"
+    assert base_bf16["token_layers"] == 1.0
     for point in result["points"]:
         assert 0 <= point["mAPH_L2"] <= 1 and point["encoder_ms"] > 0 and point["total_ms"] >= point["encoder_ms"]
     assert base["token_layers"] == keep_all["token_layers"] == 1.0 and halt_all["token_layers"] == pytest.approx(1 / 3)
@@ -319,7 +329,19 @@ def test_pareto_evaluates_times_and_writes_the_frontier(tiny_run, tmp_path, caps
     table = (out / "results.md").read_text()
     assert "| halting | halt all | 1 |" in table and "haltdet pareto" in table
     assert "| +0.0000 +-0.0000 |" in table and "over 500 resampled frame sets" in table
+    assert "\nTiny models, one step.\n" in table
+    assert all(p["train_steps"] >= 1 and p["train_seconds"] > 0 for p in result["points"])
+    assert f"| {base['train_steps']} steps, " in table
+    # Evaluated two at a time in worker processes: the same accuracy and token-layers.
+    assert main(["pareto", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "jobs"), "--jobs", "2",
+                 "--quiet"]) == 0
+    in_workers = json.loads((tmp_path / "jobs" / "pareto.json").read_text())["points"]
+    for key in ("mAPH_L2", "token_layers", "vs_first"):
+        assert [p[key] for p in in_workers] == pytest.approx([p[key] for p in result["points"]], abs=1e-6), key
     assert main(["pareto", str(tmp_path / "missing.yaml"), "--out", str(out)]) == 2
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**spec, "point": spec["points"]}))
+    assert main(["pareto", str(tmp_path / "typo.yaml"), "--out", str(out)]) == 2
+    assert "unknown keys ['point']" in capsys.readouterr().err
 
 
 def test_pareto_dominance_by_hand():
@@ -341,9 +363,20 @@ def test_pareto_dominance_by_hand():
     assert dominating(by_name["r"], rows, "total_ms") is None       # 161 > 150 ms
     assert dominating(by_name["k"], rows, "encoder_ms") is None     # 0.59 beats the halting mean
     assert dominating(by_name["b"], rows, "encoder_ms") is None     # more accurate than every halting point
-    assert "| topk | k | 1 |" in markdown({"points": points, "data": "val", "spec": "s.yaml",
-                                           "bench": {"frames": 1, "threads": 1, "device": "cpu"},
-                                           "machine": {"processor": "x", "torch": "t"}})
+    # A halting point at another precision dominates nothing of float32.
+    fast = grouped([{**point("halting", "h bf16", 0, 0.9, 1, 1), "dtype": "bfloat16"}])[0]
+    for key in ("encoder_ms", "total_ms"):
+        assert dominating(by_name["k"], rows + [fast], key) is None
+    assert dominating({**by_name["k"], "dtype": "bfloat16"}, rows + [fast], "encoder_ms") == "h bf16"
+    table = markdown({"points": points, "data": "val", "spec": "s.yaml",
+                      "bench": {"frames": 1, "threads": 1, "device": "cpu"}, "machine": {"processor": "x", "torch": "t"}})
+    assert "| topk | k | 1 |" in table
+    # Peers against the halting rows: r is dominated on encoder time only; both are set
+    # against h, the halting row nearest in encoder time (31 ms).
+    assert ("- **r** (random): dominated on encoder time by h, not dominated end to end. Against h, the halting "
+            "point nearest in encoder time: -0.0700 mAPH_L2 at 1.13x its encoder and 0.93x its end-to-end time.") in table
+    assert "- **k** (topk): not dominated on encoder time, not dominated end to end. Against h" in table
+    assert "**b**" not in table and "**h**" not in table
 
 
 def test_validation_during_training_logs_and_keeps_the_best(tiny_run, tmp_path):

@@ -5,6 +5,7 @@ exist."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -68,6 +69,33 @@ def test_reproduce_results_runs_build_and_the_specs_name_them():
         assert f"pareto docs/results/{spec}" in text
 
 
+def test_reproduce_results_finetune_runs_build_start_from_the_baseline_and_the_spec_names_them():
+    """scripts/reproduce_results_finetune.sh: bash parses it, every run's config builds a
+    model the bundled baseline's first stage loads into, and its spec names those runs."""
+    from haltdet.checkpoint import load_checkpoint
+    from haltdet.config import load_config
+    from haltdet.model.detector import Detector
+    from haltdet.pareto import load_spec
+
+    script = ROOT / "scripts" / "reproduce_results_finetune.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    first_stage = {k: v for k, v in load_checkpoint(ROOT / "haltdet" / "checkpoints" / "baseline.pt")["model"].items()
+                   if not k.startswith("refiner.")}
+    runs = {}
+    for line in text.split("RUN_LIST=(", 1)[1].split(")\n", 1)[0].splitlines():
+        if line.strip().startswith('"'):
+            name, config, overrides = line.strip().strip('"').split("|")
+            runs[name] = load_config(config, shlex.split(overrides)[1::2])
+            missing, unexpected = Detector(runs[name].model).load_state_dict(first_stage, strict=False)
+            assert not unexpected, name
+    assert len(runs) == 16 and runs["coarse_064"].model.pillar_size == 0.64
+    assert runs["halting_s1"].train.seed == 1 and runs["gradient_hard"].model.halting_gradient == "hard"
+    spec = load_spec(ROOT / "docs" / "results" / "pareto_finetune_spec.yaml")
+    assert {p["checkpoint"] for p in spec["points"]} == {f"runs/finetune/{name}/final.pt" for name in runs}
+    assert f"--out {spec['data']} " in text and "pareto docs/results/pareto_finetune_spec.yaml" in text
+
+
 def test_crc32c_speed_script_runs_and_checks_agreement():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "crc32c_speed.py"), "--megabytes", "1"],
                             capture_output=True, text=True)
@@ -110,3 +138,31 @@ def test_config_validation_vs_pydantic_cases_are_all_refused_by_haltdet(tmp_path
         assert row["haltdet"] == "refused" and row["haltdet_message"], row["case"]
     assert all(row["haltdet"] == "accepted" for row in numbers["controls"])
     assert numbers["lines"]["replaced_total"] > 0
+
+
+def test_lanes_train_each_run_once_resume_stopped_ones_and_skip_finished_ones(tmp_path):
+    """scripts/lanes.sh with a stand-in for haltdet: every entry of RUN_LIST is trained once,
+    with FRESH_ARGS only when it starts, COMMON_ARGS and its own overrides always."""
+    fake = tmp_path / "fake_haltdet"
+    fake.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n')
+    fake.chmod(0o755)
+    runs = tmp_path / "runs"
+    (runs / "stopped").mkdir(parents=True)
+    (runs / "stopped" / "latest.pt").write_text("")
+    (runs / "finished").mkdir()
+    (runs / "finished" / "final.pt").write_text("")
+    script = (f'set -euo pipefail; HALTDET={fake}; RUNS={runs}; LANES=2\n'
+              'RUN_LIST=("new|baseline|--set train.seed=1" "stopped|halting|" "finished|halting|" "other|peer_topk|")\n'
+              'FRESH_ARGS=(--init start.pt); COMMON_ARGS=(--set train.max_steps=7)\n'
+              f'. {ROOT / "scripts" / "lanes.sh"}\nrun_lanes\n')
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "CALLS": str(tmp_path / "calls")})
+    assert result.returncode == 0, result.stderr
+    calls = {line.split(" --out ")[1].split()[0]: line for line in (tmp_path / "calls").read_text().splitlines()}
+    assert sorted(calls) == [f"{runs}/{name}" for name in ("new", "other", "stopped")]
+    assert sorted(line.split()[-1] for line in result.stdout.splitlines()) == ["done"] * 3
+    new, other, stopped = (calls[f"{runs}/{name}"] for name in ("new", "other", "stopped"))
+    assert new.startswith(f"train --config baseline --out {runs}/new --threads 1 --quiet")
+    assert new.endswith("--init start.pt --set train.max_steps=7 --set train.seed=1")
+    assert other.endswith("--init start.pt --set train.max_steps=7")
+    assert stopped.endswith("--resume --set train.max_steps=7") and "--init" not in stopped

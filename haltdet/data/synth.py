@@ -158,11 +158,15 @@ class SensorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SensorConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"unknown SensorConfig key(s): {sorted(unknown)}")
-        return cls(**d)
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls, d: dict):
+    """`cls(**d)` for a config dataclass, with an unknown key a ConfigError."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} key(s): {sorted(unknown)}")
+    return cls(**d)
 
 
 def _check_range(name: str, value) -> tuple[int, int]:
@@ -249,11 +253,7 @@ class SceneConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SceneConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"unknown SceneConfig key(s): {sorted(unknown)}")
-        return cls(**d)
+        return _from_dict(cls, d)
 
 
 # ============================================================================ world geometry

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,20 +140,30 @@ class Detector(nn.Module):
                 features = features * encoded.gate.to(features.dtype)[:, None]
         return features
 
+    def inference_precision(self):
+        """The context inference runs in: autocast to bfloat16 with `model.inference_dtype:
+        bfloat16` (matrix products and convolutions), nothing otherwise and in training
+        (train.amp and train.cpu_bf16 decide there)."""
+        if self.training or self.config.inference_dtype == "float32":
+            return nullcontext()
+        return torch.autocast(next(self.parameters()).device.type, dtype=torch.bfloat16)
+
     def forward(self, batch: PointBatch, masked: bool | None = None) -> DetectorOutput:
         """masked: use the masked (training) halting pass; default: in training mode."""
-        tokens = self.pillar_net(batch)
-        encoded = self.encoder(tokens.features, tokens.coords, batch.batch_size, masked)
-        heatmap, regression = self.dense_stage(encoded, tokens.coords, batch.batch_size)
+        with self.inference_precision():
+            tokens = self.pillar_net(batch)
+            encoded = self.encoder(tokens.features, tokens.coords, batch.batch_size, masked)
+            heatmap, regression = self.dense_stage(encoded, tokens.coords, batch.batch_size)
         return DetectorOutput(heatmap, regression, tokens, encoded)
 
     def dense_stage(self, encoded: EncoderOutput, coords: torch.Tensor, batch_size: int):
         """The BEV stage and the head on the encoded tokens: heatmap logits and regression
-        (CenterHead.forward)."""
+        (CenterHead.forward), in float32 whatever the precision they were computed in."""
         # the layout `train` gave the dense stage
         memory_format = torch.contiguous_format if self.training else torch.channels_last
         bev = self.bev(self.bev_features(encoded), coords, batch_size, self.grid, memory_format)
-        return self.head(bev)
+        heatmap, regression = self.head(bev)
+        return heatmap.float(), regression.float()
 
     def first_stage(self) -> list[nn.Module]:
         """Every part but the second stage (frozen by train.refine_only)."""
@@ -285,9 +296,11 @@ class Detector(nn.Module):
         """The second stage on the first stage's detections, reading the points the pillar
         net kept (`model.refine_passes` passes over the boxes with score >= `refine_min_score`)."""
         c, points = self.config, output.tokens.points
-        return refine_detections(self.refiner, points.points, points.batch_index, detections,
-                                 c.refine_rectify, c.nms_iou, c.max_detections, c.refine_passes, c.refine_min_score,
-                                 c.refine_mirror)
+        with self.inference_precision():
+            refined = refine_detections(self.refiner, points.points, points.batch_index, detections, c.refine_rectify,
+                                        c.nms_iou, c.max_detections, c.refine_passes, c.refine_min_score,
+                                        c.refine_mirror)
+        return [Detections(d.boxes.float(), d.scores.float(), d.labels) for d in refined]
 
     @torch.no_grad()
     def detect(self, points: PointBatch | np.ndarray | torch.Tensor) -> list[Detections] | Detections:

@@ -140,6 +140,40 @@ def test_configure_changes_inference_settings_one_way():
         Detector(ModelConfig(**SMALL)).configure(halting_threshold=[0.5])  # "... has none"
 
 
+def test_bfloat16_inference_is_close_to_float32_deterministic_and_off_in_training():
+    """`model.inference_dtype: bfloat16` on the bundled halting model and a simulated frame:
+    the heatmap stays close to float32's (but where the few tokens whose halting decision
+    flips, < 1 %, change it), the confident boxes of float32 are found again, everything
+    comes out in float32 and the same twice; training ignores the setting."""
+    from haltdet import ConfigError, load
+
+    from haltdet.bench import bench_cloud
+
+    model = load("halting")
+    batch = PointBatch.from_list([bench_cloud(3)])
+    with torch.no_grad():
+        exact = model(batch)
+        model.configure(inference_dtype="bfloat16")
+        fast, again = model(batch), model(batch)
+    assert fast.heatmap.dtype == fast.regression.dtype == torch.float32
+    assert torch.equal(fast.heatmap, again.heatmap) and torch.equal(fast.regression, again.regression)
+    flipped = (fast.encoded.halted_at != exact.encoded.halted_at).float().mean()
+    assert 0 < flipped < 0.01  # it did run in another precision
+    change = (fast.heatmap.sigmoid() - exact.heatmap.sigmoid()).abs().flatten()
+    assert change.quantile(0.999) < 0.05 and change.median() < 1e-3
+    (exact_boxes,), (fast_boxes,) = model.decode(exact), model.decode(fast)
+    assert fast_boxes.boxes.dtype == fast_boxes.scores.dtype == torch.float32
+    confident = exact_boxes.boxes[exact_boxes.scores > 0.3]
+    assert len(confident) >= 10
+    # every one found again, most within a centimetre or two (its accuracy: `haltdet eval --dtype`)
+    shift = torch.cdist(confident[:, :3], fast_boxes.boxes[:, :3]).min(dim=1).values
+    assert shift.max() < 0.5 and shift.median() < 0.02
+    model.train()
+    assert model.inference_precision().__class__.__name__ == "nullcontext"
+    with pytest.raises(ConfigError, match="inference_dtype"):
+        model.configure(inference_dtype="float16")
+
+
 @pytest.mark.parametrize("stride", [1, 2, 4])
 def test_strided_convolution_on_tokens_equals_the_dense_one(stride):
     """The BEV stage's first convolution reads the tokens directly; it must equal the
