@@ -17,3 +17,17 @@ def test_every_bad_input_case_names_existing_tests():
             current = path or current
             text = (ROOT / current).read_text()
             assert not name or re.search(rf"^def {name}\(", text, re.M), f"{current}::{name} ({row[:60]})"
+
+
+def test_results_page_is_generated_from_its_pareto_json():
+    """docs/results.md is the table `haltdet pareto` writes from docs/results/finetune/pareto.json,
+    unedited; the json's points are the spec's."""
+    import json
+
+    from haltdet.pareto import load_spec, markdown
+
+    result = json.loads((ROOT / "docs" / "results" / "finetune" / "pareto.json").read_text())
+    assert (ROOT / "docs" / "results.md").read_text() == markdown(result)
+    spec = load_spec(ROOT / result["spec"])
+    assert [(p["name"], p["seed"]) for p in result["points"]] == [(p["name"], p["seed"]) for p in spec["points"]]
+    assert result["data"] == spec["data"] and result["about"] == spec["about"]
