@@ -34,18 +34,12 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def time_stages(model, points: torch.Tensor, device: torch.device, peer: bool = False) -> dict[str, float]:
     """Seconds spent in each stage of one detection pass over one cloud; with `peer`, also
-    the FlatFormer-style peer encoder on the same tokens ("peer_encoder"); at the model's
-    inference precision."""
+    the FlatFormer-style peer encoder on the same tokens ("peer_encoder")."""
     from haltdet.model.pillars import PointBatch
 
-    batch = PointBatch.from_list([points]).to(device)
-    with model.inference_precision():
-        return _time_stages(model, batch, device, peer)
-
-
-def _time_stages(model, batch, device: torch.device, peer: bool) -> dict[str, float]:
     from haltdet.model.detector import DetectorOutput
 
+    batch = PointBatch.from_list([points]).to(device)
     times = {}
     _sync(device)
     start = time.perf_counter()

@@ -413,9 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="change an inference setting of the model, in YAML syntax (repeatable), e.g. "
                                 f"--set model.score_threshold=0.3; KEY: {', '.join(INFERENCE_SETTINGS)}")
     inference.add_argument("--dtype", choices=INFERENCE_DTYPES,
-                           help="precision of the matrix products and convolutions at inference (default: "
-                                "the checkpoint's, float32): bfloat16 is faster on CPUs with AMX and on GPUs, "
-                                "its accuracy measured in docs/experiments.md")
+                           help="precision of the dense stage (BEV convolutions and head) at inference "
+                                "(default: the checkpoint's, float32): bfloat16 is faster on CPUs with AMX and "
+                                "on GPUs, its accuracy measured in docs/experiments.md")
 
     # Options of the commands that read a points file.
     raw = argparse.ArgumentParser(add_help=False)

@@ -90,7 +90,7 @@ class ModelConfig:
     refine_min_score: float = 0.2  # at inference: first-stage boxes below this score are dropped, not refined
     refine_mirror: bool = True  # at inference: average the refiner over the points and their left-right mirror
     refine_rectify: list[float] = field(default_factory=lambda: [0.68, 0.71, 0.65])
-    # at inference: "bfloat16" runs the matrix products and convolutions in bfloat16
+    # at inference: "bfloat16" runs the dense stage (BEV convolutions and head) in bfloat16
     # (autocast; fast on CPUs with AMX and on GPUs), everything else in float32
     inference_dtype: str = "float32"
 

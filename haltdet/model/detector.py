@@ -141,28 +141,31 @@ class Detector(nn.Module):
         return features
 
     def inference_precision(self):
-        """The context inference runs in: autocast to bfloat16 with `model.inference_dtype:
-        bfloat16` (matrix products and convolutions), nothing otherwise and in training
-        (train.amp and train.cpu_bf16 decide there)."""
+        """The context the dense stage runs in at inference: autocast to bfloat16 with
+        `model.inference_dtype: bfloat16` (its convolutions), nothing otherwise and in
+        training (train.amp and train.cpu_bf16 decide there). Only the dense stage: there
+        bfloat16 measured 2-3x faster on a CPU with AMX, while the encoder's attention and
+        the refiner ran slower in it (docs/experiments.md)."""
         if self.training or self.config.inference_dtype == "float32":
             return nullcontext()
         return torch.autocast(next(self.parameters()).device.type, dtype=torch.bfloat16)
 
     def forward(self, batch: PointBatch, masked: bool | None = None) -> DetectorOutput:
         """masked: use the masked (training) halting pass; default: in training mode."""
-        with self.inference_precision():
-            tokens = self.pillar_net(batch)
-            encoded = self.encoder(tokens.features, tokens.coords, batch.batch_size, masked)
-            heatmap, regression = self.dense_stage(encoded, tokens.coords, batch.batch_size)
+        tokens = self.pillar_net(batch)
+        encoded = self.encoder(tokens.features, tokens.coords, batch.batch_size, masked)
+        heatmap, regression = self.dense_stage(encoded, tokens.coords, batch.batch_size)
         return DetectorOutput(heatmap, regression, tokens, encoded)
 
     def dense_stage(self, encoded: EncoderOutput, coords: torch.Tensor, batch_size: int):
         """The BEV stage and the head on the encoded tokens: heatmap logits and regression
-        (CenterHead.forward), in float32 whatever the precision they were computed in."""
+        (CenterHead.forward), in float32 whatever the precision they were computed in
+        (`inference_precision`)."""
         # the layout `train` gave the dense stage
         memory_format = torch.contiguous_format if self.training else torch.channels_last
-        bev = self.bev(self.bev_features(encoded), coords, batch_size, self.grid, memory_format)
-        heatmap, regression = self.head(bev)
+        with self.inference_precision():
+            bev = self.bev(self.bev_features(encoded), coords, batch_size, self.grid, memory_format)
+            heatmap, regression = self.head(bev)
         return heatmap.float(), regression.float()
 
     def first_stage(self) -> list[nn.Module]:
@@ -296,11 +299,9 @@ class Detector(nn.Module):
         """The second stage on the first stage's detections, reading the points the pillar
         net kept (`model.refine_passes` passes over the boxes with score >= `refine_min_score`)."""
         c, points = self.config, output.tokens.points
-        with self.inference_precision():
-            refined = refine_detections(self.refiner, points.points, points.batch_index, detections, c.refine_rectify,
-                                        c.nms_iou, c.max_detections, c.refine_passes, c.refine_min_score,
-                                        c.refine_mirror)
-        return [Detections(d.boxes.float(), d.scores.float(), d.labels) for d in refined]
+        return refine_detections(self.refiner, points.points, points.batch_index, detections,
+                                 c.refine_rectify, c.nms_iou, c.max_detections, c.refine_passes, c.refine_min_score,
+                                 c.refine_mirror)
 
     @torch.no_grad()
     def detect(self, points: PointBatch | np.ndarray | torch.Tensor) -> list[Detections] | Detections:

@@ -142,11 +142,10 @@ def test_configure_changes_inference_settings_one_way():
 
 def test_bfloat16_inference_is_close_to_float32_deterministic_and_off_in_training():
     """`model.inference_dtype: bfloat16` on the bundled halting model and a simulated frame:
-    the heatmap stays close to float32's (but where the few tokens whose halting decision
-    flips, < 1 %, change it), the confident boxes of float32 are found again, everything
-    comes out in float32 and the same twice; training ignores the setting."""
+    only the dense stage changes precision (the encoder and its halting decisions are
+    float32's exactly), the heatmap stays close, the confident boxes of float32 are found
+    again, everything comes out in float32 and the same twice; training ignores it."""
     from haltdet import ConfigError, load
-
     from haltdet.bench import bench_cloud
 
     model = load("halting")
@@ -157,10 +156,10 @@ def test_bfloat16_inference_is_close_to_float32_deterministic_and_off_in_trainin
         fast, again = model(batch), model(batch)
     assert fast.heatmap.dtype == fast.regression.dtype == torch.float32
     assert torch.equal(fast.heatmap, again.heatmap) and torch.equal(fast.regression, again.regression)
-    flipped = (fast.encoded.halted_at != exact.encoded.halted_at).float().mean()
-    assert 0 < flipped < 0.01  # it did run in another precision
+    assert torch.equal(fast.encoded.features, exact.encoded.features)
+    assert torch.equal(fast.encoded.halted_at, exact.encoded.halted_at)
     change = (fast.heatmap.sigmoid() - exact.heatmap.sigmoid()).abs().flatten()
-    assert change.quantile(0.999) < 0.05 and change.median() < 1e-3
+    assert 0 < change.max() and change.quantile(0.999) < 0.05 and change.median() < 1e-3
     (exact_boxes,), (fast_boxes,) = model.decode(exact), model.decode(fast)
     assert fast_boxes.boxes.dtype == fast_boxes.scores.dtype == torch.float32
     confident = exact_boxes.boxes[exact_boxes.scores > 0.3]
