@@ -35,9 +35,8 @@ def _sync(device: torch.device) -> None:
 def time_stages(model, points: torch.Tensor, device: torch.device, peer: bool = False) -> dict[str, float]:
     """Seconds spent in each stage of one detection pass over one cloud; with `peer`, also
     the FlatFormer-style peer encoder on the same tokens ("peer_encoder")."""
-    from haltdet.model.pillars import PointBatch
-
     from haltdet.model.detector import DetectorOutput
+    from haltdet.model.pillars import PointBatch
 
     batch = PointBatch.from_list([points]).to(device)
     times = {}
