@@ -269,8 +269,8 @@ def markdown(result: dict) -> str:
         f"+- the split's noise, the std over {result.get('bootstrap', 0)} resampled frame sets; "
         f"vs first: the difference from the first point of the spec ({result['points'][0]['name']}) "
         "and its std over the same resampled sets. Training: the steps and minutes of the run that wrote "
-        "the checkpoint. Dominance: by a halting point at the same inference precision (float32 unless "
-        "the point's name says bfloat16).",
+        "the checkpoint. Dominance: by a halting point at the same inference precision (each point's "
+        "`dtype` in pareto.json).",
         "",
         *([result["about"], ""] if result.get("about") else []),
         "| method | point | seeds | mAPH_L2 | vs first | first stage | token-layers | encoder ms | total ms "

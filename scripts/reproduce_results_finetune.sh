@@ -6,13 +6,14 @@
 # 5 % warm-up). The baseline itself gets the same steps, so every point has had the same
 # training. Points: the baseline and the halting model (two seeds each, the halting model
 # at three thresholds; at a sparsity weight of 1 too, one seed), random dropping, top-k,
-# cumulative ACT halting, coarser pillars, equal-size token groups and the ablations. Models of another width or depth (the size
-# points, halting_large) cannot start from the baseline's weights; they are in
-# scripts/reproduce_results.sh, which trains everything from the first step (about 40 h).
+# cumulative ACT halting, coarser pillars, equal-size token groups and the ablations.
+# Models of another width or depth (the size points, halting_large) cannot start from the
+# baseline's weights; they are in scripts/reproduce_results.sh, which trains everything
+# from the first step (about 40 h).
 #
-# Cost: 16 runs of 7-15 min at one thread, two at a time (LANES=2, one core each), about
-# 100 min; then `haltdet pareto` (evaluation on data/val, 200 frames, two at a time, and one
-# interleaved bench; about 20 min). Run it from the repository root, in the background:
+# Cost: 16 runs of 8-19 min at one thread, two at a time (LANES=2, one core each), about
+# 115 min; then `haltdet pareto` (evaluation on data/val, 200 frames, two at a time, and one
+# interleaved bench; about 12 min). Run it from the repository root, in the background:
 #   nohup bash scripts/reproduce_results_finetune.sh > runs/reproduce_results_finetune.log 2>&1 &
 # It can be stopped and started again: finished runs are skipped, stopped runs continue
 # from their last checkpoint. The timing at the end needs the machine to itself.
