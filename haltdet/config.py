@@ -255,6 +255,8 @@ class TrainConfig:
     # average foreground and background tokens apart and add the two means (each group weighs
     # the same whatever its token count)
     sparsity_balance: bool = False
+    # lambda rises linearly from 0 over this share of max_steps (0: lambda from the first step)
+    sparsity_warmup: float = 0.0
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -278,6 +280,7 @@ class TrainConfig:
         _check(0 < self.refine_match_iou <= 1, "train.refine_match_iou", "must be in (0, 1]")
         _check(self.sparsity_margin >= 0, "train.sparsity_margin", "must be >= 0")
         _check(0 <= self.sparsity_hinge <= 1, "train.sparsity_hinge", "must be in [0, 1]")
+        _check(0 <= self.sparsity_warmup <= 1, "train.sparsity_warmup", "must be in [0, 1]")
 
 
 @dataclass

@@ -17,6 +17,7 @@ the full baseline config have differed in the last bits (docs/design.md, Determi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from haltdet import ConfigError, InputError
 from haltdet.checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
-from haltdet.config import Config
+from haltdet.config import Config, TrainConfig
 from haltdet.data.dataset import FrameFolder, collate
 from haltdet.data.formats import data_source
 from haltdet.distributed import all_reduce_sum, global_batch_losses, init_from_env, sync_batchnorm
@@ -102,6 +103,16 @@ def make_scheduler(config: Config, optimizer):
         return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def at_step(t: TrainConfig, step: int) -> TrainConfig:
+    """The loss settings of step `step` (0-based): with train.sparsity_warmup, lambda rises
+    linearly from 0 to train.sparsity_weight over that share of the steps, so the detector
+    and the scorers first learn from the detection loss alone."""
+    if t.sparsity_warmup <= 0:
+        return t
+    ramp = min(1.0, (step + 1) / max(1.0, t.sparsity_warmup * t.max_steps))
+    return dataclasses.replace(t, sparsity_weight=t.sparsity_weight * ramp)
 
 
 def autocast_context(device: torch.device, config: Config):
@@ -280,7 +291,7 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
                 output = ddp_model(batch.points.to(device))
             with global_batch_losses(world > 1):
                 seeds = [frame_seed(t.seed, step, frame_id) for frame_id in batch.frame_ids]
-                losses = model.loss(output, targets, t, boxes, labels, jitter_seeds=seeds)
+                losses = model.loss(output, targets, at_step(t, step), boxes, labels, jitter_seeds=seeds)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trained, t.grad_clip)
@@ -298,6 +309,8 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
                 values = _mean_over_processes({**losses, "grad_norm": grad_norm, "tokens": tokens}, world)
                 values.update(lr=scheduler.get_last_lr()[0], tokens=round(values["tokens"]),
                               seconds=round(time.time() - start_time, 1), epoch=epoch, skipped_steps=skipped)
+                if t.sparsity_warmup:
+                    values["sparsity_weight"] = at_step(t, step - 1).sparsity_weight
                 logger.write(step, values)
                 bar.set_postfix(loss=f"{values['loss']:.3f}")
             if t.val_every and step % t.val_every == 0:

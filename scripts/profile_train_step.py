@@ -1,6 +1,7 @@
 """Time training steps of a config and show where one step's time goes.
 
     python scripts/profile_train_step.py [--config baseline] [--threads 1] [--steps 6] [--data data/train]
+                                         [--set train.cpu_bf16=true ...]
 
 Runs `--steps` optimiser steps of batch `train.batch_size` on the first frames of the
 training split (augmented as in training, no data loader), prints each step's seconds and
@@ -18,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from haltdet.config import load_config
 from haltdet.data.dataset import FrameFolder, collate
 from haltdet.model.detector import Detector
+from haltdet.train import autocast_context
 
 
 def main() -> None:
@@ -27,9 +29,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--data", help="training split (default: the config's data.train)")
     parser.add_argument("--rows", type=int, default=15, help="operators to list")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, as for haltdet train (repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     torch.manual_seed(config.train.seed)
     model = Detector(config.model).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
@@ -40,7 +44,8 @@ def main() -> None:
     def step(k: int) -> None:
         batch = collate(frames[k * size:(k + 1) * size])
         boxes, labels = batch.trainable()
-        output = model(batch.points)
+        with autocast_context(torch.device("cpu"), config):  # as haltdet train: the forward pass only
+            output = model(batch.points)
         losses = model.loss(output, model.targets(boxes, labels), config.train, boxes, labels,
                             jitter_seeds=list(range(size)))
         optimizer.zero_grad(set_to_none=True)

@@ -329,7 +329,7 @@ def test_pareto_evaluates_times_and_writes_the_frontier(tiny_run, tmp_path, caps
     table = (out / "results.md").read_text()
     assert "| halting | halt all | 1 |" in table and "haltdet pareto" in table
     assert "| +0.0000 +-0.0000 |" in table and "over 500 resampled frame sets" in table
-    assert "\nTiny models, one step.\n" in table
+    assert "\nTiny models, one step.\n" in table and table.startswith("# Accuracy against latency\n")
     assert all(p["train_steps"] >= 1 and p["train_seconds"] > 0 for p in result["points"])
     assert f"| {base['train_steps']} steps, " in table
     # Evaluated two at a time in worker processes: the same accuracy and token-layers.
@@ -342,6 +342,9 @@ def test_pareto_evaluates_times_and_writes_the_frontier(tiny_run, tmp_path, caps
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**spec, "point": spec["points"]}))
     assert main(["pareto", str(tmp_path / "typo.yaml"), "--out", str(out)]) == 2
     assert "unknown keys ['point']" in capsys.readouterr().err
+    (tmp_path / "titled.yaml").write_text(yaml.safe_dump({**spec, "title": ["not", "text"]}))
+    assert main(["pareto", str(tmp_path / "titled.yaml"), "--out", str(out)]) == 2
+    assert "'title' must be text" in capsys.readouterr().err
 
 
 def test_pareto_dominance_by_hand():

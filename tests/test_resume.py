@@ -125,6 +125,7 @@ def test_resume_from_a_checkpoint_of_another_model_is_a_clear_error(tiny_config,
     ({"model": {"refine_points": 0}}, "model.refine_points"),
     ({"model": {"refine_rectify": [0.5]}}, "model.refine_rectify"),
     ({"train": {"refine_match_iou": 0.0}}, "train.refine_match_iou"),
+    ({"train": {"sparsity_warmup": 1.5}}, "train.sparsity_warmup"),
     ({"data": []}, "section 'data' must be a mapping"),
 ])
 def test_invalid_configs_name_the_key(values, message):

@@ -356,3 +356,13 @@ def test_act_rule_loss_is_the_mean_ponder_cost_and_reaches_every_parameter():
     losses["loss"].backward()
     unused = [name for name, p in model.named_parameters() if p.grad is None]
     assert not unused, unused
+
+
+def test_sparsity_warmup_raises_lambda_linearly_then_holds_it():
+    from haltdet.train import at_step
+
+    train = TrainConfig(sparsity_weight=0.5, sparsity_warmup=0.25, max_steps=400)
+    weights = [at_step(train, step).sparsity_weight for step in (0, 49, 99, 100, 399)]
+    assert weights == pytest.approx([0.5 / 100, 0.25, 0.5, 0.5, 0.5])
+    assert at_step(train, 49).heatmap_weight == train.heatmap_weight  # nothing else changes
+    assert at_step(TrainConfig(sparsity_weight=0.5), 0).sparsity_weight == 0.5  # no warm-up
