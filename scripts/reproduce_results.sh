@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Retrains and re-evaluates every point of docs/results.md: the baseline, the halting
+# Retrains and re-evaluates every point of docs/results_scratch.md: the baseline, the halting
 # model at several thresholds, the larger halting encoder, the token-reduction peers on the
 # same backbone (random dropping, top-k, cumulative ACT halting, coarser pillars), the
 # FlatFormer-style equal-size token groups encoder, the
@@ -9,15 +9,16 @@
 # every point (with the split's noise and each point's difference from the first) and
 # time all of them in one interleaved bench.
 #
-# Cost: 19 first-stage runs of 3 h (baseline-like) to 5 h (halting) each at one thread on
-# a 2-core CPU, two at a time (LANES=2, one core each): about 40 hours, then ~3 h of
+# Cost: 19 first-stage runs at one thread each on a 2-core CPU, two at a time (LANES=2, one
+# core each): the baseline took 81 min and the halting model 110 min on one machine, 3 h
+# and 5 h on a slower one, the larger encoders longer: one to two days, then ~3 h of
 # evaluation (on 800 validation frames) and timing. Run it from
 # the repository root, in the background:
 #   nohup bash scripts/reproduce_results.sh > runs/reproduce_results.log 2>&1 &
 # It can be stopped at any time and started again: finished runs are skipped, stopped
 # runs continue from their last checkpoint. The timing at the end needs the machine to
 # itself. Outputs: runs/results/ (runs, evaluations), docs/results/first_stage/ and
-# docs/results/two_stage/ (pareto.json, pareto.png, results.md), and docs/results.md,
+# docs/results/two_stage/ (pareto.json, pareto.png, results.md), and docs/results_scratch.md,
 # the two tables.
 set -euo pipefail
 HALTDET=${HALTDET:-haltdet}
@@ -64,4 +65,4 @@ $HALTDET eval --checkpoint "$RUNS/halting_large_refine/final.pt" --against basel
   --bootstrap 1000 --quiet --json "$RUNS/eval_halting_large_val2.json"
 $HALTDET pareto docs/results/pareto_spec.yaml --out docs/results/first_stage --threads 2 --quiet
 $HALTDET pareto docs/results/pareto_two_stage_spec.yaml --out docs/results/two_stage --threads 2 --quiet
-cat docs/results/first_stage/results.md docs/results/two_stage/results.md > docs/results.md
+cat docs/results/first_stage/results.md docs/results/two_stage/results.md > docs/results_scratch.md

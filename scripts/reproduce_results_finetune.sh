@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The points of docs/results.md at a budget one 2-core CPU gets through in about two hours:
+# The points of docs/results_finetune.md at a budget one 2-core CPU gets through in about two hours:
 # every model starts from the bundled baseline's first stage (4,000 steps,
 # haltdet/checkpoints/baseline.md) and trains STEPS more steps (default 400) with the
 # halting fine-tune recipe's schedule (configs/halting.yaml: learning rate 5e-4, one-cycle,
@@ -18,7 +18,7 @@
 # It can be stopped and started again: finished runs are skipped, stopped runs continue
 # from their last checkpoint. The timing at the end needs the machine to itself.
 # Outputs: runs/finetune/ (runs), docs/results/finetune/ (pareto.json, pareto.png)
-# and docs/results.md (the table).
+# and docs/results_finetune.md (the table).
 set -euo pipefail
 HALTDET=${HALTDET:-haltdet}
 RUNS=runs/finetune  # docs/results/pareto_finetune_spec.yaml names the checkpoints under it
@@ -56,4 +56,4 @@ COMMON_ARGS=(--set train.max_steps="$STEPS" --set train.lr=0.0005 --set train.wa
 run_lanes
 
 $HALTDET pareto docs/results/pareto_finetune_spec.yaml --out docs/results/finetune --jobs 2 --quiet
-mv docs/results/finetune/results.md docs/results.md
+mv docs/results/finetune/results.md docs/results_finetune.md

@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,15 +21,17 @@ def test_every_bad_input_case_names_existing_tests():
             assert not name or re.search(rf"^def {name}\(", text, re.M), f"{current}::{name} ({row[:60]})"
 
 
-def test_results_page_is_generated_from_its_pareto_json():
-    """docs/results.md is the table `haltdet pareto` writes from docs/results/finetune/pareto.json,
+@pytest.mark.parametrize("page, run", [("results.md", "budget"), ("results_finetune.md", "finetune")])
+def test_results_pages_are_generated_from_their_pareto_json(page, run):
+    """Each results page is the table `haltdet pareto` writes from its docs/results/RUN/pareto.json,
     unedited; the json's points are the spec's."""
     import json
 
     from haltdet.pareto import load_spec, markdown
 
-    result = json.loads((ROOT / "docs" / "results" / "finetune" / "pareto.json").read_text())
-    assert (ROOT / "docs" / "results.md").read_text() == markdown(result)
+    result = json.loads((ROOT / "docs" / "results" / run / "pareto.json").read_text())
+    assert (ROOT / "docs" / page).read_text() == markdown(result)
     spec = load_spec(ROOT / result["spec"])
     assert [(p["name"], p["seed"]) for p in result["points"]] == [(p["name"], p["seed"]) for p in spec["points"]]
     assert result["data"] == spec["data"] and result["about"] == spec["about"]
+    assert result.get("title", spec["title"]) == spec["title"]

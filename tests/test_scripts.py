@@ -96,6 +96,39 @@ def test_reproduce_results_finetune_runs_build_start_from_the_baseline_and_the_s
     assert f"--out {spec['data']} " in text and "pareto docs/results/pareto_finetune_spec.yaml" in text
 
 
+def test_reproduce_results_budget_runs_build_and_the_spec_names_them():
+    """scripts/reproduce_results_budget.sh: bash parses it, every run's config builds a model,
+    the runs that continue from the baseline's snapshot load its weights and keep the
+    baseline's budget, and its spec names those runs."""
+    from haltdet.config import load_config
+    from haltdet.model.detector import Detector
+    from haltdet.pareto import load_spec
+
+    script = ROOT / "scripts" / "reproduce_results_budget.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    phases = [{}, {}]
+    for phase, block in zip(phases, text.split("RUN_LIST=(")[1:]):
+        for line in block.split(")\n", 1)[0].splitlines():
+            if line.strip().startswith('"'):
+                name, config, overrides = line.strip().strip('"').split("|")
+                phase[name] = load_config(config, shlex.split(overrides)[1::2])
+    scratch, continued = phases
+    snapshot = scratch["baseline_s1"]
+    assert snapshot.train.seed == 1 and 2900 in snapshot.train.save_steps
+    assert 'FRESH_ARGS=(--init "$RUNS/baseline_s1/step_2900.pt")' in text
+    assert "train.max_steps=1100" in text and 2900 + 1100 == snapshot.train.max_steps
+    weights = Detector(snapshot.model).state_dict()
+    for name, config in continued.items():  # only the scorers start from their initialisation
+        new = set(Detector(config.model).state_dict()) - set(weights)
+        assert all(".halting." in key for key in new), (name, new)
+    assert scratch["halting_scratch"].train.sparsity_warmup == 0.5
+    spec = load_spec(ROOT / "docs" / "results" / "pareto_budget_spec.yaml")
+    runs = {**scratch, **continued}
+    assert {p["checkpoint"] for p in spec["points"]} == {f"runs/budget/{name}/final.pt" for name in runs}
+    assert f"--out {spec['data']} " in text and "pareto docs/results/pareto_budget_spec.yaml" in text
+
+
 def test_crc32c_speed_script_runs_and_checks_agreement():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "crc32c_speed.py"), "--megabytes", "1"],
                             capture_output=True, text=True)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The points of docs/results.md at the baseline's full budget: every first stage has had
+# 4,000 training steps of batch 2. A baseline run from the first step (seed 1: seed 0's run
+# is the bundled baseline) keeps its step-2,900 snapshot; the halting model and top-k
+# dropping (keep ratios 0.1 and 0.6) then train from that snapshot for the remaining
+# 1,100 steps with the halting fine-tune schedule
+# (configs/halting.yaml: learning rate 5e-4, one-cycle, 5 % warm-up), as the bundled
+# halting model was trained; the halting model trained from the first step
+# (configs/halting_scratch.yaml) runs beside the baseline.
+#
+# Cost, one thread per run on a 2-core CPU, two at a time: the baseline (81 min) beside the
+# from-scratch halting model (110 min), then two runs of ~30 min; then `haltdet pareto`
+# (evaluation on data/val800, two at a time, and one interleaved bench; ~15 min). About
+# 2.5 hours in all. Run it from the repository root, in the background:
+#   nohup bash scripts/reproduce_results_budget.sh > runs/reproduce_results_budget.log 2>&1 &
+# It can be stopped and started again: finished runs are skipped, stopped runs continue
+# from their last checkpoint. The timing at the end needs the machine to itself.
+# Outputs: runs/budget/ (runs), docs/results/budget/ (pareto.json, pareto.png) and
+# docs/results.md (the table).
+set -euo pipefail
+HALTDET=${HALTDET:-haltdet}
+RUNS=runs/budget  # docs/results/pareto_budget_spec.yaml names the checkpoints under it
+LANES=${LANES:-2}
+mkdir -p "$RUNS"
+[ -f data/train/dataset.json ] || $HALTDET data synth --out data/train --frames 4000 --seed 0 --workers 2 --quiet
+[ -f data/val800/dataset.json ] || $HALTDET data synth --out data/val800 --frames 800 --seed 1234 --workers 2 --quiet
+
+# name | config | overrides
+RUN_LIST=(
+  "baseline_s1|baseline|--set train.seed=1"
+  "halting_scratch|halting_scratch|--set train.sparsity_warmup=0.5"
+)
+. "$(dirname "$0")/lanes.sh"
+run_lanes
+
+RUN_LIST=(
+  "halting|halting|"
+  "topk|peer_topk|"
+)
+FRESH_ARGS=(--init "$RUNS/baseline_s1/step_2900.pt")
+COMMON_ARGS=(--set train.max_steps=1100 --set train.lr=0.0005 --set train.warmup_fraction=0.05
+             --set train.save_steps=[])
+run_lanes
+
+$HALTDET pareto docs/results/pareto_budget_spec.yaml --out docs/results/budget --jobs 2 --quiet
+mv docs/results/budget/results.md docs/results.md
