@@ -107,8 +107,8 @@ def make_scheduler(config: Config, optimizer):
 
 def at_step(t: TrainConfig, step: int) -> TrainConfig:
     """The loss settings of step `step` (0-based): with train.sparsity_warmup, lambda rises
-    linearly from 0 to train.sparsity_weight over that share of the steps, so the detector
-    and the scorers first learn from the detection loss alone."""
+    linearly from 0 to train.sparsity_weight over that share of the steps, so early on the
+    detector and the scorers learn mostly from the detection loss."""
     if t.sparsity_warmup <= 0:
         return t
     ramp = min(1.0, (step + 1) / max(1.0, t.sparsity_warmup * t.max_steps))
