@@ -291,7 +291,8 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
                 output = ddp_model(batch.points.to(device))
             with global_batch_losses(world > 1):
                 seeds = [frame_seed(t.seed, step, frame_id) for frame_id in batch.frame_ids]
-                losses = model.loss(output, targets, at_step(t, step), boxes, labels, jitter_seeds=seeds)
+                settings = at_step(t, step)
+                losses = model.loss(output, targets, settings, boxes, labels, jitter_seeds=seeds)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trained, t.grad_clip)
@@ -310,7 +311,7 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
                 values.update(lr=scheduler.get_last_lr()[0], tokens=round(values["tokens"]),
                               seconds=round(time.time() - start_time, 1), epoch=epoch, skipped_steps=skipped)
                 if t.sparsity_warmup:
-                    values["sparsity_weight"] = at_step(t, step - 1).sparsity_weight
+                    values["sparsity_weight"] = settings.sparsity_weight
                 logger.write(step, values)
                 bar.set_postfix(loss=f"{values['loss']:.3f}")
             if t.val_every and step % t.val_every == 0:
