@@ -94,16 +94,17 @@ class WindowPartition:
         zero row has to be appended to a copy of q, k, v). Made once, shared by the layers."""
         return self.gather_index.clamp(max=max(self.scatter_index.numel() - 1, 0))
 
-    def subset(self, keep: torch.Tensor) -> "WindowPartition":
+    def subset(self, keep: torch.Tensor, rows: torch.Tensor | None = None) -> "WindowPartition":
         """The partition of the tokens with `keep` (T,) bool, numbered in their order: the
         same as partitioning their coordinates afresh (a stable sort's order restricted to
-        a subset is the subset's stable order), from the stored order."""
-        kept_sorted = keep[self.order]
-        renumber = torch.cumsum(keep, 0) - 1
-        order = renumber[self.order[kept_sorted]]
+        a subset is the subset's stable order), from the stored order. rows: the indices
+        of `keep`'s True entries, if the caller has them."""
+        rows = keep.nonzero().squeeze(1) if rows is None else rows
+        kept_sorted = keep[self.order].nonzero().squeeze(1)  # places in the stored order that stay
+        order = (torch.cumsum(keep, 0) - 1)[self.order[kept_sorted]]
         _, window_of_sorted, counts = torch.unique_consecutive(
             self.window_of_sorted[kept_sorted], return_inverse=True, return_counts=True)
-        return _bucket_windows(order, window_of_sorted, counts, self.capacity, self.position[keep])
+        return _bucket_windows(order, window_of_sorted, counts, self.capacity, self.position[rows])
 
 
 def partition_windows(coords: torch.Tensor, window_size: int, shift: int,
@@ -440,7 +441,7 @@ class SparseWindowEncoder(nn.Module):
 
     def _forward_removal(self, x, coords, batch_size) -> EncoderOutput:
         num_tokens = x.shape[0]
-        features = x
+        features = None  # every token's latest feature, from the first stage on
         halted_at = torch.full((num_tokens,), len(self.layers), dtype=torch.long, device=x.device)
         alive = torch.arange(num_tokens, device=x.device)  # original index of each active token
         alive_coords = coords
@@ -455,22 +456,24 @@ class SparseWindowEncoder(nn.Module):
                 everyone = torch.ones(alive.numel(), dtype=torch.bool, device=x.device)
                 decision = self.halting(stage, x, alive_coords, everyone, batch_size, state, alive)
                 keep = decision.keep
-                stage_scores = torch.zeros(num_tokens, dtype=decision.scores.dtype, device=x.device)
-                all_scores.append(stage_scores.index_copy(0, alive, decision.scores))
-                # Halted tokens leave with their current feature (kept for recycling).
-                features = features.index_copy(0, alive, x)
-                halted_at[alive[~keep]] = i
+                rows = keep.nonzero().squeeze(1)
+                all_scores.append(decision.scores.new_zeros(num_tokens).index_copy(0, alive, decision.scores))
+                # Halted tokens leave with their current feature (kept for recycling); before
+                # the first stage every token is alive, in order.
+                features = x if features is None else features.index_copy(0, alive, x)
+                halted_at.index_copy_(0, alive, torch.where(keep, len(self.layers), i))
                 if alive_gate is not None:
-                    alive_gate = (alive_gate * decision.factor)[keep]
-                alive, x, alive_coords = alive[keep], x[keep], alive_coords[keep]
+                    alive_gate = (alive_gate * decision.factor)[rows]
+                alive, x, alive_coords = alive[rows], x[rows], alive_coords[rows]
                 partitions = (self.partitions(alive_coords) if self.group_size
-                              else {s: p.subset(keep) for s, p in partitions.items()})
+                              else {s: p.subset(keep, rows) for s, p in partitions.items()})
             updated = layer(x, partitions[self.shift_of_layer(i)])
             if alive_gate is None or not all_scores:
                 x = updated
             else:
                 g = alive_gate.to(x.dtype)[:, None]
                 x = g * updated + (1 - g) * x
+        # (the removal pass runs only with halting stages: `features` is set)
         features = features.index_copy(0, alive, x) if state is None else state.finish(alive, x)
         gate = torch.zeros(num_tokens, dtype=torch.float32, device=x.device)
         gate[alive] = 1.0
