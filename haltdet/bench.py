@@ -131,9 +131,10 @@ def encoder_flop(encoder, coords: torch.Tensor, halted_at: torch.Tensor) -> floa
         if not len(active):
             continue
         shift = encoder.shift_of_layer(i)
-        window = torch.stack([active[:, 0], torch.div(active[:, 1] + shift, encoder.window_size, rounding_mode="floor"),
-                              torch.div(active[:, 2] + shift, encoder.window_size, rounding_mode="floor")], 1)
-        counts = torch.unique(window, dim=0, return_counts=True)[1].double()
+        window_y, window_x = (torch.div(active[:, k] + shift, encoder.window_size, rounding_mode="floor")
+                              for k in (1, 2))
+        span = int(max(window_y.max(), window_x.max())) + 1
+        counts = torch.unique((active[:, 0] * span + window_y) * span + window_x, return_counts=True)[1].double()
         total += per_token * len(active) + 4 * channels * float((counts ** 2).sum())  # Q K^T and A V
     return total
 

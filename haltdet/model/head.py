@@ -63,6 +63,23 @@ class HeadTargets:
         return HeadTargets(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
+def folded(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of one convolution that computes `conv` (no bias) followed by
+    `norm` with its running statistics: what both compute at inference, one pass over the
+    map instead of two."""
+    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+    return conv.weight * scale[:, None, None, None], norm.bias - norm.running_mean * scale
+
+
+def conv_norm_relu(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """A (Conv2d, BatchNorm2d, ReLU) block: in training as its modules run, at inference
+    as one folded convolution (`folded`) and the ReLU."""
+    conv, norm, _ = block
+    if norm.training:
+        return block(x)
+    return F.conv2d(x, *folded(conv, norm), conv.stride, conv.padding).relu_()
+
+
 class BEVBackbone(nn.Module):
     """Space-to-depth to `stride` (a stride x stride convolution), then 3x3 convolutions
     that fill the holes between tokens.
@@ -84,11 +101,14 @@ class BEVBackbone(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def downsample(self, features: torch.Tensor, coords: torch.Tensor, batch_size: int,
-                   grid: tuple[int, int]) -> torch.Tensor:
+                   grid: tuple[int, int], weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens (T, C) at (frame, iy, ix) of a (ny, nx) grid -> the strided convolution's
-        output (B, channels, ny / stride, nx / stride), channels-last in memory."""
+        output (B, channels, ny / stride, nx / stride), channels-last in memory; with the
+        convolution's weight (channels, C, s, s) and bias (channels,) if given instead of
+        its own (no bias)."""
         s = self.stride
-        weight = self.net[0].weight  # (channels, C, s, s)
+        weight = self.net[0].weight if weight is None else weight
         channels = weight.shape[0]
         ny, nx = grid[0] // s, grid[1] // s
         taps = features @ weight.permute(1, 2, 3, 0).reshape(features.shape[1], s * s * channels)
@@ -96,15 +116,25 @@ class BEVBackbone(nn.Module):
         index = tap[:, None, None].expand(-1, 1, channels)
         contribution = taps.view(-1, s * s, channels).gather(1, index).squeeze(1)
         cell = (coords[:, 0] * ny + coords[:, 1] // s) * nx + coords[:, 2] // s
-        canvas = contribution.new_zeros(batch_size * ny * nx, channels)
+        if bias is None:
+            canvas = contribution.new_zeros(batch_size * ny * nx, channels)
+        else:  # every cell, empty or not, starts at the bias
+            canvas = bias.to(contribution.dtype).expand(batch_size * ny * nx, channels).clone()
         canvas.index_add_(0, cell, contribution)
         return canvas.view(batch_size, ny, nx, channels).permute(0, 3, 1, 2)
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor, batch_size: int,
                 grid: tuple[int, int], memory_format=torch.channels_last) -> torch.Tensor:
-        """Tokens (T, C) at (frame, iy, ix) -> (B, channels, ny / stride, nx / stride)."""
-        bev = self.downsample(features, coords, batch_size, grid)
-        return self.net[1:](bev.contiguous(memory_format=memory_format))
+        """Tokens (T, C) at (frame, iy, ix) -> (B, channels, ny / stride, nx / stride).
+        At inference each convolution and its batch norm run as one (`folded`)."""
+        if self.training:
+            bev = self.downsample(features, coords, batch_size, grid)
+            return self.net[1:](bev.contiguous(memory_format=memory_format))
+        bev = self.downsample(features, coords, batch_size, grid, *folded(self.net[0], self.net[1]))
+        bev = bev.contiguous(memory_format=memory_format).relu_()
+        for i in range(3, len(self.net), 3):
+            bev = conv_norm_relu(self.net[i:i + 3], bev)
+        return bev
 
 
 class CenterHead(nn.Module):
@@ -122,7 +152,7 @@ class CenterHead(nn.Module):
 
     def forward(self, bev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """bev: (B, C, H, W) -> heatmap logits (B, 3, H, W) and regression (B, 9, H, W)."""
-        shared = self.shared(bev)
+        shared = conv_norm_relu(self.shared, bev)
         # The 1x1 convolutions as one matrix product in the map's memory layout (the
         # convolution backward pass on contiguous maps zero-fills a map per call).
         weight = torch.cat([self.heatmap.weight.flatten(1), self.regression.weight.flatten(1)])

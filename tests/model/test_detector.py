@@ -203,6 +203,43 @@ def test_strided_convolution_on_tokens_equals_the_dense_one(stride):
     torch.testing.assert_close(weight_ours, weight_reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_folded_batch_norm_at_inference_equals_the_modules(memory_format):
+    """At inference the BEV stage and the head run each convolution and its batch norm as
+    one folded convolution; the values equal running the modules one after the other (the
+    first convolution over the zero-filled grid), with batch norm statistics far from the
+    identity. Training runs the modules themselves."""
+    from haltdet.model.head import BEVBackbone, CenterHead
+
+    torch.manual_seed(0)
+    grid, batch_size, channels = (24, 16), 2, 8
+    backbone, head = BEVBackbone(channels, 6, num_convs=2, stride=2), CenterHead(6, 5)
+    for norm in [m for m in (*backbone.modules(), *head.modules()) if isinstance(m, torch.nn.BatchNorm2d)]:
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.2, 3)
+        torch.nn.init.uniform_(norm.weight, 0.5, 2)
+        torch.nn.init.uniform_(norm.bias, -1, 1)
+    backbone.eval(), head.eval()
+    cells = torch.randperm(batch_size * grid[0] * grid[1])[:150]
+    coords = torch.stack([cells // (grid[0] * grid[1]), cells // grid[1] % grid[0], cells % grid[1]], 1)
+    features = torch.randn(len(cells), channels)
+    with torch.no_grad():
+        bev = backbone(features, coords, batch_size, grid, memory_format)
+        heatmap, regression = head(bev)
+        dense = torch.zeros(batch_size, grid[0], grid[1], channels)
+        dense = dense.index_put((coords[:, 0], coords[:, 1], coords[:, 2]), features).permute(0, 3, 1, 2)
+        reference = backbone.net(dense)
+        shared = head.shared(reference)
+    torch.testing.assert_close(bev, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(heatmap, head.heatmap(shared), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(regression, head.regression(shared), rtol=1e-5, atol=1e-5)
+    backbone.train()
+    calls = []
+    backbone.net[1].register_forward_hook(lambda *args: calls.append(1))
+    backbone(features, coords, batch_size, grid, memory_format)
+    assert calls  # in training the batch norm module runs (its batch statistics)
+
+
 def test_pillar_max_pool_gradient_is_autograds_for_scatter_max():
     """The pillar max-pool's own backward equals autograd's for scatter_reduce amax,
     ties (rounded values, zeros tying with the zero start) included."""
