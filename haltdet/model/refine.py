@@ -115,7 +115,9 @@ def _candidates(points: torch.Tensor, point_ids: torch.Tensor, centres: torch.Te
     point_ids, xy = point_ids[near], xy[near]
     span = float(high[1] - low[1]) + 1.0  # > any y - low[1]: strips never overlap in key
     strip = torch.floor((xy[:, 0] - low[0]) / CANDIDATE_STRIP)
-    key, order = torch.sort(strip.double() * span + (xy[:, 1] - low[1]).double(), stable=True)
+    # Every key and bound below is a non-negative double, and non-negative doubles order as
+    # their bit patterns read as int64: an integer sort, several times faster on a CPU.
+    key, order = torch.sort((strip.double() * span + (xy[:, 1] - low[1]).double()).view(torch.int64), stable=True)
     point_ids = point_ids[order]
     first = torch.floor((centres[:, 0] - radius - low[0]) / CANDIDATE_STRIP).long()
     strips = torch.floor((centres[:, 0] + radius - low[0]) / CANDIDATE_STRIP).long() - first + 1
@@ -123,8 +125,10 @@ def _candidates(points: torch.Tensor, point_ids: torch.Tensor, centres: torch.Te
     run_strip = first[box_of_run] + torch.arange(box_of_run.numel(), device=device) \
         - (torch.cumsum(strips, 0) - strips)[box_of_run]
     base = run_strip.double() * span
-    start = torch.searchsorted(key, base + (centres[box_of_run, 1] - radius[box_of_run] - low[1]).double())
-    end = torch.searchsorted(key, base + (centres[box_of_run, 1] + radius[box_of_run] - low[1]).double(), right=True)
+    start = torch.searchsorted(key, (base + (centres[box_of_run, 1] - radius[box_of_run] - low[1]).double())
+                               .view(torch.int64))
+    end = torch.searchsorted(key, (base + (centres[box_of_run, 1] + radius[box_of_run] - low[1]).double())
+                             .view(torch.int64), right=True)
     size = end - start
     run = torch.repeat_interleave(torch.arange(size.numel(), device=device), size)
     rank = torch.arange(run.numel(), device=device) - (torch.cumsum(size, 0) - size)[run]
