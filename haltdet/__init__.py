@@ -1,6 +1,9 @@
 """haltdet: fast transformer LiDAR 3D object detection with dynamic token halting."""
 
+from haltdet.memory import keep_freed_memory
+
 __version__ = "0.1.0"
+__all__ = ["CLASSES", "ConfigError", "HaltdetError", "InputError", "keep_freed_memory", "load"]
 
 CLASSES: tuple[str, ...] = ("Vehicle", "Pedestrian", "Cyclist")
 """The detection classes, in the order used for class indices everywhere."""

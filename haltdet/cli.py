@@ -12,6 +12,7 @@ from pathlib import Path
 
 from haltdet import CLASSES, HaltdetError, InputError, __version__
 from haltdet.config import INFERENCE_DTYPES, INFERENCE_SETTINGS
+from haltdet.memory import keep_freed_memory
 
 DEFAULT_CHECKPOINT = "halting"
 DEMO_SEED = 20261124  # not a seed of the training or validation splits
@@ -605,6 +606,8 @@ def check_output_file(path: str, option: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if os.environ.get("HALTDET_KEEP_FREED_MEMORY", "1") != "0":
+        keep_freed_memory()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

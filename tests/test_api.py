@@ -37,3 +37,27 @@ def test_detect_a_cloud_equals_the_batch_path():
     assert len(single.boxes) > 0
     assert torch.equal(single.boxes, batched.boxes) and torch.equal(single.scores, batched.scores)
     assert torch.equal(model.detect(torch.from_numpy(points)).boxes, single.boxes)
+
+
+def test_keep_freed_memory_sets_glibc_malloc_or_reports_it_cannot(monkeypatch):
+    """On Linux with glibc every setting takes effect (the command calls it at start);
+    where the C library has no mallopt nothing changes and the answer is False."""
+    import ctypes
+    import platform
+    import sys
+
+    from haltdet import cli, memory
+
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert haltdet.keep_freed_memory() is True
+
+    def no_glibc(name):
+        raise OSError(f"{name}: not found")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_glibc)
+    assert memory.keep_freed_memory() is False
+    called = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: called.append(True))
+    assert cli.main(["data", "stats", "/nonexistent-folder"]) == 2 and called == [True]
+    monkeypatch.setenv("HALTDET_KEEP_FREED_MEMORY", "0")
+    assert cli.main(["data", "stats", "/nonexistent-folder"]) == 2 and called == [True]
