@@ -233,10 +233,16 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
         weights = load_checkpoint(init, map_location=device)["model"]
         if model.refiner is None:  # the first stage of a two-stage detector: its refiner is not used
             weights = {k: v for k, v in weights.items() if not k.startswith("refiner.")}
+        # A shallower encoder takes the checkpoint's first layers (a deeper one keeps the
+        # initialisation of the layers the checkpoint lacks).
+        depth = len(model.encoder.layers)
+        deeper = [k for k in weights if k.startswith("encoder.layers.") and int(k.split(".")[2]) >= depth]
+        weights = {k: v for k, v in weights.items() if k not in deeper}
         missing, unexpected = load_weights(model, weights, f"--init {init}", strict=False)
         if unexpected:
             raise InputError(f"--init {init}: parameters this model does not have: {', '.join(unexpected[:5])}")
-        log.info("initialised from %s (%d parameters kept their initialisation)", init, len(missing))
+        log.info("initialised from %s (%d parameters kept their initialisation%s)", init, len(missing),
+                 f"; the encoder layers from {depth} on left out" if deeper else "")
     dataset = FrameFolder(config.data.train, augment=config.data, seed=t.seed)
     if t.val_every:  # a missing validation split is an error now, not after the first steps
         FrameFolder(config.data.val)

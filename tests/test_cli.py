@@ -211,6 +211,29 @@ def test_init_from_a_baseline_keeps_its_weights_and_adds_scorers(tiny_run, tmp_p
     assert not torch.equal(tuned[key], baseline[key])
 
 
+def test_init_of_a_shallower_encoder_takes_the_first_layers_and_refuses_other_extra_weights(
+        tiny_run, tmp_path, capsys):
+    """A model with fewer encoder layers than the checkpoint starts from its first layers
+    (the size points of the results); any other parameter the model lacks is an error."""
+    import torch
+
+    from haltdet.checkpoint import load_checkpoint
+
+    baseline = load_checkpoint(tiny_run / "run" / "final.pt")["model"]
+    out = tmp_path / "shallow"
+    assert main(["train", "--config", str(tiny_run / "tiny.yaml"), "--out", str(out), "--init",
+                 str(tiny_run / "run" / "final.pt"), "--set", "model.num_layers=1", "--max-steps", "1",
+                 "--quiet"]) == 0
+    shallow = load_checkpoint(out / "final.pt")["model"]
+    assert not any(k.startswith("encoder.layers.1.") for k in shallow)
+    key = "encoder.layers.0.attention.value.weight"  # one small step from the checkpoint's
+    assert (shallow[key] - baseline[key]).abs().max() < 0.05 and not torch.equal(shallow[key], baseline[key])
+    # the halting model's scorers are not encoder layers: a baseline cannot take them
+    assert main(["train", "--config", str(tiny_run / "tiny.yaml"), "--out", str(tmp_path / "refused"), "--init",
+                 str(tiny_run / "halting" / "final.pt"), "--max-steps", "1", "--quiet"]) == 2
+    assert "scorers" in capsys.readouterr().err
+
+
 def test_bench_times_a_halting_model_at_several_thresholds(tiny_run, tmp_path, capsys):
     """NAME@T times a halting model at threshold T; a higher threshold halts more tokens,
     and the ratios are against the first checkpoint of the same run."""
