@@ -11,11 +11,13 @@ comparable on an otherwise idle machine or within one run.
 """
 
 import argparse
+import os
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from haltdet import keep_freed_memory
 from haltdet.config import load_config
 from haltdet.data.dataset import FrameFolder, collate
 from haltdet.model.detector import Detector
@@ -33,6 +35,8 @@ def main() -> None:
                         help="config override, as for haltdet train (repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if os.environ.get("HALTDET_KEEP_FREED_MEMORY", "1") != "0":  # as `haltdet train` does
+        keep_freed_memory()
     config = load_config(args.config, args.set)
     torch.manual_seed(config.train.seed)
     model = Detector(config.model).train()
