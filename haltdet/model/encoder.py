@@ -104,7 +104,8 @@ class WindowPartition:
         order = (torch.cumsum(keep, 0) - 1)[self.order[kept_sorted]]
         _, window_of_sorted, counts = torch.unique_consecutive(
             self.window_of_sorted[kept_sorted], return_inverse=True, return_counts=True)
-        return _bucket_windows(order, window_of_sorted, counts, self.capacity, self.position[rows])
+        return _bucket_windows(order, window_of_sorted, counts, self.capacity,
+                               self.position.index_select(0, rows))
 
 
 def partition_windows(coords: torch.Tensor, window_size: int, shift: int,
@@ -228,7 +229,7 @@ def sine_encoding(cells: torch.Tensor, window_size: int, channels: int) -> torch
     axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (window_size, 2F)
     # row y * window_size + x: the x encoding, then the y encoding
     table = torch.cat([axis.repeat(window_size, 1), axis.repeat_interleave(window_size, dim=0)], dim=1)
-    return table[cells[:, 1] * window_size + cells[:, 0]]
+    return table.index_select(0, cells[:, 1] * window_size + cells[:, 0])
 
 
 class WindowAttention(nn.Module):
@@ -464,7 +465,8 @@ class SparseWindowEncoder(nn.Module):
                 halted_at.index_copy_(0, alive, torch.where(keep, len(self.layers), i))
                 if alive_gate is not None:
                     alive_gate = (alive_gate * decision.factor)[rows]
-                alive, x, alive_coords = alive[rows], x[rows], alive_coords[rows]
+                # index_select: several times faster than indexing for rows of a matrix on a CPU
+                alive, x, alive_coords = alive[rows], x.index_select(0, rows), alive_coords.index_select(0, rows)
                 partitions = (self.partitions(alive_coords) if self.group_size
                               else {s: p.subset(keep, rows) for s, p in partitions.items()})
             updated = layer(x, partitions[self.shift_of_layer(i)])

@@ -200,7 +200,7 @@ class PillarFeatureNet(nn.Module):
         features = torch.cat([
             xyz,
             points[:, 3:4].clamp(0, 1),  # the format's intensity range: no overflow downstream
-            xyz - mean[pillar_of_point],
+            xyz - mean.index_select(0, pillar_of_point),
             (xyz[:, 0] - centre_x)[:, None],
             (xyz[:, 1] - centre_y)[:, None],
         ], dim=1)

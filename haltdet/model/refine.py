@@ -78,15 +78,15 @@ def gather_box_points(points: torch.Tensor, batch_index: torch.Tensor, boxes: to
         pair_box, pair_point = torch.cat(pair_box), torch.cat(pair_point)
     else:
         pair_box = pair_point = torch.zeros(0, dtype=torch.long, device=device)
-    b = boxes[pair_box]
-    p = points[pair_point].float()
+    b = boxes.index_select(0, pair_box)  # index_select: faster than indexing for rows on a CPU
+    p = points.index_select(0, pair_point).float()
     dx, dy, dz = p[:, 0] - b[:, 0], p[:, 1] - b[:, 1], p[:, 2] - b[:, 2]
     cos, sin = torch.cos(b[:, 6]), torch.sin(b[:, 6])
     local = torch.stack([dx * cos + dy * sin, -dx * sin + dy * cos, dz], dim=1)
     inside = (local.abs() <= b[:, 3:6] / 2 + context).all(dim=1)
     order = torch.nonzero(inside).flatten()
     order = order[torch.argsort(pair_box[order] * points.shape[0] + pair_point[order])]  # by box, then input order
-    local, pair_box, p = local[order], pair_box[order], p[order]
+    local, pair_box, p = local.index_select(0, order), pair_box[order], p.index_select(0, order)
     half = boxes[pair_box, 3:6] / 2
     counts = torch.bincount(pair_box, minlength=boxes.shape[0])
     if num_points and pair_box.numel():
