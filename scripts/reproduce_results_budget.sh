@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The points of docs/results.md at the baseline's full budget: every first stage has had
 # 4,000 training steps of batch 2. A baseline run from the first step (seed 1: seed 0's run
-# is the bundled baseline) keeps its step-2,900 snapshot; the halting model and top-k
-# dropping (keep ratios 0.1 and 0.6) then train from that snapshot for the remaining
-# 1,100 steps with the halting fine-tune schedule
-# (configs/halting.yaml: learning rate 5e-4, one-cycle, 5 % warm-up), as the bundled
-# halting model was trained; the halting model trained from the first step
-# (configs/halting_scratch.yaml) runs beside the baseline.
+# is the bundled baseline) keeps its step-2,900 snapshot; every other point but one then
+# trains from that snapshot for the remaining 1,100 steps with the halting fine-tune
+# schedule (configs/halting.yaml: learning rate 5e-4, one-cycle, 5 % warm-up), as the
+# bundled halting model was trained, each with its own method: the halting model at
+# sparsity weight 0.25 and 1, top-k and random dropping (keep ratios 0.1 and 0.6), ACT
+# halting, 0.48 m pillars, and two ablations of the halting gradient (residual path only,
+# hard drop). The halting model trained from the first step (configs/halting_scratch.yaml)
+# runs beside the baseline.
 #
 # Cost, one thread per run on a 2-core CPU, two at a time: the baseline (81 min) beside the
-# from-scratch halting model (110 min), then two runs of ~30 min; then `haltdet pareto`
-# (evaluation on data/val800, two at a time, and one interleaved bench; ~15 min). About
-# 2.5 hours in all. Run it from the repository root, in the background:
+# from-scratch halting model (110 min), then eight runs of ~30 min; then `haltdet pareto`
+# (12 evaluations on data/val800, two at a time, and one interleaved bench; ~15 min).
+# About 4 hours in all. Run it from the repository root, in the background:
 #   nohup bash scripts/reproduce_results_budget.sh > runs/reproduce_results_budget.log 2>&1 &
 # It can be stopped and started again: finished runs are skipped, stopped runs continue
 # from their last checkpoint. The timing at the end needs the machine to itself.
@@ -36,6 +38,12 @@ run_lanes
 RUN_LIST=(
   "halting|halting|"
   "topk|peer_topk|"
+  "halting_lambda1|halting|--set train.sparsity_weight=1.0"
+  "random|peer_random|"
+  "act|peer_act|"
+  "coarse_048|peer_coarse|"
+  "gradient_residual|halting|--set model.halting_gradient=residual"
+  "gradient_hard|halting|--set model.halting_gradient=hard"
 )
 FRESH_ARGS=(--init "$RUNS/baseline_s1/step_2900.pt")
 COMMON_ARGS=(--set train.max_steps=1100 --set train.lr=0.0005 --set train.warmup_fraction=0.05
