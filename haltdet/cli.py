@@ -606,8 +606,7 @@ def check_output_file(path: str, option: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if os.environ.get("HALTDET_KEEP_FREED_MEMORY", "1") != "0":
-        keep_freed_memory()
+    keep_freed_memory()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -11,7 +11,6 @@ comparable on an otherwise idle machine or within one run.
 """
 
 import argparse
-import os
 import time
 
 import torch
@@ -35,8 +34,7 @@ def main() -> None:
                         help="config override, as for haltdet train (repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if os.environ.get("HALTDET_KEEP_FREED_MEMORY", "1") != "0":  # as `haltdet train` does
-        keep_freed_memory()
+    keep_freed_memory()  # as `haltdet train` does
     config = load_config(args.config, args.set)
     torch.manual_seed(config.train.seed)
     model = Detector(config.model).train()

@@ -50,6 +50,9 @@ def test_keep_freed_memory_sets_glibc_malloc_or_reports_it_cannot(monkeypatch):
 
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert haltdet.keep_freed_memory() is True
+    monkeypatch.setenv("HALTDET_KEEP_FREED_MEMORY", "0")
+    assert haltdet.keep_freed_memory() is False
+    monkeypatch.delenv("HALTDET_KEEP_FREED_MEMORY")
 
     def no_glibc(name):
         raise OSError(f"{name}: not found")
@@ -58,6 +61,4 @@ def test_keep_freed_memory_sets_glibc_malloc_or_reports_it_cannot(monkeypatch):
     assert memory.keep_freed_memory() is False
     called = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: called.append(True))
-    assert cli.main(["data", "stats", "/nonexistent-folder"]) == 2 and called == [True]
-    monkeypatch.setenv("HALTDET_KEEP_FREED_MEMORY", "0")
     assert cli.main(["data", "stats", "/nonexistent-folder"]) == 2 and called == [True]
