@@ -74,8 +74,9 @@ class ModelConfig:
     halting_rule: str = "threshold"
     recycling: bool = True  # halted tokens reach the BEV map with their last feature
     # training pass: which entries carry the halting gate's gradient (haltdet/model/halting.py):
-    # both (attention weights and residual updates) | attention | residual | hard (removal)
-    halting_gradient: str = "both"
+    # residual (updates) | attention (weights) | both | hard (removal). Residual: at the same
+    # token-layers it trained more accurate halting models than both (docs/design.md)
+    halting_gradient: str = "residual"
     # a halted key's attention gradient: the change attending to it would make (bounded),
     # not the derivative at gate 0 (unbounded when its logit exceeds the attended keys')
     halting_secant: bool = True

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from haltdet.config import GRADIENT_PATHS
+from haltdet.config import GRADIENT_PATHS, ModelConfig
 from haltdet.model.encoder import SparseWindowEncoder
 
 # The training passes compared: each gradient path with the secant attention gradient for
@@ -198,9 +198,12 @@ def format_report(report: dict) -> str:
              f"{report['halted_fraction_mean']:.0%} of tokens halted on average",
              "cosine of the pseudo-gradient against the relaxed gradient (and its finite differences)",
              f"{'path':<13} {'median':>8} {'p10':>8} {'fd median':>10} {'fd p10':>8}"]
+    default = ModelConfig().halting_gradient
     for path, row in report["paths"].items():
-        lines.append(f"{path:<13} {row['cosine_median']:8.3f} {row['cosine_p10']:8.3f} "
+        name = f"{path} *" if path == default else path
+        lines.append(f"{name:<13} {row['cosine_median']:8.3f} {row['cosine_p10']:8.3f} "
                      f"{row['cosine_fd_median']:10.3f} {row['cosine_fd_p10']:8.3f}")
     lines.append(f"relaxed gradient against its finite differences: median cosine "
                  f"{report['relaxed_vs_fd_median']:.4f}")
+    lines.append("* the training pass by default (model.halting_gradient)")
     return "\n".join(lines)

@@ -285,7 +285,8 @@ def test_gradcheck_writes_cosines_per_path(tmp_path, capsys):
     assert set(report["paths"]) == {"both", "attention", "residual", "hard", "both_tangent"}
     for row in report["paths"].values():
         assert -1 <= row["cosine_median"] <= 1 and row["cosine_p10"] <= row["cosine_median"]
-    assert "both" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "both" in printed and "residual *" in printed  # the default path is marked
     assert main(["gradcheck", "--temperature", "2"]) == 2
 
 
@@ -293,10 +294,10 @@ def test_train_set_overrides_config_values(tiny_run, tmp_path, capsys):
     out = tmp_path / "set"
     assert main(["train", "--config", str(tiny_run / "tiny_halting.yaml"), "--out", str(out), "--quiet",
                  "--set", "train.max_steps=2", "--set", "train.sparsity_hinge=0.1",
-                 "--set", "model.halting_gradient=residual"]) == 0
+                 "--set", "model.halting_gradient=attention"]) == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["train"]["max_steps"] == 2 and saved["train"]["sparsity_hinge"] == 0.1
-    assert saved["model"]["halting_gradient"] == "residual"
+    assert saved["model"]["halting_gradient"] == "attention"
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
     capsys.readouterr()
     for bad in ("train.max_steps", "optim.lr=1", "train.no_such_key=1", "model.halting_gradient=sideways"):

@@ -375,7 +375,7 @@ class SparseWindowEncoder(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, ffn_dim: int, num_layers: int,
                  window_size: int, dropout: float = 0.0, halting_layers: list[int] | None = None,
-                 scorer: str = "mlp", gradient: str = "both", secant: bool = True, rule: str = "threshold",
+                 scorer: str = "mlp", gradient: str = "residual", secant: bool = True, rule: str = "threshold",
                  group_size: int = 0):
         super().__init__()
         self.d_model = d_model

@@ -197,7 +197,7 @@ class TokenHalting(nn.Module):
     """
 
     def __init__(self, d_model: int, halting_layers: list[int], scorer: str = "mlp",
-                 gradient: str = "both", secant: bool = True, rule: str = "threshold"):
+                 gradient: str = "residual", secant: bool = True, rule: str = "threshold"):
         super().__init__()
         if gradient not in GRADIENT_PATHS:
             raise ValueError(f"halting gradient must be one of {GRADIENT_PATHS}, got {gradient!r}")
