@@ -5,15 +5,19 @@
 # trains from that snapshot for the remaining 1,100 steps with the halting fine-tune
 # schedule (configs/halting.yaml: learning rate 5e-4, one-cycle, 5 % warm-up), as the
 # bundled halting model was trained, each with its own method: the halting model at
-# sparsity weight 0.25 and 1, top-k and random dropping (keep ratios 0.1 and 0.6), ACT
-# halting, 0.48 m pillars, and two ablations of the halting gradient (residual path only,
-# hard drop). The halting model trained from the first step (configs/halting_scratch.yaml)
-# runs beside the baseline.
+# sparsity weight 0.25 (two seeds) and 1, the halting model with 8 encoder layers (weight
+# 0.25 and 0.1), the baseline with 4 and 8 layers (a shallower encoder keeps the
+# snapshot's first layers, a deeper one starts its extra layers afresh), top-k and random
+# dropping (keep ratios 0.1 and 0.6), ACT halting, 0.48 m
+# pillars, and the ablations: the halting gradient through both paths (weight 0.25, and 1
+# with two seeds), the hard drop, no recycling, a uniform sparsity loss. The halting
+# model trained from the first step (configs/halting_scratch.yaml) runs beside the
+# baseline.
 #
 # Cost, one thread per run on a 2-core CPU, two at a time: the baseline (81 min) beside the
-# from-scratch halting model (110 min), then eight runs of ~30 min; then `haltdet pareto`
-# (12 evaluations on data/val800, two at a time, and one interleaved bench; ~15 min).
-# About 4 hours in all. Run it from the repository root, in the background:
+# from-scratch halting model (110 min), then 17 runs of 20-40 min (about 4.5 h); then
+# `haltdet pareto` (20 evaluations on data/val800, two at a time, and one interleaved
+# bench; ~25 min). About 6.5 hours in all. Run it from the repository root, in the background:
 #   nohup bash scripts/reproduce_results_budget.sh > runs/reproduce_results_budget.log 2>&1 &
 # It can be stopped and started again: finished runs are skipped, stopped runs continue
 # from their last checkpoint. The timing at the end needs the machine to itself.
@@ -40,10 +44,19 @@ RUN_LIST=(
   "topk|peer_topk|"
   "halting_lambda1|halting|--set train.sparsity_weight=1.0"
   "random|peer_random|"
+  "halting_deep|halting|--set model.num_layers=8"
+  "halting_deep_lambda01|halting|--set model.num_layers=8 --set train.sparsity_weight=0.1"
+  "size_deep|baseline|--set model.num_layers=8"
   "act|peer_act|"
+  "size_shallow|baseline|--set model.num_layers=4"
   "coarse_048|peer_coarse|"
-  "gradient_residual|halting|--set model.halting_gradient=residual"
+  "halting_s1|halting|--set train.seed=1"
+  "gradient_both|halting|--set model.halting_gradient=both"
+  "gradient_both_lambda1|halting|--set model.halting_gradient=both --set train.sparsity_weight=1.0"
+  "gradient_both_lambda1_s1|halting|--set model.halting_gradient=both --set train.sparsity_weight=1.0 --set train.seed=1"
   "gradient_hard|halting|--set model.halting_gradient=hard"
+  "no_recycling|halting|--set model.recycling=false"
+  "uniform_loss|halting|--set train.sparsity_uniform=true"
 )
 FRESH_ARGS=(--init "$RUNS/baseline_s1/step_2900.pt")
 COMMON_ARGS=(--set train.max_steps=1100 --set train.lr=0.0005 --set train.warmup_fraction=0.05

@@ -119,9 +119,14 @@ def test_reproduce_results_budget_runs_build_and_the_spec_names_them():
     assert 'FRESH_ARGS=(--init "$RUNS/baseline_s1/step_2900.pt")' in text
     assert "train.max_steps=1100" in text and 2900 + 1100 == snapshot.train.max_steps
     weights = Detector(snapshot.model).state_dict()
-    for name, config in continued.items():  # only the scorers start from their initialisation
+    depth = snapshot.model.num_layers
+    for name, config in continued.items():  # only scorers and extra layers start afresh
         new = set(Detector(config.model).state_dict()) - set(weights)
-        assert all(".halting." in key for key in new), (name, new)
+        extra = {f"encoder.layers.{i}." for i in range(depth, config.model.num_layers)}
+        assert all(".halting." in key or key.startswith(tuple(extra)) for key in new), (name, new)
+    assert continued["halting_deep"].model.num_layers == 8 and continued["size_shallow"].model.num_layers == 4
+    assert continued["halting"].model.halting_gradient == "residual"
+    assert continued["gradient_both"].model.halting_gradient == "both"
     assert scratch["halting_scratch"].train.sparsity_warmup == 0.5
     spec = load_spec(ROOT / "docs" / "results" / "pareto_budget_spec.yaml")
     runs = {**scratch, **continued}
