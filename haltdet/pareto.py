@@ -20,7 +20,8 @@ as their mean with the seeds' range as an error bar. Each point also gets the sp
 noise on its mAPH_L2 and its difference from the first point with that difference's
 spread over the same resampled frame sets (`haltdet eval --against`). The outputs: `pareto.json`
 (`{"points": [...], "bench": ..., "machine": ...}`), `pareto.png` (mAPH_L2 against
-encoder and against end-to-end milliseconds) and `results.md` (the table, which halting
+encoder and against end-to-end milliseconds, points numbered in the table's order, the
+halting points' frontier drawn) and `results.md` (the table, which halting
 point dominates each other point, the command and the machine).
 """
 
@@ -302,9 +303,9 @@ def plot(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = grouped(result["points"])
+    rows = sorted(grouped(result["points"]), key=lambda r: (METHODS.index(r["method"]), r["encoder_ms"]))
     colours = dict(zip(METHODS, plt.get_cmap("tab10").colors))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, key, label in ((axes[0], "encoder_ms", "encoder (ms)"), (axes[1], "total_ms", "whole detector (ms)")):
         for method in METHODS:
             members = [r for r in rows if r["method"] == method]
@@ -315,15 +316,24 @@ def plot(result: dict, path: Path) -> Path:
             yerr = [[r["mAPH_L2"] - r["mAPH_L2_min"] for r in members],
                     [r["mAPH_L2_max"] - r["mAPH_L2"] for r in members]]
             ax.errorbar(x, y, yerr=yerr, fmt="o", color=colours[method], label=method, capsize=3)
-            for r in members:
-                ax.annotate(r["name"], (r[key], r["mAPH_L2"]), fontsize=7, xytext=(4, 3),
-                            textcoords="offset points")
+        for number, r in enumerate(rows, 1):  # numbers, not names: the points crowd
+            ax.annotate(str(number), (r[key], r["mAPH_L2"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        frontier, best = [], -1.0  # the halting points no other halting point dominates
+        for r in sorted((r for r in rows if r["method"] == "halting"), key=lambda r: (r[key], -r["mAPH_L2"])):
+            if r["mAPH_L2"] > best:
+                frontier.append(r)
+                best = r["mAPH_L2"]
+        if frontier:
+            ax.step([r[key] for r in frontier], [r["mAPH_L2"] for r in frontier], where="post",
+                    color=colours["halting"], alpha=0.5, label="halting frontier" if ax is axes[0] else None)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mAPH_L2")
     axes[0].legend(fontsize=8)
+    key_text = "\n".join(f"{number} {r['name']}" for number, r in enumerate(rows, 1))
+    fig.text(0.80, 0.5, key_text, fontsize=7, va="center", family="monospace")
+    fig.subplots_adjust(left=0.06, right=0.79, wspace=0.05)
     fig.suptitle(f"accuracy against latency ({result['bench']['threads']} threads, {result['bench']['device']})")
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
