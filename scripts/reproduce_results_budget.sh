@@ -8,11 +8,10 @@
 # sparsity weight 0.25 (two seeds) and 1, the halting model with 8 encoder layers (weight
 # 0.25 and 0.1), the baseline with 4 and 8 layers (a shallower encoder keeps the
 # snapshot's first layers, a deeper one starts its extra layers afresh), top-k and random
-# dropping (keep ratios 0.1 and 0.6), ACT halting, 0.48 m
-# pillars, and the ablations: the halting gradient through both paths (weight 0.25, and 1
-# with two seeds), the hard drop, no recycling, a uniform sparsity loss. The halting
-# model trained from the first step (configs/halting_scratch.yaml) runs beside the
-# baseline.
+# dropping (keep ratios 0.1 and 0.6), ACT halting, 0.48 m pillars, and the ablations: the
+# halting gradient through both paths (weight 0.25, and 1 with two seeds), the hard drop,
+# no recycling, a uniform sparsity loss. The halting model trained from the first step
+# (configs/halting_scratch.yaml) runs beside the baseline.
 #
 # Cost, one thread per run on a 2-core CPU, two at a time: the baseline (81 min) beside the
 # from-scratch halting model (110 min), then 17 runs of 20-40 min (about 4.5 h); then
