@@ -198,7 +198,7 @@ def format_report(report: dict) -> str:
              f"{report['halted_fraction_mean']:.0%} of tokens halted on average",
              "cosine of the pseudo-gradient against the relaxed gradient (and its finite differences)",
              f"{'path':<13} {'median':>8} {'p10':>8} {'fd median':>10} {'fd p10':>8}"]
-    default = ModelConfig().halting_gradient
+    default = ModelConfig.halting_gradient
     for path, row in report["paths"].items():
         name = f"{path} *" if path == default else path
         lines.append(f"{name:<13} {row['cosine_median']:8.3f} {row['cosine_p10']:8.3f} "

@@ -216,6 +216,11 @@ def grouped(points: list[dict]) -> list[dict]:
     return rows
 
 
+def table_rows(points: list[dict]) -> list[dict]:
+    """The grouped rows in the table's order (and the plot's numbering): by method, then encoder time."""
+    return sorted(grouped(points), key=lambda r: (METHODS.index(r["method"]), r["encoder_ms"]))
+
+
 def halting_rows(row: dict, rows: list[dict]) -> list[dict]:
     """The halting rows `row` is compared with: those at its precision, but itself."""
     return [other for other in rows if other["method"] == "halting" and other is not row
@@ -262,7 +267,7 @@ def comparisons(rows: list[dict]) -> list[str]:
 
 
 def markdown(result: dict) -> str:
-    rows = sorted(grouped(result["points"]), key=lambda r: (METHODS.index(r["method"]), r["encoder_ms"]))
+    rows = table_rows(result["points"])
     b, m = result["bench"], result["machine"]
     lines = [
         f"# {result.get('title', TITLE)}",
@@ -303,7 +308,7 @@ def plot(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted(grouped(result["points"]), key=lambda r: (METHODS.index(r["method"]), r["encoder_ms"]))
+    rows = table_rows(result["points"])
     colours = dict(zip(METHODS, plt.get_cmap("tab10").colors))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, key, label in ((axes[0], "encoder_ms", "encoder (ms)"), (axes[1], "total_ms", "whole detector (ms)")):
