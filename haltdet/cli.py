@@ -198,6 +198,8 @@ def cmd_eval(args) -> None:
         from haltdet.bench import load_spec
 
         against = load_spec(args.against, _device(args.device))
+        if args.first_stage and against.refiner is not None:  # first stage against first stage
+            against.configure(second_stage=False)
     start = time.perf_counter()
     result = evaluate_model(model, args.data, args.batch_size, args.device, progress=not args.quiet,
                             bootstrap=args.bootstrap, camera_view=not args.whole_scene, against=against)
@@ -488,8 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default only what the front camera sees is scored)")
     p.add_argument("--against", metavar="CHECKPOINT",
                    help="also evaluate this model (a file, NAME, or NAME@T for halting thresholds, NAME@bfloat16 "
-                        "for the precision, as in bench; its own "
-                        "settings otherwise) on the same frames and report the difference of mAPH_L2; with "
+                        "for the precision, as in bench; its own settings otherwise, its first stage with "
+                        "--first-stage) on the same frames and report the difference of mAPH_L2; with "
                         "--bootstrap, its spread over the same resampled frame sets")
     p.add_argument("--bootstrap", type=_count(0), default=0, metavar="N",
                    help="also the split's evaluation noise: the spread of mAPH_L2 over N sets of frames "

@@ -63,7 +63,7 @@ def test_eval_writes_waymo_style_metrics(tiny_run, capsys):
     assert f"against {checkpoint}: mAPH_L2" in capsys.readouterr().out
 
 
-def test_eval_of_a_two_stage_model_with_and_without_its_refiner(tiny_run, capsys):
+def test_eval_of_a_two_stage_model_with_and_without_its_refiner(tiny_run, capsys, monkeypatch):
     config = yaml.safe_load((tiny_run / "tiny.yaml").read_text())
     config["model"].update(refine=True, refine_channels=[16, 32])
     config["train"].update(refine_only=True, save_steps=[])
@@ -78,6 +78,25 @@ def test_eval_of_a_two_stage_model_with_and_without_its_refiner(tiny_run, capsys
                      "--json", str(out), "--quiet", *extra]) == 0
         results[name] = json.loads(out.read_text())
     assert [results[k]["refine_passes"] for k in ("default", "one", "first", "plain")] == [2, 1, 0, 2]
+    # --first-stage compares first stage with first stage: the other model's refiner is off too.
+    import haltdet.predict
+
+    seen = []
+    evaluate_model = haltdet.predict.evaluate_model
+
+    def recording(model, *args, against=None, **kwargs):
+        seen.append((model.second_stage, against.second_stage))
+        return evaluate_model(model, *args, against=against, **kwargs)
+
+    monkeypatch.setattr(haltdet.predict, "evaluate_model", recording)
+    refined = str(tiny_run / "refine" / "final.pt")
+    out = tiny_run / "refine_against.json"
+    for extra in ([], ["--first-stage"]):
+        assert main(["eval", "--checkpoint", refined, "--data", str(tiny_run / "val"), "--json", str(out),
+                     "--quiet", "--against", refined, *extra]) == 0
+    assert seen == [(True, True), (False, False)]
+    against = json.loads(out.read_text())["against"]
+    assert against["mAPH_L2"] == results["first"]["mAPH_L2"] and against["difference"] == 0
     # A first-stage model fine-tuned from the two-stage detector takes its first stage only.
     from haltdet.checkpoint import load_checkpoint
 
