@@ -5,18 +5,20 @@
 # trains from that snapshot for the remaining 1,100 steps with the halting fine-tune
 # schedule (configs/halting.yaml: learning rate 5e-4, one-cycle, 5 % warm-up), as the
 # bundled halting model was trained, each with its own method: the halting model at
-# sparsity weight 0.25 (two seeds) and 1, the halting model with 8 encoder layers (weight
-# 0.25 and 0.1), the baseline with 4 and 8 layers (a shallower encoder keeps the
+# sparsity weight 0.25 (two seeds), 0.1, 1 and 3, the halting model with 8 encoder layers
+# (weight 0.25 and 0.1), the baseline with 4 and 8 layers (a shallower encoder keeps the
 # snapshot's first layers, a deeper one starts its extra layers afresh), top-k and random
 # dropping (keep ratios 0.1 and 0.6), ACT halting, 0.48 m pillars, and the ablations: the
-# halting gradient through both paths (weight 0.25, and 1 with two seeds), the hard drop,
-# no recycling, a uniform sparsity loss. The halting model trained from the first step
-# (configs/halting_scratch.yaml) runs beside the baseline.
+# halting gradient through both paths (weight 0.25, 0.5, and 1 with two seeds), the hard
+# drop, no recycling, a uniform sparsity loss. The halting model trained from the first
+# step (configs/halting_scratch.yaml, with both gradient paths and with the residual path)
+# runs beside the baseline.
 #
-# Cost, one thread per run on a 2-core CPU, two at a time: the baseline (81 min) beside the
-# from-scratch halting model (110 min), then 17 runs of 20-40 min (about 4.5 h); then
-# `haltdet pareto` (20 evaluations on data/val800, two at a time, and one interleaved
-# bench; ~25 min). About 6.5 hours in all. Run it from the repository root, in the background:
+# Cost, one thread per run on a 2-core CPU, two at a time: the baseline (81 min) and then
+# one from-scratch halting model (110 min) beside the other, then 20 runs of 20-40 min
+# (about 5.3 h); then
+# `haltdet pareto` (24 evaluations on data/val800, two at a time, and one interleaved
+# bench; ~30 min). About 9 hours in all. Run it from the repository root, in the background:
 #   nohup bash scripts/reproduce_results_budget.sh > runs/reproduce_results_budget.log 2>&1 &
 # It can be stopped and started again: finished runs are skipped, stopped runs continue
 # from their last checkpoint. The timing at the end needs the machine to itself.
@@ -34,6 +36,7 @@ mkdir -p "$RUNS"
 RUN_LIST=(
   "baseline_s1|baseline|--set train.seed=1"
   "halting_scratch|halting_scratch|--set train.sparsity_warmup=0.5"
+  "halting_scratch_residual|halting_scratch|--set model.halting_gradient=residual --set train.sparsity_warmup=0.5"
 )
 . "$(dirname "$0")/lanes.sh"
 run_lanes
@@ -42,6 +45,8 @@ RUN_LIST=(
   "halting|halting|"
   "topk|peer_topk|"
   "halting_lambda1|halting|--set train.sparsity_weight=1.0"
+  "halting_lambda01|halting|--set train.sparsity_weight=0.1"
+  "halting_lambda3|halting|--set train.sparsity_weight=3.0"
   "random|peer_random|"
   "halting_deep|halting|--set model.num_layers=8"
   "halting_deep_lambda01|halting|--set model.num_layers=8 --set train.sparsity_weight=0.1"
@@ -51,6 +56,7 @@ RUN_LIST=(
   "coarse_048|peer_coarse|"
   "halting_s1|halting|--set train.seed=1"
   "gradient_both|halting|--set model.halting_gradient=both"
+  "gradient_both_lambda05|halting|--set model.halting_gradient=both --set train.sparsity_weight=0.5"
   "gradient_both_lambda1|halting|--set model.halting_gradient=both --set train.sparsity_weight=1.0"
   "gradient_both_lambda1_s1|halting|--set model.halting_gradient=both --set train.sparsity_weight=1.0 --set train.seed=1"
   "gradient_hard|halting|--set model.halting_gradient=hard"

@@ -128,6 +128,7 @@ def test_reproduce_results_budget_runs_build_and_the_spec_names_them():
     assert continued["halting"].model.halting_gradient == "residual"
     assert continued["gradient_both"].model.halting_gradient == "both"
     assert scratch["halting_scratch"].train.sparsity_warmup == 0.5
+    assert scratch["halting_scratch_residual"].model.halting_gradient == "residual"
     spec = load_spec(ROOT / "docs" / "results" / "pareto_budget_spec.yaml")
     runs = {**scratch, **continued}
     assert {p["checkpoint"] for p in spec["points"]} == {f"runs/budget/{name}/final.pt" for name in runs}
