@@ -14,11 +14,11 @@
 # step (configs/halting_scratch.yaml, with both gradient paths and with the residual path)
 # runs beside the baseline.
 #
-# Cost, one thread per run on a 2-core CPU, two at a time: the baseline (81 min) and then
-# one from-scratch halting model (110 min) beside the other, then 20 runs of 20-40 min
-# (about 5.3 h); then
-# `haltdet pareto` (24 evaluations on data/val800, two at a time, and one interleaved
-# bench; ~30 min). About 9 hours in all. Run it from the repository root, in the background:
+# Cost, one thread per run on a 2-core CPU, two at a time: the baseline (81 min) followed
+# by the residual-path from-scratch model (110 min) beside the other from-scratch model,
+# then 20 runs of 20-40 min (about 5.3 h); then `haltdet pareto` (26 evaluations on
+# data/val800, two at a time, and one interleaved bench; ~30 min). About 9 hours in all.
+# Run it from the repository root, in the background:
 #   nohup bash scripts/reproduce_results_budget.sh > runs/reproduce_results_budget.log 2>&1 &
 # It can be stopped and started again: finished runs are skipped, stopped runs continue
 # from their last checkpoint. The timing at the end needs the machine to itself.
