@@ -366,7 +366,7 @@ def cmd_gradcheck(args) -> None:
 def cmd_pareto(args) -> None:
     from haltdet.pareto import run_pareto
 
-    result = run_pareto(args.spec, args.out, progress=not args.quiet, jobs=args.jobs)
+    result = run_pareto(args.spec, args.out, progress=not args.quiet, jobs=args.jobs, cache=args.cache)
     print((Path(args.out) / "results.md").read_text())
     print(f"{len(result['points'])} points written to {args.out}: pareto.json, pareto.png, results.md")
 
@@ -565,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for pareto.json, pareto.png and results.md")
     p.add_argument("--jobs", type=_count(1), default=1,
                    help="evaluations run at a time, in processes sharing --threads (default 1)")
+    p.add_argument("--cache", help="directory keeping each point's evaluation, reused while the checkpoint "
+                                   "file, the point's threshold and precision, the split's files and haltdet's "
+                                   "code stay the same (default: evaluate every point; the bench always runs)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pareto)
 

@@ -22,12 +22,15 @@ spread over the same resampled frame sets (`haltdet eval --against`). The output
 (`{"points": [...], "bench": ..., "machine": ...}`), `pareto.png` (mAPH_L2 against
 encoder and against end-to-end milliseconds, points numbered in the table's order, the
 halting points' frontier drawn) and `results.md` (the table, which halting
-point dominates each other point, the command and the machine).
+point dominates each other point, the command and the machine). With `--cache DIR` a
+rerun evaluates only the points whose checkpoint, settings, split or code changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 import platform
 from collections import defaultdict
 from pathlib import Path
@@ -132,9 +135,82 @@ def _evaluate_in_worker(point: dict, data, threads: int):
     return evaluate_point(point, data, progress=False)
 
 
-def evaluate_points(points: list[dict], data, jobs: int = 1, progress: bool = True) -> list:
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def code_fingerprint() -> str:
+    """A digest of haltdet's Python sources: any change to the code changes it."""
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def data_fingerprint(data: str) -> str:
+    """A digest of a split's files (names, sizes, modification times), or of its name where
+    it is not a local path."""
+    path = Path(data)
+    if not path.exists() and ":" in data:  # FORMAT:PATH
+        path = Path(data.split(":", 1)[1])
+    files = sorted(path.rglob("*")) if path.is_dir() else [path] if path.exists() else []
+    listing = [(str(f.relative_to(path) if path.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns)
+               for f in files if f.is_file()]
+    return hashlib.sha256(json.dumps([data, listing]).encode()).hexdigest()
+
+
+def evaluation_keys(points: list[dict], data: str) -> list[str]:
+    """Per point, a key of everything its evaluation depends on: the checkpoint's bytes,
+    the point's threshold and precision, the split's files and haltdet's code."""
+    from haltdet.checkpoint import resolve_checkpoint
+
+    common = {"data": data_fingerprint(data), "code": code_fingerprint()}
+    digests = {}
+    keys = []
+    for point in points:
+        checkpoint = resolve_checkpoint(point["checkpoint"])
+        if checkpoint not in digests:
+            digests[checkpoint] = _file_digest(checkpoint)
+        item = {**common, "checkpoint": digests[checkpoint], "threshold": point["threshold"],
+                "dtype": point["dtype"]}
+        keys.append(hashlib.sha256(json.dumps(item, sort_keys=True).encode()).hexdigest()[:40])
+    return keys
+
+
+def evaluate_points(points: list[dict], data, jobs: int = 1, progress: bool = True,
+                    cache: str | Path | None = None) -> list:
     """`evaluate_point` of every point, `jobs` at a time in worker processes that share
-    this process's threads; the results in the order of `points`."""
+    this process's threads; the results in the order of `points`. With `cache`, a
+    directory: each evaluation is stored there under its `evaluation_keys` key and a
+    stored one is read back instead of evaluating again (evaluation is deterministic)."""
+    if cache is None:
+        return _evaluate_all(points, data, jobs, progress)
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    files = [cache / f"{key}.pkl" for key in evaluation_keys(points, data)]
+    results = [None] * len(points)
+    for i, (point, file) in enumerate(zip(points, files)):
+        if file.exists():
+            with open(file, "rb") as f:
+                results[i] = pickle.load(f)
+            if progress:
+                print(f"reused the evaluation of {point['name']} (seed {point['seed']}) from {file}")
+    missing = [i for i, r in enumerate(results) if r is None]
+    for i, result in zip(missing, _evaluate_all([points[i] for i in missing], data, jobs, progress)):
+        results[i] = result
+        partial = files[i].with_suffix(".part")
+        with open(partial, "wb") as f:
+            pickle.dump(result, f)
+        partial.replace(files[i])
+    return results
+
+
+def _evaluate_all(points: list[dict], data, jobs: int, progress: bool) -> list:
     if jobs <= 1:
         results = []
         for point in points:
@@ -158,9 +234,11 @@ def evaluate_points(points: list[dict], data, jobs: int = 1, progress: bool = Tr
         return results
 
 
-def run_pareto(spec_path: str | Path, out_dir: str | Path, progress: bool = True, jobs: int = 1) -> dict:
-    """Evaluate and time every point of a spec (`jobs` evaluations at a time); writes
-    pareto.json, pareto.png and results.md to `out_dir` and returns the result."""
+def run_pareto(spec_path: str | Path, out_dir: str | Path, progress: bool = True, jobs: int = 1,
+               cache: str | Path | None = None) -> dict:
+    """Evaluate and time every point of a spec (`jobs` evaluations at a time, reusing those
+    stored in `cache`: `evaluate_points`); writes pareto.json, pareto.png and results.md
+    to `out_dir` and returns the result. The bench always runs afresh."""
     from haltdet.bench import benchmark
     from haltdet.evaluate import evaluate
 
@@ -169,7 +247,8 @@ def run_pareto(spec_path: str | Path, out_dir: str | Path, progress: bool = True
     out_dir.mkdir(parents=True, exist_ok=True)
     points = [dict(p) for p in spec["points"]]
     first = None
-    for point, (scores, predictions, truth) in zip(points, evaluate_points(points, spec["data"], jobs, progress)):
+    evaluations = evaluate_points(points, spec["data"], jobs, progress, cache)
+    for point, (scores, predictions, truth) in zip(points, evaluations):
         point.update(scores)
         first = first or predictions
         if spec["bootstrap"]:

@@ -21,7 +21,8 @@
 # Run it from the repository root, in the background:
 #   nohup bash scripts/reproduce_results_budget.sh > runs/reproduce_results_budget.log 2>&1 &
 # It can be stopped and started again: finished runs are skipped, stopped runs continue
-# from their last checkpoint. The timing at the end needs the machine to itself.
+# from their last checkpoint; evaluations are kept in runs/budget/evaluations and reused
+# while checkpoint, split and code are unchanged. The timing at the end needs the machine to itself.
 # Outputs: runs/budget/ (runs), docs/results/budget/ (pareto.json, pareto.png) and
 # docs/results.md (the table).
 set -euo pipefail
@@ -68,5 +69,5 @@ COMMON_ARGS=(--set train.max_steps=1100 --set train.lr=0.0005 --set train.warmup
              --set train.save_steps=[])
 run_lanes
 
-$HALTDET pareto docs/results/pareto_budget_spec.yaml --out docs/results/budget --jobs 2 --quiet
+$HALTDET pareto docs/results/pareto_budget_spec.yaml --out docs/results/budget --jobs 2 --cache "$RUNS/evaluations" --quiet
 mv docs/results/budget/results.md docs/results.md

@@ -16,7 +16,8 @@
 # interleaved bench; about 12 min). Run it from the repository root, in the background:
 #   nohup bash scripts/reproduce_results_finetune.sh > runs/reproduce_results_finetune.log 2>&1 &
 # It can be stopped and started again: finished runs are skipped, stopped runs continue
-# from their last checkpoint. The timing at the end needs the machine to itself.
+# from their last checkpoint; evaluations are kept in runs/finetune/evaluations and reused
+# while checkpoint, split and code are unchanged. The timing at the end needs the machine to itself.
 # Outputs: runs/finetune/ (runs), docs/results/finetune/ (pareto.json, pareto.png)
 # and docs/results_finetune.md (the table).
 set -euo pipefail
@@ -57,5 +58,5 @@ COMMON_ARGS=(--set train.max_steps="$STEPS" --set train.lr=0.0005 --set train.wa
 . "$(dirname "$0")/lanes.sh"
 run_lanes
 
-$HALTDET pareto docs/results/pareto_finetune_spec.yaml --out docs/results/finetune --jobs 2 --quiet
+$HALTDET pareto docs/results/pareto_finetune_spec.yaml --out docs/results/finetune --jobs 2 --cache "$RUNS/evaluations" --quiet
 mv docs/results/finetune/results.md docs/results_finetune.md

@@ -1,9 +1,11 @@
 """End to end through the command line: synth -> train -> eval -> detect -> demo."""
 
 import json
+import os
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from haltdet.cli import main
@@ -576,3 +578,41 @@ def test_a_model_trained_on_simulation_says_so_once_on_real_input(tmp_path, capl
     from haltdet.checkpoint import load_model
 
     assert load_model(tiny_run / "run" / "final.pt")[0].data_source == "synth"  # recorded by training
+
+
+def test_pareto_reuses_cached_evaluations_only_while_nothing_changed(tiny_run, tmp_path, monkeypatch, capsys):
+    import haltdet.pareto as pareto
+
+    halting = str(tiny_run / "halting" / "final.pt")
+    spec = {"data": str(tiny_run / "val"), "bench": {"frames": 1, "warmup": 0}, "bootstrap": 0,
+            "points": [{"method": "halting", "name": "keep all", "checkpoint": halting, "threshold": 0.0},
+                       {"method": "halting", "name": "halt all", "checkpoint": halting, "threshold": 1.0}]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    cache = tmp_path / "cache"
+    command = ["pareto", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "out"), "--cache", str(cache)]
+    evaluated = []
+    real = pareto.evaluate_point
+    monkeypatch.setattr(pareto, "evaluate_point", lambda point, *args: evaluated.append(point["name"]) or
+                        real(point, *args))
+    assert main(command) == 0
+    first = json.loads((tmp_path / "out" / "pareto.json").read_text())["points"]
+    assert evaluated == ["keep all", "halt all"] and len(list(cache.glob("*.pkl"))) == 2
+    assert main(command) == 0  # nothing changed: both read back, the same figures
+    assert evaluated == ["keep all", "halt all"]
+    assert "reused the evaluation of keep all" in capsys.readouterr().out
+    again = json.loads((tmp_path / "out" / "pareto.json").read_text())["points"]
+    for key in ("mAPH_L2", "mAPH_L2_first_stage", "token_layers"):
+        assert [p[key] for p in again] == [p[key] for p in first]
+    # A changed threshold, checkpoint file or split is evaluated afresh.
+    spec["points"][1]["threshold"] = 0.5
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert main(command) == 0 and evaluated[2:] == ["halt all"]
+    moved = tmp_path / "copy.pt"
+    checkpoint = torch.load(halting, weights_only=False)
+    torch.save({**checkpoint, "note": "the same weights in another file"}, moved)
+    spec["points"][0]["checkpoint"] = str(moved)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert main(command) == 0 and evaluated[3:] == ["keep all"]
+    frame = next(p for p in sorted((tiny_run / "val").rglob("*")) if p.is_file())
+    os.utime(frame, ns=(frame.stat().st_atime_ns, frame.stat().st_mtime_ns + 10**9))
+    assert main(command) == 0 and evaluated[4:] == ["keep all", "halt all"]
