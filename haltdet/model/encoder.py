@@ -27,12 +27,19 @@ from haltdet.model.halting import TokenHalting
 BUCKET_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
 
 
+# Below this many slots a window's attention rows are too short for the vector loops of
+# the CPU kernels: the fused kernel and torch.softmax fall back to scalar code (softmax
+# over 9 entries ~6x slower than over 16 on an AVX512 CPU), so such buckets attend by
+# matrix products with their own softmax (`short_softmax`).
+SHORT_ROW = 16
+
+
 def attention_plan() -> tuple[int, tuple[float, ...]]:
     """(largest bucket, in slots, that attends by matrix products rather than the fused
     kernel; the bucket capacities), for the current thread count. Measured by
     scripts/attention_kernels.py: the fused kernel gains little from a second thread, the
-    matrix products do."""
-    return (72 if torch.get_num_threads() > 1 else 0), BUCKET_FRACTIONS
+    matrix products do; at one thread they win only on short rows."""
+    return (72 if torch.get_num_threads() > 1 else SHORT_ROW - 1), BUCKET_FRACTIONS
 
 
 @dataclass
@@ -289,7 +296,16 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bucket: 
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.key_valid[:, None, None, :])
     logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
     logits = logits + bucket.key_bias(q.dtype)[:, None, None, :]
-    return torch.softmax(logits, dim=-1) @ v
+    weights = short_softmax(logits) if bucket.slots < SHORT_ROW else torch.softmax(logits, dim=-1)
+    return weights @ v
+
+
+def short_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension from whole-tensor operations (the same values as
+    torch.softmax to float rounding), for rows shorter than `SHORT_ROW`. Every row has a
+    finite entry (a window's own tokens)."""
+    exp = torch.exp(logits - logits.amax(-1, keepdim=True))
+    return exp / exp.sum(-1, keepdim=True)
 
 
 def gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor,

@@ -54,6 +54,14 @@ def test_window_attention_matches_per_window_reference(shift, num_tokens, matmul
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_short_softmax_matches_torch_softmax_with_masked_entries():
+    torch.manual_seed(3)
+    for length in (1, 2, 9, 15):
+        logits = torch.randn(50, 4, length, length) * 20
+        logits[..., 1:] = logits[..., 1:].masked_fill(torch.rand(50, 1, 1, length - 1) < 0.4, float("-inf"))
+        torch.testing.assert_close(encoder.short_softmax(logits), torch.softmax(logits, -1), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("gate_dtype", [torch.bool, torch.float32])
 def test_masked_keys_are_not_attended(gate_dtype):
     """A boolean key mask and a 0/1 float key gate (the halting gate) both exclude keys."""
