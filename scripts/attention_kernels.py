@@ -6,6 +6,8 @@ under every combination of
     first entry of `encoder.attention_plan`; 0: every bucket uses the fused
     `scaled_dot_product_attention` kernel), and
   * the bucket sizes (`encoder.BUCKET_FRACTIONS` of the 144 cells of a 12 x 12 window),
+  * the softmax of buckets shorter than `encoder.SHORT_ROW` slots that attend by matrix
+    products: whole-tensor operations (`encoder.short_softmax`) or torch.softmax,
 interleaved round by round so machine noise hits them alike; it prints the median
 milliseconds per frame of each and the largest difference of its output from the first
 combination's. The encoder's choice (`encoder.attention_plan`) comes from this table.
@@ -35,6 +37,7 @@ from haltdet.model.pillars import PointBatch
 BUCKETS = {"six": (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0),
            "nine": (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)}
 MATMUL_MAX = (0, 15, 36, 72, 144)
+SOFTMAX = {"short": encoder.short_softmax, "torch": lambda logits: torch.softmax(logits, dim=-1)}
 
 
 def main() -> None:
@@ -50,32 +53,33 @@ def main() -> None:
     if args.partitions:
         time_partitions(args)
         return
-    plan = encoder.attention_plan
+    plan, short_softmax = encoder.attention_plan, encoder.short_softmax
     try:
         for name in args.models:
             model = haltdet.load(name).eval()
             with torch.no_grad():
                 tokens = [model.pillar_net(PointBatch.from_list([bench_cloud(seed)])) for seed in range(args.frames)]
-                combos = [(m, b) for b in BUCKETS for m in MATMUL_MAX]
+                combos = [(m, b, s) for b in BUCKETS for m in MATMUL_MAX for s in SOFTMAX]
                 times = {c: [] for c in combos}
                 reference, error = None, {}
                 for round_ in range(args.rounds + 1):  # round 0 warms up
-                    for m, b in combos:
+                    for m, b, s in combos:
                         encoder.attention_plan = lambda m=m, b=b: (m, BUCKETS[b])
+                        encoder.short_softmax = SOFTMAX[s]
                         start = time.perf_counter()
                         outputs = [model.encoder(t.features, t.coords, 1).features for t in tokens]
                         if round_:
-                            times[(m, b)].append((time.perf_counter() - start) / len(tokens) * 1e3)
+                            times[(m, b, s)].append((time.perf_counter() - start) / len(tokens) * 1e3)
                         else:
                             reference = reference or outputs
-                            error[(m, b)] = max(float((o - r).abs().max()) for o, r in zip(outputs, reference))
+                            error[(m, b, s)] = max(float((o - r).abs().max()) for o, r in zip(outputs, reference))
             print(f"{name}, {args.threads} thread(s), {args.frames} frames x {args.rounds} rounds: "
                   "encoder ms per frame (median), max |difference| from the first")
-            for m, b in combos:
-                print(f"  matmul up to {m:3d} slots, {b:4s} buckets: {statistics.median(times[(m, b)]):7.1f} ms"
-                      f"   {error[(m, b)]:.1e}")
+            for m, b, s in combos:
+                print(f"  matmul up to {m:3d} slots, {b:4s} buckets, {s:5s} softmax of short rows: "
+                      f"{statistics.median(times[(m, b, s)]):7.1f} ms   {error[(m, b, s)]:.1e}")
     finally:
-        encoder.attention_plan = plan
+        encoder.attention_plan, encoder.short_softmax = plan, short_softmax
 
 
 def time_partitions(args) -> None:
