@@ -13,12 +13,15 @@ milliseconds per frame of each and the largest difference of its output from the
 combination's. The encoder's choice (`encoder.attention_plan`) comes from this table.
 `--partitions` times instead the window partition of both shifts: of all tokens, of the
 survivors of a halting stage afresh, and of the survivors from the stored order
-(`WindowPartition.subset`, what the removal pass does). Run it on an otherwise idle
-machine:
+(`WindowPartition.subset`, what the removal pass does). `--softmax-rows` times instead
+torch.softmax against `encoder.short_softmax` over 40,000 entries in rows of 4 to 32
+(torch's CPU softmax runs a scalar loop on rows shorter than its vector width). Run it on
+an otherwise idle machine:
 
     python scripts/attention_kernels.py --threads 2
     python scripts/attention_kernels.py --threads 1
     python scripts/attention_kernels.py --threads 2 --partitions
+    python scripts/attention_kernels.py --threads 1 --softmax-rows
 """
 
 from __future__ import annotations
@@ -48,10 +51,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["baseline", "halting"])
     parser.add_argument("--partitions", action="store_true", help="time the window partitions instead")
     parser.add_argument("--kept", type=float, default=0.12, help="share of tokens surviving, for --partitions")
+    parser.add_argument("--softmax-rows", action="store_true", help="time the softmax of short rows instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.partitions:
         time_partitions(args)
+        return
+    if args.softmax_rows:
+        time_softmax_rows(args)
         return
     plan, short_softmax = encoder.attention_plan, encoder.short_softmax
     try:
@@ -80,6 +87,24 @@ def main() -> None:
                       f"{statistics.median(times[(m, b, s)]):7.1f} ms   {error[(m, b, s)]:.1e}")
     finally:
         encoder.attention_plan, encoder.short_softmax = plan, short_softmax
+
+
+def time_softmax_rows(args) -> None:
+    """Median ms of torch.softmax and of `encoder.short_softmax` over the last dimension of
+    40,000 random entries, per row length, interleaved."""
+    print(f"softmax over 40,000 entries, {args.threads} thread(s), median ms (torch, whole-tensor operations):")
+    generator = torch.Generator().manual_seed(0)
+    for length in (4, 8, 9, 12, 15, 16, 18, 24, 32):
+        logits = torch.randn(40_000 // length, length, generator=generator)
+        ways = {"torch": lambda: torch.softmax(logits, dim=-1), "short": lambda: encoder.short_softmax(logits)}
+        times = {name: [] for name in ways}
+        for round_ in range(args.rounds * 10 + 1):
+            for name, way in ways.items():
+                start = time.perf_counter()
+                way()
+                if round_:
+                    times[name].append((time.perf_counter() - start) * 1e3)
+        print(f"  rows of {length:2d}: {statistics.median(times['torch']):6.3f} {statistics.median(times['short']):6.3f}")
 
 
 def time_partitions(args) -> None:
