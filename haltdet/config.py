@@ -256,8 +256,13 @@ class TrainConfig:
     # average foreground and background tokens apart and add the two means (each group weighs
     # the same whatever its token count)
     sparsity_balance: bool = False
-    # lambda rises linearly from 0 over this share of max_steps (0: lambda from the first step)
+    # lambda rises linearly from 0 over this share of max_steps (0: lambda from the first step),
+    # counted from halting_start
     sparsity_warmup: float = 0.0
+    # share of max_steps before any token halts: until then every halting stage keeps every
+    # token, no gradient reaches the scores and lambda is 0 (the detector trains as the
+    # baseline); 0: halting from the first step
+    halting_start: float = 0.0
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -282,6 +287,7 @@ class TrainConfig:
         _check(self.sparsity_margin >= 0, "train.sparsity_margin", "must be >= 0")
         _check(0 <= self.sparsity_hinge <= 1, "train.sparsity_hinge", "must be in [0, 1]")
         _check(0 <= self.sparsity_warmup <= 1, "train.sparsity_warmup", "must be in [0, 1]")
+        _check(0 <= self.halting_start < 1, "train.halting_start", "must be in [0, 1)")
 
 
 @dataclass
@@ -295,6 +301,8 @@ class Config:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        _check(self.train.halting_start == 0 or self.model.halting_rule == "threshold", "train.halting_start",
+               "applies to the threshold rule (model.halting_rule: threshold)")
         return self
 
     def to_dict(self) -> dict:

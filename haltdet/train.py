@@ -105,13 +105,22 @@ def make_scheduler(config: Config, optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def halting_paused(t: TrainConfig, step: int) -> bool:
+    """Whether step `step` (0-based) comes before train.halting_start: no token halts yet."""
+    return step < t.halting_start * t.max_steps
+
+
 def at_step(t: TrainConfig, step: int) -> TrainConfig:
-    """The loss settings of step `step` (0-based): with train.sparsity_warmup, lambda rises
-    linearly from 0 to train.sparsity_weight over that share of the steps, so early on the
-    detector and the scorers learn mostly from the detection loss."""
+    """The loss settings of step `step` (0-based): lambda is 0 before train.halting_start;
+    with train.sparsity_warmup it then rises linearly from 0 to train.sparsity_weight over
+    that share of the steps, so early on the detector and the scorers learn mostly from the
+    detection loss."""
+    if halting_paused(t, step):
+        return dataclasses.replace(t, sparsity_weight=0.0)
     if t.sparsity_warmup <= 0:
         return t
-    ramp = min(1.0, (step + 1) / max(1.0, t.sparsity_warmup * t.max_steps))
+    since = step - math.ceil(t.halting_start * t.max_steps)
+    ramp = min(1.0, (since + 1) / max(1.0, t.sparsity_warmup * t.max_steps))
     return dataclasses.replace(t, sparsity_weight=t.sparsity_weight * ramp)
 
 
@@ -293,6 +302,8 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
             torch.manual_seed(step_seed(t.seed, step, rank))
             boxes, labels = batch.trainable()
             targets = model.targets(boxes, labels).to(device)
+            if model.halting:
+                model.encoder.halting.paused = halting_paused(t, step)
             with autocast_context(device, config):
                 output = ddp_model(batch.points.to(device))
             with global_batch_losses(world > 1):
@@ -316,7 +327,7 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
                 values = _mean_over_processes({**losses, "grad_norm": grad_norm, "tokens": tokens}, world)
                 values.update(lr=scheduler.get_last_lr()[0], tokens=round(values["tokens"]),
                               seconds=round(time.time() - start_time, 1), epoch=epoch, skipped_steps=skipped)
-                if t.sparsity_warmup:
+                if t.sparsity_warmup or t.halting_start:
                     values["sparsity_weight"] = settings.sparsity_weight
                 logger.write(step, values)
                 bar.set_postfix(loss=f"{values['loss']:.3f}")
@@ -334,6 +345,8 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
             if step >= t.max_steps or stopped_early:
                 break
     bar.close()
+    if model.halting:
+        model.encoder.halting.paused = False
     checkpoint(latest)
     final = out_dir / "final.pt"
     if rank == 0:

@@ -126,6 +126,9 @@ def test_resume_from_a_checkpoint_of_another_model_is_a_clear_error(tiny_config,
     ({"model": {"refine_rectify": [0.5]}}, "model.refine_rectify"),
     ({"train": {"refine_match_iou": 0.0}}, "train.refine_match_iou"),
     ({"train": {"sparsity_warmup": 1.5}}, "train.sparsity_warmup"),
+    ({"train": {"halting_start": 1.0}}, "train.halting_start"),
+    ({"model": {"halting_layers": [2], "halting_rule": "act"}, "train": {"halting_start": 0.25}},
+     "train.halting_start"),
     ({"data": []}, "section 'data' must be a mapping"),
 ])
 def test_invalid_configs_name_the_key(values, message):

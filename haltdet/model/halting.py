@@ -194,6 +194,8 @@ class TokenHalting(nn.Module):
       sigmoid((score - threshold) / T) and nothing is removed (`haltdet gradcheck`).
     rule: "threshold" (the method) or "act" (`CumulativeHalting`, whose thresholds are the
       cumulative halting levels; the gate then carries no gradient).
+    paused: in training, every stage keeps every token it decides on and no gradient
+      reaches the scores (`train.halting_start`: the steps before halting begins).
     """
 
     def __init__(self, d_model: int, halting_layers: list[int], scorer: str = "mlp",
@@ -213,6 +215,7 @@ class TokenHalting(nn.Module):
         self.gradient = gradient
         self._secant = secant
         self.relaxation: float | None = None
+        self.paused = False
 
     def __len__(self) -> int:
         return len(self.halting_layers)
@@ -255,6 +258,10 @@ class TokenHalting(nn.Module):
         token index of each row of `x`."""
         scores = self.scorers[stage](x, coords, active, batch_size) * active
         threshold = self.thresholds[stage]
+        if self.paused and self.training:
+            # Every token stays; the scores stay in the graph with a zero gradient (DDP
+            # expects a gradient for every parameter).
+            return StageDecision(scores, active, active.to(scores.dtype) + (scores - scores.detach()) * 0.0)
         if state is not None:
             rows = active.nonzero().squeeze(1)
             keep = torch.zeros_like(active)

@@ -366,3 +366,52 @@ def test_sparsity_warmup_raises_lambda_linearly_then_holds_it():
     assert weights == pytest.approx([0.5 / 100, 0.25, 0.5, 0.5, 0.5])
     assert at_step(train, 49).heatmap_weight == train.heatmap_weight  # nothing else changes
     assert at_step(TrainConfig(sparsity_weight=0.5), 0).sparsity_weight == 0.5  # no warm-up
+
+
+def test_halting_start_holds_lambda_at_zero_then_starts_the_warmup():
+    from haltdet.train import at_step, halting_paused
+
+    train = TrainConfig(sparsity_weight=0.5, sparsity_warmup=0.25, halting_start=0.25, max_steps=400)
+    assert [halting_paused(train, step) for step in (0, 99, 100)] == [True, True, False]
+    weights = [at_step(train, step).sparsity_weight for step in (0, 99, 100, 149, 199, 200, 399)]
+    assert weights == pytest.approx([0.0, 0.0, 0.5 / 100, 0.25, 0.5, 0.5, 0.5])
+    no_ramp = TrainConfig(sparsity_weight=0.5, halting_start=0.5, max_steps=10)
+    assert [at_step(no_ramp, step).sparsity_weight for step in (4, 5)] == [0.0, 0.5]
+
+
+@pytest.mark.parametrize("gradient", ["residual", "both", "hard"])
+def test_paused_halting_keeps_every_token_and_gives_the_scores_no_gradient(gradient):
+    model = make_model(5, halting_gradient=gradient).train()
+    tokens = model.pillar_net(BATCH)
+    halting = model.encoder.halting
+    assert (model.encoder(tokens.features, tokens.coords, 2).halted_at < 4).any()  # these scores halt some
+    halting.paused = True
+    encoded = model.encoder(tokens.features, tokens.coords, 2)
+    assert (encoded.halted_at == 4).all() and torch.equal(encoded.gate, torch.ones_like(encoded.gate))
+    with torch.no_grad():  # the same features as the encoder without halting stages
+        plain = model.encoder.eval()
+        halting.halting_layers, layers = [], halting.halting_layers
+        expected = plain(tokens.features, tokens.coords, 2).features
+        halting.halting_layers = layers
+    torch.testing.assert_close(encoded.features, expected, atol=1e-5, rtol=1e-5)
+    encoded.features.square().sum().backward()
+    for scorer in halting.scorers:  # in the graph (as DDP expects), with a zero gradient
+        assert all(p.grad is not None and not p.grad.any() for p in scorer.parameters())
+    model.eval()
+    assert (model.encoder(tokens.features, tokens.coords, 2).halted_at < 4).any()  # only in training
+
+
+def test_training_with_halting_start_halts_nothing_before_it(tiny_config, tmp_path):
+    import json
+
+    from haltdet.config import load_config
+    from haltdet.train import train
+
+    config = load_config(tiny_config(model={"num_layers": 4, "halting_layers": [1, 3]}, batch_size=2, max_steps=4,
+                                     halting_start=0.5, sparsity_weight=1.0, sparsity_fg_weight=-0.2))
+    train(config, tmp_path / "run", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = {entry["step"]: entry for entry in log if "loss" in entry}
+    assert [steps[s]["sparsity_weight"] for s in (1, 2, 3, 4)] == [0.0, 0.0, 1.0, 1.0]
+    assert steps[1]["kept_fraction"] == steps[2]["kept_fraction"] == 1.0
+    assert "sparsity" not in steps[1] and steps[3]["sparsity"] > 0
