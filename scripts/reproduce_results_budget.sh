@@ -1,30 +1,32 @@
 #!/usr/bin/env bash
-# The points of docs/results.md at the baseline's full budget: every first stage has had
-# 4,000 training steps of batch 2. A baseline run from the first step (seed 1: seed 0's run
-# is the bundled baseline) keeps its step-2,900 snapshot; every other point but one then
-# trains from that snapshot for the remaining 1,100 steps with the halting fine-tune
-# schedule (configs/halting.yaml: learning rate 5e-4, one-cycle, 5 % warm-up), as the
-# bundled halting model was trained, each with its own method: the halting model at
-# sparsity weight 0.25 (two seeds), 0.1, 1 and 3, the halting model with 8 encoder layers
-# (weight 0.25 and 0.1), the baseline with 4 and 8 layers (a shallower encoder keeps the
-# snapshot's first layers, a deeper one starts its extra layers afresh), top-k and random
-# dropping (keep ratios 0.1 and 0.6), ACT halting, 0.48 m pillars, and the ablations: the
-# halting gradient through both paths (weight 0.25, 0.5, and 1 with two seeds), the hard
-# drop, no recycling, a uniform sparsity loss. The halting model trained from the first
-# step (configs/halting_scratch.yaml, with both gradient paths and with the residual path)
-# runs beside the baseline.
+# The points of docs/results.md and docs/results_capacity.md at the baseline's full budget:
+# every first stage has had 4,000 training steps of batch 2. A baseline run from the first
+# step (seed 1: seed 0's run is the bundled baseline) keeps its step-2,900 snapshot; every
+# other point but a few then trains from that snapshot for the remaining 1,100 steps with
+# the halting fine-tune schedule (configs/halting.yaml: learning rate 5e-4, one-cycle, 5 %
+# warm-up), as the bundled halting model was trained, each with its own method: the
+# halting model at sparsity weight 0.25 (two seeds), 0.1, 1 and 3, the halting model with 8
+# encoder layers (weight 0.25 and 0.1), the baseline with 4 and 8 layers (a shallower
+# encoder keeps the snapshot's first layers, a deeper one starts its extra layers afresh),
+# top-k and random dropping (keep ratios 0.1 and 0.6), ACT halting, 0.48 m pillars, and the
+# ablations: the halting gradient through both paths (weight 0.25, 0.5 with two seeds, and
+# 1 with two seeds), the hard drop, no recycling, a uniform sparsity loss. From the first
+# step, beside the baseline: the halting model (configs/halting_scratch.yaml, with both
+# gradient paths, with the residual path, and with the residual path and halting from a
+# quarter of the steps on) and a wider baseline (d_model 96, FFN 192, PFN 48/96), whose
+# step-2,900 snapshot starts the wider halting model (capacity for latency).
 #
-# Cost, one thread per run on a 2-core CPU, two at a time: the baseline (81 min) followed
-# by the residual-path from-scratch model (110 min) beside the other from-scratch model,
-# then 20 runs of 20-40 min (about 5.3 h); then `haltdet pareto` (26 evaluations on
-# data/val800, two at a time, and one interleaved bench; ~30 min). About 9 hours in all.
-# Run it from the repository root, in the background:
+# Cost, one thread per run on a 2-core CPU, two at a time: the five runs from the first
+# step (81-110 min each, about 4.6 h two at a time), then 21 runs of 20-40 min (about 5.5 h),
+# the wider halting model (35 min); then `haltdet pareto` twice (26 and 9 evaluations on
+# data/val800, two at a time, and one interleaved bench each; ~30 and ~10 min). About 11
+# hours in all. Run it from the repository root, in the background:
 #   nohup bash scripts/reproduce_results_budget.sh > runs/reproduce_results_budget.log 2>&1 &
 # It can be stopped and started again: finished runs are skipped, stopped runs continue
 # from their last checkpoint; evaluations are kept in runs/budget/evaluations and reused
 # while checkpoint, split and code are unchanged. The timing at the end needs the machine to itself.
-# Outputs: runs/budget/ (runs), docs/results/budget/ (pareto.json, pareto.png) and
-# docs/results.md (the table).
+# Outputs: runs/budget/ (runs), docs/results/budget/ and docs/results/capacity/
+# (pareto.json, pareto.png), docs/results.md and docs/results_capacity.md (the tables).
 set -euo pipefail
 HALTDET=${HALTDET:-haltdet}
 RUNS=runs/budget  # docs/results/pareto_budget_spec.yaml names the checkpoints under it
@@ -38,6 +40,8 @@ RUN_LIST=(
   "baseline_s1|baseline|--set train.seed=1"
   "halting_scratch|halting_scratch|--set train.sparsity_warmup=0.5"
   "halting_scratch_residual|halting_scratch|--set model.halting_gradient=residual --set train.sparsity_warmup=0.5"
+  "size_wide|baseline|--set train.seed=1 --set model.d_model=96 --set model.ffn_dim=192 --set model.pfn_channels=[48,96]"
+  "halting_scratch_start025|halting_scratch|--set model.halting_gradient=residual --set train.sparsity_warmup=0.5 --set train.halting_start=0.25"
 )
 . "$(dirname "$0")/lanes.sh"
 run_lanes
@@ -58,6 +62,7 @@ RUN_LIST=(
   "halting_s1|halting|--set train.seed=1"
   "gradient_both|halting|--set model.halting_gradient=both"
   "gradient_both_lambda05|halting|--set model.halting_gradient=both --set train.sparsity_weight=0.5"
+  "gradient_both_lambda05_s1|halting|--set model.halting_gradient=both --set train.sparsity_weight=0.5 --set train.seed=1"
   "gradient_both_lambda1|halting|--set model.halting_gradient=both --set train.sparsity_weight=1.0"
   "gradient_both_lambda1_s1|halting|--set model.halting_gradient=both --set train.sparsity_weight=1.0 --set train.seed=1"
   "gradient_hard|halting|--set model.halting_gradient=hard"
@@ -69,5 +74,14 @@ COMMON_ARGS=(--set train.max_steps=1100 --set train.lr=0.0005 --set train.warmup
              --set train.save_steps=[])
 run_lanes
 
+# The wider halting model: the same fine-tune from the wider baseline's snapshot
+RUN_LIST=(
+  "halting_wide|halting|--set model.d_model=96 --set model.ffn_dim=192 --set model.pfn_channels=[48,96]"
+)
+FRESH_ARGS=(--init "$RUNS/size_wide/step_2900.pt")
+run_lanes
+
 $HALTDET pareto docs/results/pareto_budget_spec.yaml --out docs/results/budget --jobs 2 --cache "$RUNS/evaluations" --quiet
 mv docs/results/budget/results.md docs/results.md
+$HALTDET pareto docs/results/pareto_capacity_spec.yaml --out docs/results/capacity --jobs 2 --cache "$RUNS/evaluations" --quiet
+mv docs/results/capacity/results.md docs/results_capacity.md

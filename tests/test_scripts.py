@@ -107,32 +107,43 @@ def test_reproduce_results_budget_runs_build_and_the_spec_names_them():
     script = ROOT / "scripts" / "reproduce_results_budget.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    phases = [{}, {}]
-    for phase, block in zip(phases, text.split("RUN_LIST=(")[1:]):
+    phases = [{}, {}, {}]
+    blocks = text.split("RUN_LIST=(")[1:]
+    assert len(blocks) == len(phases)
+    for phase, block in zip(phases, blocks):
         for line in block.split(")\n", 1)[0].splitlines():
             if line.strip().startswith('"'):
                 name, config, overrides = line.strip().strip('"').split("|")
                 phase[name] = load_config(config, shlex.split(overrides)[1::2])
-    scratch, continued = phases
+    scratch, continued, wide = phases
     snapshot = scratch["baseline_s1"]
     assert snapshot.train.seed == 1 and 2900 in snapshot.train.save_steps
     assert 'FRESH_ARGS=(--init "$RUNS/baseline_s1/step_2900.pt")' in text
+    assert 'FRESH_ARGS=(--init "$RUNS/size_wide/step_2900.pt")' in text.split("RUN_LIST=(")[3]
     assert "train.max_steps=1100" in text and 2900 + 1100 == snapshot.train.max_steps
-    weights = Detector(snapshot.model).state_dict()
-    depth = snapshot.model.num_layers
-    for name, config in continued.items():  # only scorers and extra layers start afresh
-        new = set(Detector(config.model).state_dict()) - set(weights)
-        extra = {f"encoder.layers.{i}." for i in range(depth, config.model.num_layers)}
-        assert all(".halting." in key or key.startswith(tuple(extra)) for key in new), (name, new)
+    wider = scratch["size_wide"]
+    assert 2900 in wider.train.save_steps and wider.model.d_model == 96
+    for start, runs in ((snapshot, continued), (wider, wide)):
+        weights = Detector(start.model).state_dict()
+        for name, config in runs.items():  # the snapshot loads: only scorers and extra layers start afresh
+            model = Detector(config.model).state_dict()
+            new = set(model) - set(weights)
+            extra = {f"encoder.layers.{i}." for i in range(start.model.num_layers, config.model.num_layers)}
+            assert all(".halting." in key or key.startswith(tuple(extra)) for key in new), (name, new)
+            assert all(model[k].shape == weights[k].shape for k in set(model) & set(weights)), name
     assert continued["halting_deep"].model.num_layers == 8 and continued["size_shallow"].model.num_layers == 4
     assert continued["halting"].model.halting_gradient == "residual"
     assert continued["gradient_both"].model.halting_gradient == "both"
     assert scratch["halting_scratch"].train.sparsity_warmup == 0.5
     assert scratch["halting_scratch_residual"].model.halting_gradient == "residual"
-    spec = load_spec(ROOT / "docs" / "results" / "pareto_budget_spec.yaml")
-    runs = {**scratch, **continued}
-    assert {p["checkpoint"] for p in spec["points"]} == {f"runs/budget/{name}/final.pt" for name in runs}
-    assert f"--out {spec['data']} " in text and "pareto docs/results/pareto_budget_spec.yaml" in text
+    assert scratch["halting_scratch_start025"].train.halting_start == 0.25
+    runs = {**scratch, **continued, **wide}
+    named = set()
+    for page in ("budget", "capacity"):
+        spec = load_spec(ROOT / "docs" / "results" / f"pareto_{page}_spec.yaml")
+        named |= {p["checkpoint"] for p in spec["points"]}
+        assert f"--out {spec['data']} " in text and f"pareto docs/results/pareto_{page}_spec.yaml" in text
+    assert named == {f"runs/budget/{name}/final.pt" for name in runs}
 
 
 def test_encoder_layers_script_times_every_layer_and_the_halting_stages():
