@@ -186,8 +186,9 @@ def evaluate_points(points: list[dict], data, jobs: int = 1, progress: bool = Tr
                     cache: str | Path | None = None) -> list:
     """`evaluate_point` of every point, `jobs` at a time in worker processes that share
     this process's threads; the results in the order of `points`. With `cache`, a
-    directory: each evaluation is stored there under its `evaluation_keys` key and a
-    stored one is read back instead of evaluating again (evaluation is deterministic)."""
+    directory: each evaluation is stored there under its `evaluation_keys` key as soon as
+    it is done (an interrupted run keeps what it finished), and a stored one is read back
+    instead of evaluating again (evaluation is deterministic)."""
     if cache is None:
         return _evaluate_all(points, data, jobs, progress)
     cache = Path(cache)
@@ -201,22 +202,29 @@ def evaluate_points(points: list[dict], data, jobs: int = 1, progress: bool = Tr
             if progress:
                 print(f"reused the evaluation of {point['name']} (seed {point['seed']}) from {file}")
     missing = [i for i, r in enumerate(results) if r is None]
-    for i, result in zip(missing, _evaluate_all([points[i] for i in missing], data, jobs, progress)):
+
+    def store(k: int, result) -> None:
+        i = missing[k]
         results[i] = result
         partial = files[i].with_suffix(".part")
         with open(partial, "wb") as f:
             pickle.dump(result, f)
         partial.replace(files[i])
+
+    _evaluate_all([points[i] for i in missing], data, jobs, progress, store)
     return results
 
 
-def _evaluate_all(points: list[dict], data, jobs: int, progress: bool) -> list:
+def _evaluate_all(points: list[dict], data, jobs: int, progress: bool, done=None) -> list:
+    """The evaluations of `points` in order; `done(k, result)` is called as the k-th ends."""
+    results = []
     if jobs <= 1:
-        results = []
         for point in points:
             if progress:
                 print(f"evaluating {point['name']} (seed {point['seed']})")
             results.append(evaluate_point(point, data, progress))
+            if done:
+                done(len(results) - 1, results[-1])
         return results
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -226,9 +234,10 @@ def _evaluate_all(points: list[dict], data, jobs: int, progress: bool) -> list:
     threads = max(1, torch.get_num_threads() // jobs)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_evaluate_in_worker, point, data, threads) for point in points]
-        results = []
         for point, future in zip(points, futures):
             results.append(future.result())
+            if done:
+                done(len(results) - 1, results[-1])
             if progress:
                 print(f"evaluated {point['name']} (seed {point['seed']})")
         return results

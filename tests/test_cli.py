@@ -616,3 +616,18 @@ def test_pareto_reuses_cached_evaluations_only_while_nothing_changed(tiny_run, t
     frame = next(p for p in sorted((tiny_run / "val").rglob("*")) if p.is_file())
     os.utime(frame, ns=(frame.stat().st_atime_ns, frame.stat().st_mtime_ns + 10**9))
     assert main(command) == 0 and evaluated[4:] == ["keep all", "halt all"]
+    # An evaluation is kept as soon as it ends: a run that fails on its second point keeps the first.
+    spec["points"][1]["threshold"] = 0.25
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    for file in cache.glob("*.pkl"):
+        file.unlink()
+
+    def fail_second(point, *args):
+        if point["name"] == "halt all":
+            raise RuntimeError("stopped")
+        return real(point, *args)
+
+    monkeypatch.setattr(pareto, "evaluate_point", fail_second)
+    with pytest.raises(RuntimeError):
+        main(command)
+    assert len(list(cache.glob("*.pkl"))) == 1 and not list(cache.glob("*.part"))
