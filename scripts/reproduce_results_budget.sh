@@ -17,7 +17,7 @@
 # step-2,900 snapshot starts the wider halting model (capacity for latency).
 #
 # Cost, one thread per run on a 2-core CPU, two at a time: the five runs from the first
-# step (81-110 min each, about 4.6 h two at a time), then 21 runs of 20-40 min (about 5.5 h),
+# step (72-132 min each, about 4 h two at a time), then 21 runs of 20-40 min (about 5.5 h),
 # the wider halting model (35 min); then `haltdet pareto` twice (26 and 9 evaluations on
 # data/val800, two at a time, and one interleaved bench each; ~30 and ~10 min). About 11
 # hours in all. Run it from the repository root, in the background:

@@ -28,9 +28,10 @@ BUCKET_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0
 
 
 # Below this many slots a window's attention rows are too short for the vector loops of
-# the CPU kernels: the fused kernel and torch.softmax fall back to scalar code (softmax
-# over 9 entries ~6x slower than over 16 on an AVX512 CPU), so such buckets attend by
-# matrix products with their own softmax (`short_softmax`).
+# the CPU kernels: torch.softmax falls back to scalar code (on an AVX512 CPU, rows of 9
+# take ~16x as long as rows of 16 for as many entries: scripts/attention_kernels.py
+# --softmax-rows), so such buckets attend by matrix products with their own softmax
+# (`short_softmax`).
 SHORT_ROW = 16
 
 
