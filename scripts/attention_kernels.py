@@ -97,14 +97,8 @@ def time_softmax_rows(args) -> None:
     for length in (4, 8, 9, 12, 15, 16, 18, 24, 32):
         logits = torch.randn(40_000 // length, length, generator=generator)
         ways = {"torch": lambda: torch.softmax(logits, dim=-1), "short": lambda: encoder.short_softmax(logits)}
-        times = {name: [] for name in ways}
-        for round_ in range(args.rounds * 10 + 1):
-            for name, way in ways.items():
-                start = time.perf_counter()
-                way()
-                if round_:
-                    times[name].append((time.perf_counter() - start) * 1e3)
-        print(f"  rows of {length:2d}: {statistics.median(times['torch']):6.3f} {statistics.median(times['short']):6.3f}")
+        times = interleaved_medians(ways, args.rounds * 10)
+        print(f"  rows of {length:2d}: {times['torch']:6.3f} {times['short']:6.3f}")
 
 
 def time_partitions(args) -> None:
@@ -118,17 +112,24 @@ def time_partitions(args) -> None:
     ways = {"all tokens": lambda: [encoder.partition_windows(coords, size, s, channels) for s in shifts],
             "survivors afresh": lambda: [encoder.partition_windows(coords[keep], size, s, channels) for s in shifts],
             "survivors from the stored order": lambda: [full[s].subset(keep) for s in shifts]}
+    times = interleaved_medians(ways, args.rounds * 5)
+    print(f"window partitions of both shifts, {len(coords)} tokens, {int(keep.sum())} surviving, "
+          f"{args.threads} thread(s), median ms:")
+    for name, median in times.items():
+        print(f"  {name:32s} {median:6.2f}")
+
+
+def interleaved_medians(ways: dict, rounds: int) -> dict[str, float]:
+    """Median ms of each callable of `ways` over `rounds` rounds that call each once in
+    turn, after one round that warms up."""
     times = {name: [] for name in ways}
-    for round_ in range(args.rounds * 5 + 1):
+    for round_ in range(rounds + 1):
         for name, way in ways.items():
             start = time.perf_counter()
             way()
             if round_:
                 times[name].append((time.perf_counter() - start) * 1e3)
-    print(f"window partitions of both shifts, {len(coords)} tokens, {int(keep.sum())} surviving, "
-          f"{args.threads} thread(s), median ms:")
-    for name, values in times.items():
-        print(f"  {name:32s} {statistics.median(values):6.2f}")
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 if __name__ == "__main__":
