@@ -263,6 +263,13 @@ class TrainConfig:
     # token, no gradient reaches the scores and lambda is 0 (the detector trains as the
     # baseline); 0: halting from the first step
     halting_start: float = 0.0
+    # share of the token-layers the training pass should run (0: off). Lambda is then
+    # sparsity_weight times a multiplier that, once a step first runs no more than the
+    # target, adapts after every step by exp(rate * (share - target) / target) from the
+    # step's share, so the model settles near that cost whatever its gradient path or loss
+    # (haltdet/model/halting.py, ShareTarget)
+    sparsity_target: float = 0.0
+    sparsity_target_rate: float = 0.02
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -288,6 +295,10 @@ class TrainConfig:
         _check(0 <= self.sparsity_hinge <= 1, "train.sparsity_hinge", "must be in [0, 1]")
         _check(0 <= self.sparsity_warmup <= 1, "train.sparsity_warmup", "must be in [0, 1]")
         _check(0 <= self.halting_start < 1, "train.halting_start", "must be in [0, 1)")
+        _check(0 <= self.sparsity_target < 1, "train.sparsity_target", "must be in [0, 1)")
+        _check(0 < self.sparsity_target_rate <= 1, "train.sparsity_target_rate", "must be in (0, 1]")
+        _check(self.sparsity_target == 0 or self.sparsity_weight > 0, "train.sparsity_target",
+               "adapts lambda: it needs a starting train.sparsity_weight > 0")
 
 
 @dataclass
@@ -303,6 +314,9 @@ class Config:
         self.train.validate()
         _check(self.train.halting_start == 0 or self.model.halting_rule == "threshold", "train.halting_start",
                "applies to the threshold rule (model.halting_rule: threshold)")
+        _check(self.train.sparsity_target == 0 or (self.model.halting_layers and not self.model.halting_keep_ratio
+                                                    and self.model.halting_rule == "threshold"),
+               "train.sparsity_target", "applies to halting models with the threshold rule and no keep ratios")
         return self
 
     def to_dict(self) -> dict:

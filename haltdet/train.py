@@ -41,6 +41,7 @@ from haltdet.data.dataset import FrameFolder, collate
 from haltdet.data.formats import data_source
 from haltdet.distributed import all_reduce_sum, global_batch_losses, init_from_env, sync_batchnorm
 from haltdet.model.detector import Detector
+from haltdet.model.halting import ShareTarget
 
 log = logging.getLogger(__name__)
 
@@ -258,10 +259,11 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
     batches_per_epoch = len(dataset) // t.batch_size
     if batches_per_epoch == 0:
         raise InputError(f"{config.data.train}: {len(dataset)} frames, fewer than one batch of {t.batch_size}")
-    step, elapsed = 0, 0.0
+    step, elapsed, target_state = 0, 0.0, None
     latest = out_dir / "latest.pt"
     if resume:
-        step, elapsed = _restore(latest, model, optimizer, scheduler, device, batches_per_epoch)
+        step, elapsed, target_state = _restore(latest, model, optimizer, scheduler, device, batches_per_epoch)
+    target = ShareTarget(t.sparsity_target, t.sparsity_target_rate, target_state) if t.sparsity_target else None
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -288,7 +290,8 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "elapsed_seconds": time.time() - start_time, "rng": rng_state(),
                 "data": {"epoch": step // batches_per_epoch, "batches_per_epoch": batches_per_epoch},
-                "threads": torch.get_num_threads()})
+                "threads": torch.get_num_threads(),
+                "sparsity_target": target.state() if target else None})
 
     while step < t.max_steps and not stopped_early:
         epoch, start_batch = divmod(step, batches_per_epoch)
@@ -309,6 +312,8 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
             with global_batch_losses(world > 1):
                 seeds = [frame_seed(t.seed, step, frame_id) for frame_id in batch.frame_ids]
                 settings = at_step(t, step)
+                if target:
+                    settings = dataclasses.replace(settings, sparsity_weight=settings.sparsity_weight * target.multiplier)
                 losses = model.loss(output, targets, settings, boxes, labels, jitter_seeds=seeds)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
@@ -320,6 +325,8 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
                 skipped += 1
                 log.warning("step %d: non-finite loss or gradient, update skipped", step + 1)
             scheduler.step()
+            if target and not halting_paused(t, step):
+                target.update(_mean_over_processes({"share": losses["token_layers"]}, world)["share"])
             step += 1
             bar.update(1)
             if step % t.log_every == 0 or step == t.max_steps:
@@ -327,7 +334,7 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
                 values = _mean_over_processes({**losses, "grad_norm": grad_norm, "tokens": tokens}, world)
                 values.update(lr=scheduler.get_last_lr()[0], tokens=round(values["tokens"]),
                               seconds=round(time.time() - start_time, 1), epoch=epoch, skipped_steps=skipped)
-                if t.sparsity_warmup or t.halting_start:
+                if t.sparsity_warmup or t.halting_start or target:
                     values["sparsity_weight"] = settings.sparsity_weight
                 logger.write(step, values)
                 bar.set_postfix(loss=f"{values['loss']:.3f}")
@@ -393,8 +400,9 @@ def _best_val(path: Path) -> float:
 
 
 def _restore(latest: Path, model, optimizer, scheduler, device: torch.device,
-             batches_per_epoch: int) -> tuple[int, float]:
-    """Load a training checkpoint into the run; returns (step, elapsed seconds)."""
+             batches_per_epoch: int) -> tuple[int, float, dict | None]:
+    """Load a training checkpoint into the run; returns (step, elapsed seconds, the state of
+    train.sparsity_target's adaptation)."""
     if not latest.exists():
         raise InputError(f"--resume: no checkpoint {latest} to resume from")
     state = load_checkpoint(latest, map_location=device)
@@ -416,4 +424,4 @@ def _restore(latest: Path, model, optimizer, scheduler, device: torch.device,
         log.warning("%s: written with %d threads, running with %d: CPU results may differ in the last bits",
                     latest, state["threads"], torch.get_num_threads())
     log.info("resumed from %s at step %d", latest, state["step"])
-    return state["step"], state.get("elapsed_seconds", 0.0)
+    return state["step"], state.get("elapsed_seconds", 0.0), state.get("sparsity_target")

@@ -57,9 +57,14 @@ def _log(run) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+HALTING_TO_A_TARGET = dict(model={"num_layers": 4, "halting_layers": [1, 3], "halting_threshold": [0.953]},
+                          sparsity_weight=1.0, sparsity_target=0.4, sparsity_target_rate=0.5)
+
+
 @pytest.mark.slow  # trains in subprocesses
-def test_two_gloo_processes_train_like_one(tiny_config, tmp_path):
-    config = tiny_config()  # global batch 4: 2 frames per process
+@pytest.mark.parametrize("settings", [{}, HALTING_TO_A_TARGET], ids=["baseline", "halting_to_a_target"])
+def test_two_gloo_processes_train_like_one(tiny_config, tmp_path, settings):
+    config = tiny_config(**settings)  # global batch 4: 2 frames per process
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "haltdet.cli", "train", "--config", str(config), "--out", str(tmp_path / "ddp"), "--quiet"]
@@ -78,6 +83,11 @@ def test_two_gloo_processes_train_like_one(tiny_config, tmp_path):
     for key in ("loss", "heatmap", "regression"):
         assert abs(ddp[0][key] - single[0][key]) <= 1e-5 * abs(single[0][key]), key
     assert abs(ddp[0]["grad_norm"] - single[0]["grad_norm"]) <= 1e-4 * single[0]["grad_norm"]
+    if settings:  # the global batch's share of token-layers: lambda adapts alike
+        for a, b in zip(ddp, single):
+            assert a["token_layers"] == pytest.approx(b["token_layers"], rel=1e-6)
+            assert a["sparsity_weight"] == pytest.approx(b["sparsity_weight"], rel=1e-6)
+        assert single[-1]["sparsity_weight"] != 1.0
 
     _seed_everything(0)
     start = Detector(load_config(config).model).state_dict()

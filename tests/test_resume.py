@@ -129,6 +129,10 @@ def test_resume_from_a_checkpoint_of_another_model_is_a_clear_error(tiny_config,
     ({"train": {"halting_start": 1.0}}, "train.halting_start"),
     ({"model": {"halting_layers": [2], "halting_rule": "act"}, "train": {"halting_start": 0.25}},
      "train.halting_start"),
+    ({"train": {"sparsity_target": 1.0}}, "train.sparsity_target"),
+    ({"train": {"sparsity_target": 0.4}}, "train.sparsity_target"),  # no lambda to adapt
+    ({"train": {"sparsity_target": 0.4, "sparsity_weight": 0.25}}, "train.sparsity_target"),  # no halting
+    ({"train": {"sparsity_target_rate": 0.0}}, "train.sparsity_target_rate"),
     ({"data": []}, "section 'data' must be a mapping"),
 ])
 def test_invalid_configs_name_the_key(values, message):

@@ -16,7 +16,7 @@ from haltdet.config import INFERENCE_SETTINGS, ModelConfig, per_stage
 from haltdet.data.frames import validate_points
 from haltdet.distributed import batch_count
 from haltdet.model.encoder import EncoderOutput, SparseWindowEncoder
-from haltdet.model.halting import sparsity_loss, token_statistics, token_weights
+from haltdet.model.halting import sparsity_loss, token_layer_share, token_statistics, token_weights
 from haltdet.model.head import (BEVBackbone, CenterHead, Detections, HeadTargets, build_targets,
                                 decode, heatmap_focal_loss, regression_loss, suppress_across_classes)
 from haltdet.model.pillars import PillarFeatureNet, PointBatch, Tokens, pillar_centres
@@ -214,6 +214,7 @@ class Detector(nn.Module):
                 total = total + train.sparsity_weight * sparsity
                 losses["sparsity"] = sparsity.detach()
             losses["kept_fraction"] = encoded.gate.detach().mean()
+            losses["token_layers"] = token_layer_share(encoded.halted_at, self.config.num_layers)
             if foreground is not None:  # share of the layers run by object and background tokens
                 depth = encoded.halted_at.float() / self.config.num_layers
                 losses["foreground_layers"] = depth[foreground].mean() if foreground.any() else depth.new_tensor(0.0)

@@ -10,7 +10,8 @@ holds everything that decides and trains that:
   forward value is the hard 0/1 decision and whose gradient reaches the score
   (`keep + s - stopgrad(s)`), or the smooth relaxation `sigmoid((s - threshold) / T)` that
   `haltdet gradcheck` compares it with;
-* the non-uniform sparsity loss and its per-token weights;
+* the non-uniform sparsity loss, its per-token weights and the adaptation of its weight
+  to a target share of token-layers (`ShareTarget`);
 * token statistics (how many layers processed each token, objects against background).
 
 The encoder (`haltdet/model/encoder.py`) runs the two passes that use it: removal at
@@ -309,6 +310,44 @@ def sparsity_loss(scores: list[torch.Tensor], halted_at: torch.Tensor, halting_l
             stage = stage + (terms * scored).sum() / batch_count(scored.sum())
         per_stage.append(stage)
     return torch.stack(per_stage).mean()
+
+
+class ShareTarget:
+    """Lambda adapted to a target share of token-layers (train.sparsity_target).
+
+    The sparsity weight of a step is `sparsity_weight * multiplier`. Once a step's
+    training pass first runs no more than the target share of the token-layers, every step
+    multiplies the multiplier by exp(rate * (share - target) / target), share being that
+    step's (the same on every process): a model that runs more than the target is pushed
+    harder towards halting, one that runs less more gently, so models trained with
+    different gradient paths or losses end near the same cost and compare at equal latency.
+    Holding the multiplier until then keeps the first steps of a run, when every token still
+    runs, from inflating lambda. The multiplier stays within [1 / LIMIT, LIMIT]; `state()`
+    goes into a training checkpoint (exact resume).
+    """
+
+    LIMIT = 1000.0
+
+    def __init__(self, target: float, rate: float, state: dict | None = None):
+        self.target, self.rate = target, rate
+        state = state or {}
+        self.multiplier, self.engaged = state.get("multiplier", 1.0), state.get("engaged", False)
+
+    def state(self) -> dict:
+        return {"multiplier": self.multiplier, "engaged": self.engaged}
+
+    def update(self, share: float) -> None:
+        self.engaged = self.engaged or share <= self.target
+        if self.engaged:
+            factor = math.exp(self.rate * (share - self.target) / self.target)
+            self.multiplier = min(self.LIMIT, max(1.0 / self.LIMIT, self.multiplier * factor))
+
+
+def token_layer_share(halted_at: torch.Tensor, num_layers: int) -> torch.Tensor:
+    """Share of the token-layers a pass ran: mean over tokens of the layers that processed
+    each (halted_at, (T,)), over num_layers. A 0-dim tensor; normalised as a loss is
+    (`batch_count`), so the mean over processes is the global batch's share."""
+    return halted_at.float().sum() / (batch_count(halted_at.new_tensor(halted_at.numel())) * num_layers)
 
 
 def token_statistics(halted_at: torch.Tensor, foreground: torch.Tensor, frame: torch.Tensor,

@@ -2,6 +2,8 @@
 reach the scores through attention and residual paths and per-stage gates, decisions are
 deterministic, monotone and per frame."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -377,6 +379,58 @@ def test_halting_start_holds_lambda_at_zero_then_starts_the_warmup():
     assert weights == pytest.approx([0.0, 0.0, 0.5 / 100, 0.25, 0.5, 0.5, 0.5])
     no_ramp = TrainConfig(sparsity_weight=0.5, halting_start=0.5, max_steps=10)
     assert [at_step(no_ramp, step).sparsity_weight for step in (4, 5)] == [0.0, 0.5]
+
+
+def test_share_target_holds_lambda_until_the_target_is_reached_then_tracks_it_within_limits():
+    from haltdet.model.halting import ShareTarget
+
+    target = ShareTarget(0.4, 0.1)
+    target.update(0.9)  # every token still runs: lambda holds
+    assert (target.multiplier, target.engaged) == (1.0, False)
+    target.update(0.4)
+    assert (target.multiplier, target.engaged) == (1.0, True)
+    target.update(0.6)  # runs more than the target: lambda grows
+    assert target.multiplier == pytest.approx(math.exp(0.1 * 0.2 / 0.4))
+    target.update(0.2)  # runs less: lambda shrinks, here back to its start
+    assert target.multiplier == pytest.approx(1.0)
+    resumed = ShareTarget(0.4, 0.1, target.state())
+    assert (resumed.multiplier, resumed.engaged) == (target.multiplier, True)
+    for _ in range(10_000):
+        target.update(1.0)
+    assert target.multiplier == ShareTarget.LIMIT
+
+
+def test_training_to_a_target_share_adapts_lambda_every_step_and_resumes_exactly(tiny_config, tmp_path):
+    import json
+    import shutil
+
+    from haltdet.checkpoint import load_checkpoint
+    from haltdet.config import load_config
+    from haltdet.train import train
+
+    config = load_config(tiny_config(model={"num_layers": 4, "halting_layers": [1, 3], "halting_threshold": [0.953]},
+                                     batch_size=2, max_steps=6, sparsity_weight=1.0, sparsity_target=0.4,
+                                     sparsity_target_rate=0.5, save_steps=[3], deterministic=True))
+    train(config, tmp_path / "run", progress=False)
+
+    def logged(run):
+        lines = (tmp_path / run / "log.jsonl").read_text().splitlines()
+        return {entry["step"]: entry for entry in map(json.loads, lines) if "loss" in entry}
+
+    steps = logged("run")
+    assert steps[1]["token_layers"] > 0.4 and steps[2]["sparsity_weight"] == 1.0  # held above the target
+    engaged = False
+    for step in range(1, 6):  # lambda of the next step from this step's share of token-layers
+        engaged = engaged or steps[step]["token_layers"] <= 0.4
+        factor = math.exp(0.5 * (steps[step]["token_layers"] - 0.4) / 0.4) if engaged else 1.0
+        assert steps[step + 1]["sparsity_weight"] == pytest.approx(steps[step]["sparsity_weight"] * factor, rel=1e-9)
+    assert len({round(entry["sparsity_weight"], 9) for entry in steps.values()}) > 1
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "run" / "step_3.pt", tmp_path / "resumed" / "latest.pt")
+    train(config, tmp_path / "resumed", resume=True, progress=False)
+    assert [logged("resumed")[s]["sparsity_weight"] for s in (4, 5, 6)] == [steps[s]["sparsity_weight"] for s in (4, 5, 6)]
+    resumed, uninterrupted = (load_checkpoint(tmp_path / run / "final.pt")["model"] for run in ("resumed", "run"))
+    assert all(torch.equal(resumed[key], value) for key, value in uninterrupted.items())
 
 
 @pytest.mark.parametrize("gradient", ["residual", "both", "hard"])
