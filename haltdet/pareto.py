@@ -106,8 +106,8 @@ def bench_name(point: dict) -> str:
 
 
 def evaluate_point(point: dict, data, progress: bool = True):
-    """mAPH_L2 of a point with and without its second stage, its token-layers and the
-    steps and seconds of the run that wrote its checkpoint; with its predictions and the
+    """mAPH_L2 of a point with and without its second stage, its token-layers (of all
+    tokens, and of the tokens inside ground-truth boxes) and the steps and seconds of the run that wrote its checkpoint; with its predictions and the
     ground truth, for the noise (`run_pareto`)."""
     from haltdet.bench import load_spec as load_model_spec
     from haltdet.checkpoint import load_checkpoint
@@ -117,8 +117,10 @@ def evaluate_point(point: dict, data, progress: bool = True):
     model = load_model_spec(bench_name(point), "cpu")
     predictions, truth, token_stats = predict_dataset(model, data, progress=progress)
     run = load_checkpoint(point["checkpoint"])
+    tokens = summarise_tokens(token_stats) if token_stats else {}
     scores = {"mAPH_L2": evaluate(truth, predictions)["mAPH_L2"],
-              "token_layers": summarise_tokens(token_stats)["token_layers"] if token_stats else 1.0,
+              "token_layers": tokens.get("token_layers", 1.0),
+              "object_token_layers": tokens.get("foreground_token_layers", 1.0),
               "train_steps": int(run.get("step", 0)), "train_seconds": float(run.get("train_seconds", 0.0))}
     if model.refiner is None:
         scores["mAPH_L2_first_stage"] = scores["mAPH_L2"]
@@ -297,7 +299,7 @@ def grouped(points: list[dict]) -> list[dict]:
         for key in ("mAPH_L2", "mAPH_L2_first_stage", "encoder_ms", "total_ms", "token_layers"):
             values = np.array([m[key] for m in members], dtype=np.float64)
             row[key], row[key + "_min"], row[key + "_max"] = values.mean(), values.min(), values.max()
-        for key in ("mAPH_L2_std", "vs_first", "vs_first_std"):  # the split's noise, averaged over seeds
+        for key in ("mAPH_L2_std", "vs_first", "vs_first_std", "object_token_layers"):  # averaged over seeds
             if all(key in m for m in members):
                 row[key] = float(np.mean([m[key] for m in members]))
         rows.append(row)
@@ -357,6 +359,8 @@ def comparisons(rows: list[dict]) -> list[str]:
 def markdown(result: dict) -> str:
     rows = table_rows(result["points"])
     b, m = result["bench"], result["machine"]
+    # The objects' token-layers: a column where the points measured them (older pareto.json lack them)
+    objects = any("object_token_layers" in row for row in rows)
     lines = [
         f"# {result.get('title', TITLE)}",
         "",
@@ -366,22 +370,29 @@ def markdown(result: dict) -> str:
         "Times are medians; compare rows of this table only. mAPH_L2: the seeds' mean (their range); "
         f"+- the split's noise, the std over {result.get('bootstrap', 0)} resampled frame sets; "
         f"vs first: the difference from the first point of the spec ({result['points'][0]['name']}) "
-        "and its std over the same resampled sets. Training: the steps and minutes of the run that wrote "
+        "and its std over the same resampled sets. "
+        + ("Token-layers: the share of the encoder's layers times tokens that it runs; objects': the same "
+           "for the tokens inside ground-truth boxes. " if objects else "")
+        + "Training: the steps and minutes of the run that wrote "
         "the checkpoint. Dominance: by a halting point at the same inference precision (each point's "
         "`dtype` in pareto.json).",
         "",
         *([result["about"], ""] if result.get("about") else []),
-        "| method | point | seeds | mAPH_L2 | vs first | first stage | token-layers | encoder ms | total ms "
-        "| dominated on encoder ms by | on total ms by | training |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | point | seeds | mAPH_L2 | vs first | first stage | token-layers "
+        + ("| objects' token-layers " if objects else "")
+        + "| encoder ms | total ms | dominated on encoder ms by | on total ms by | training |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if objects else ""),
     ]
     for row in rows:
         spread = f" ({row['mAPH_L2_min']:.4f}-{row['mAPH_L2_max']:.4f})" if row["seeds"] > 1 else ""
         noise = f" +-{row['mAPH_L2_std']:.4f}" if "mAPH_L2_std" in row else ""
         versus = f"{row['vs_first']:+.4f} +-{row['vs_first_std']:.4f}" if "vs_first" in row else "-"
+        share = f"{row['token_layers']:.3f}"
+        if objects:
+            share += f" | {row['object_token_layers']:.3f}" if "object_token_layers" in row else " | -"
         lines.append(
             f"| {row['method']} | {row['name']} | {row['seeds']} | {row['mAPH_L2']:.4f}{noise}{spread} | {versus} "
-            f"| {row['mAPH_L2_first_stage']:.4f} | {row['token_layers']:.3f} | {row['encoder_ms']:.1f} "
+            f"| {row['mAPH_L2_first_stage']:.4f} | {share} | {row['encoder_ms']:.1f} "
             f"| {row['total_ms']:.1f} | {dominating(row, rows, 'encoder_ms') or '-'} "
             f"| {dominating(row, rows, 'total_ms') or '-'} | {training(row)} |")
     versus = comparisons(rows)

@@ -367,12 +367,15 @@ def test_pareto_evaluates_times_and_writes_the_frontier(tiny_run, tmp_path, caps
     for point in result["points"]:
         assert 0 <= point["mAPH_L2"] <= 1 and point["encoder_ms"] > 0 and point["total_ms"] >= point["encoder_ms"]
     assert base["token_layers"] == keep_all["token_layers"] == 1.0 and halt_all["token_layers"] == pytest.approx(1 / 3)
+    assert base["object_token_layers"] == keep_all["object_token_layers"] == 1.0
+    assert halt_all["object_token_layers"] == pytest.approx(1 / 3)  # objects' tokens halt too
     assert (out / "pareto.png").stat().st_size > 10_000
     assert base["vs_first"] == base["vs_first_std"] == 0  # the first point against itself
     assert keep_all["vs_first"] == pytest.approx(keep_all["mAPH_L2"] - base["mAPH_L2"])
     assert all(p["mAPH_L2_std"] >= 0 and p["vs_first_std"] >= 0 for p in result["points"])
     table = (out / "results.md").read_text()
     assert "| halting | halt all | 1 |" in table and "haltdet pareto" in table
+    assert "| token-layers | objects' token-layers |" in table and "| 0.333 | 0.333 |" in table
     assert "| +0.0000 +-0.0000 |" in table and "over 500 resampled frame sets" in table
     assert "\nTiny models, one step.\n" in table and table.startswith("# Accuracy against latency\n")
     assert all(p["train_steps"] >= 1 and p["train_seconds"] > 0 for p in result["points"])
