@@ -264,12 +264,14 @@ class TrainConfig:
     # baseline); 0: halting from the first step
     halting_start: float = 0.0
     # share of the token-layers the training pass should run (0: off). Lambda is then
-    # sparsity_weight times a multiplier that, once a step first runs no more than the
-    # target, adapts after every step by exp(rate * (share - target) / target) from the
-    # step's share, so the model settles near that cost whatever its gradient path or loss
-    # (haltdet/model/halting.py, ShareTarget)
+    # sparsity_weight times a multiplier that adapts after every step by
+    # exp(rate * (share - target) / target) from the step's share, so the model settles near
+    # that cost whatever its gradient path or loss (haltdet/model/halting.py, ShareTarget).
+    # It adapts once a step first runs no more than the target, or after the share
+    # sparsity_target_after of the steps (counted from halting_start), whichever comes first.
     sparsity_target: float = 0.0
     sparsity_target_rate: float = 0.02
+    sparsity_target_after: float = 0.2
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -297,6 +299,7 @@ class TrainConfig:
         _check(0 <= self.halting_start < 1, "train.halting_start", "must be in [0, 1)")
         _check(0 <= self.sparsity_target < 1, "train.sparsity_target", "must be in [0, 1)")
         _check(0 < self.sparsity_target_rate <= 1, "train.sparsity_target_rate", "must be in (0, 1]")
+        _check(0 <= self.sparsity_target_after <= 1, "train.sparsity_target_after", "must be in [0, 1]")
         _check(self.sparsity_target == 0 or self.sparsity_weight > 0, "train.sparsity_target",
                "adapts lambda: it needs a starting train.sparsity_weight > 0")
 

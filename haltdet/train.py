@@ -263,7 +263,10 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
     latest = out_dir / "latest.pt"
     if resume:
         step, elapsed, target_state = _restore(latest, model, optimizer, scheduler, device, batches_per_epoch)
-    target = ShareTarget(t.sparsity_target, t.sparsity_target_rate, target_state) if t.sparsity_target else None
+    target = None
+    if t.sparsity_target:
+        start = math.ceil(t.halting_start * t.max_steps) + round(t.sparsity_target_after * t.max_steps)
+        target = ShareTarget(t.sparsity_target, t.sparsity_target_rate, start, target_state)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -326,7 +329,7 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
                 log.warning("step %d: non-finite loss or gradient, update skipped", step + 1)
             scheduler.step()
             if target and not halting_paused(t, step):
-                target.update(_mean_over_processes({"share": losses["token_layers"]}, world)["share"])
+                target.update(_mean_over_processes({"share": losses["token_layers"]}, world)["share"], step)
             step += 1
             bar.update(1)
             if step % t.log_every == 0 or step == t.max_steps:

@@ -315,29 +315,31 @@ def sparsity_loss(scores: list[torch.Tensor], halted_at: torch.Tensor, halting_l
 class ShareTarget:
     """Lambda adapted to a target share of token-layers (train.sparsity_target).
 
-    The sparsity weight of a step is `sparsity_weight * multiplier`. Once a step's
-    training pass first runs no more than the target share of the token-layers, every step
-    multiplies the multiplier by exp(rate * (share - target) / target), share being that
-    step's (the same on every process): a model that runs more than the target is pushed
-    harder towards halting, one that runs less more gently, so models trained with
-    different gradient paths or losses end near the same cost and compare at equal latency.
-    Holding the multiplier until then keeps the first steps of a run, when every token still
-    runs, from inflating lambda. The multiplier stays within [1 / LIMIT, LIMIT]; `state()`
-    goes into a training checkpoint (exact resume).
+    The sparsity weight of a step is `sparsity_weight * multiplier`. Once adapting, every
+    step multiplies the multiplier by exp(rate * (share - target) / target), share being
+    that step's share of the token-layers (the same on every process): a model that runs
+    more than the target is pushed harder towards halting, one that runs less more gently,
+    so models trained with different gradient paths or losses end near the same cost and
+    compare at equal latency. It starts adapting when a step first runs no more than the
+    target, or at step `start` if that comes first: held until then, the multiplier does
+    not grow while the scorers are still learning to halt anything (every token runs at
+    first), which would push far past the target later. The multiplier stays within
+    [1 / LIMIT, LIMIT]; `state()` goes into a training checkpoint (exact resume).
     """
 
     LIMIT = 1000.0
 
-    def __init__(self, target: float, rate: float, state: dict | None = None):
-        self.target, self.rate = target, rate
+    def __init__(self, target: float, rate: float, start: int, state: dict | None = None):
+        self.target, self.rate, self.start = target, rate, start
         state = state or {}
         self.multiplier, self.engaged = state.get("multiplier", 1.0), state.get("engaged", False)
 
     def state(self) -> dict:
         return {"multiplier": self.multiplier, "engaged": self.engaged}
 
-    def update(self, share: float) -> None:
-        self.engaged = self.engaged or share <= self.target
+    def update(self, share: float, step: int) -> None:
+        """After step `step` (0-based), which ran the share `share` of the token-layers."""
+        self.engaged = self.engaged or share <= self.target or step >= self.start
         if self.engaged:
             factor = math.exp(self.rate * (share - self.target) / self.target)
             self.multiplier = min(self.LIMIT, max(1.0 / self.LIMIT, self.multiplier * factor))

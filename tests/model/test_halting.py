@@ -381,23 +381,27 @@ def test_halting_start_holds_lambda_at_zero_then_starts_the_warmup():
     assert [at_step(no_ramp, step).sparsity_weight for step in (4, 5)] == [0.0, 0.5]
 
 
-def test_share_target_holds_lambda_until_the_target_is_reached_then_tracks_it_within_limits():
+def test_share_target_holds_lambda_until_the_target_or_its_start_step_then_tracks_it_within_limits():
     from haltdet.model.halting import ShareTarget
 
-    target = ShareTarget(0.4, 0.1)
-    target.update(0.9)  # every token still runs: lambda holds
+    target = ShareTarget(0.4, 0.1, start=100)
+    target.update(0.9, 0)  # every token still runs: lambda holds
     assert (target.multiplier, target.engaged) == (1.0, False)
-    target.update(0.4)
+    target.update(0.4, 1)  # the target reached before the start step: adapting from here
     assert (target.multiplier, target.engaged) == (1.0, True)
-    target.update(0.6)  # runs more than the target: lambda grows
+    target.update(0.6, 2)  # runs more than the target: lambda grows
     assert target.multiplier == pytest.approx(math.exp(0.1 * 0.2 / 0.4))
-    target.update(0.2)  # runs less: lambda shrinks, here back to its start
+    target.update(0.2, 3)  # runs less: lambda shrinks, here back to its start
     assert target.multiplier == pytest.approx(1.0)
-    resumed = ShareTarget(0.4, 0.1, target.state())
+    resumed = ShareTarget(0.4, 0.1, 100, target.state())
     assert (resumed.multiplier, resumed.engaged) == (target.multiplier, True)
     for _ in range(10_000):
-        target.update(1.0)
+        target.update(1.0, 4)
     assert target.multiplier == ShareTarget.LIMIT
+    never_there = ShareTarget(0.4, 0.1, start=2)  # a model that keeps more than the target at first
+    for step in range(3):
+        never_there.update(0.8, step)
+    assert never_there.engaged and never_there.multiplier == pytest.approx(math.exp(0.1))  # from step 2 only
 
 
 def test_training_to_a_target_share_adapts_lambda_every_step_and_resumes_exactly(tiny_config, tmp_path):
@@ -410,7 +414,8 @@ def test_training_to_a_target_share_adapts_lambda_every_step_and_resumes_exactly
 
     config = load_config(tiny_config(model={"num_layers": 4, "halting_layers": [1, 3], "halting_threshold": [0.953]},
                                      batch_size=2, max_steps=6, sparsity_weight=1.0, sparsity_target=0.4,
-                                     sparsity_target_rate=0.5, save_steps=[3], deterministic=True))
+                                     sparsity_target_rate=0.5, sparsity_target_after=0.5, save_steps=[3],
+                                     deterministic=True))
     train(config, tmp_path / "run", progress=False)
 
     def logged(run):
@@ -421,7 +426,7 @@ def test_training_to_a_target_share_adapts_lambda_every_step_and_resumes_exactly
     assert steps[1]["token_layers"] > 0.4 and steps[2]["sparsity_weight"] == 1.0  # held above the target
     engaged = False
     for step in range(1, 6):  # lambda of the next step from this step's share of token-layers
-        engaged = engaged or steps[step]["token_layers"] <= 0.4
+        engaged = engaged or steps[step]["token_layers"] <= 0.4 or step > 6 * 0.5  # sparsity_target_after
         factor = math.exp(0.5 * (steps[step]["token_layers"] - 0.4) / 0.4) if engaged else 1.0
         assert steps[step + 1]["sparsity_weight"] == pytest.approx(steps[step]["sparsity_weight"] * factor, rel=1e-9)
     assert len({round(entry["sparsity_weight"], 9) for entry in steps.values()}) > 1
