@@ -5,21 +5,23 @@
 # other point but a few then trains from that snapshot for the remaining 1,100 steps with
 # the halting fine-tune schedule (configs/halting.yaml: learning rate 5e-4, one-cycle, 5 %
 # warm-up), as the bundled halting model was trained, each with its own method: the
-# halting model at sparsity weight 0.25 (two seeds), 0.1, 1 and 3, the halting model with 8
+# halting model at sparsity weight 0.25 (three seeds), 0.1, 1 and 3, the halting model with 8
 # encoder layers (weight 0.25 and 0.1), the baseline with 4 and 8 layers (a shallower
 # encoder keeps the snapshot's first layers, a deeper one starts its extra layers afresh),
 # top-k and random dropping (keep ratios 0.1 and 0.6), ACT halting, 0.48 m pillars, and the
 # ablations: the halting gradient through both paths (weight 0.25, 0.5 with two seeds, and
-# 1 with two seeds), the hard drop, no recycling, a uniform sparsity loss. From the first
-# step, beside the baseline: the halting model (configs/halting_scratch.yaml, with both
-# gradient paths, with the residual path, and with the residual path and halting from a
-# quarter of the steps on) and a wider baseline (d_model 96, FFN 192, PFN 48/96), whose
-# step-2,900 snapshot starts the wider halting model (capacity for latency).
+# 1 with two seeds), the hard drop, no recycling, a uniform sparsity loss; and lambda
+# adapted to 0.4 of the token-layers (train.sparsity_target) with the residual path and with
+# both paths, two seeds each. From the first step, beside the baseline: the halting model
+# (configs/halting_scratch.yaml, with both gradient paths, with the residual path at seeds
+# 0 and 1, and with the residual path and halting from a quarter of the steps on) and a
+# wider baseline (d_model 96, FFN 192, PFN 48/96), whose step-2,900 snapshot starts the
+# wider halting model (capacity for latency).
 #
-# Cost, one thread per run on a 2-core CPU, two at a time: the five runs from the first
-# step (72-132 min each, about 4 h two at a time), then 21 runs of 20-40 min (about 5.5 h),
-# the wider halting model (35 min); then `haltdet pareto` twice (26 and 9 evaluations on
-# data/val800, two at a time, and one interleaved bench each; ~30 and ~10 min). About 11
+# Cost, one thread per run on a 2-core CPU, two at a time: the six runs from the first
+# step (72-132 min each, about 4.7 h two at a time), then 26 runs of 20-40 min (about 7 h),
+# the wider halting model (35 min); then `haltdet pareto` twice (26 and 16 evaluations on
+# data/val800, two at a time, and one interleaved bench each; ~30 and ~20 min). About 13
 # hours in all. Run it from the repository root, in the background:
 #   nohup bash scripts/reproduce_results_budget.sh > runs/reproduce_results_budget.log 2>&1 &
 # It can be stopped and started again: finished runs are skipped, stopped runs continue
@@ -42,6 +44,7 @@ RUN_LIST=(
   "halting_scratch_residual|halting_scratch|--set model.halting_gradient=residual --set train.sparsity_warmup=0.5"
   "size_wide|baseline|--set train.seed=1 --set model.d_model=96 --set model.ffn_dim=192 --set model.pfn_channels=[48,96]"
   "halting_scratch_start025|halting_scratch|--set model.halting_gradient=residual --set train.sparsity_warmup=0.5 --set train.halting_start=0.25"
+  "halting_scratch_residual_s1|halting_scratch|--set model.halting_gradient=residual --set train.sparsity_warmup=0.5 --set train.seed=1"
 )
 . "$(dirname "$0")/lanes.sh"
 run_lanes
@@ -60,6 +63,11 @@ RUN_LIST=(
   "size_shallow|baseline|--set model.num_layers=4"
   "coarse_048|peer_coarse|"
   "halting_s1|halting|--set train.seed=1"
+  "halting_s2|halting|--set train.seed=2"
+  "target_residual|halting|--set train.sparsity_target=0.4"
+  "target_residual_s1|halting|--set train.sparsity_target=0.4 --set train.seed=1"
+  "target_both|halting|--set model.halting_gradient=both --set train.sparsity_target=0.4"
+  "target_both_s1|halting|--set model.halting_gradient=both --set train.sparsity_target=0.4 --set train.seed=1"
   "gradient_both|halting|--set model.halting_gradient=both"
   "gradient_both_lambda05|halting|--set model.halting_gradient=both --set train.sparsity_weight=0.5"
   "gradient_both_lambda05_s1|halting|--set model.halting_gradient=both --set train.sparsity_weight=0.5 --set train.seed=1"

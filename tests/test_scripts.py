@@ -137,6 +137,10 @@ def test_reproduce_results_budget_runs_build_and_the_spec_names_them():
     assert scratch["halting_scratch"].train.sparsity_warmup == 0.5
     assert scratch["halting_scratch_residual"].model.halting_gradient == "residual"
     assert scratch["halting_scratch_start025"].train.halting_start == 0.25
+    assert scratch["halting_scratch_residual_s1"].train.seed == 1
+    for path in ("residual", "both"):  # the gradient paths at equal cost
+        for name in (f"target_{path}", f"target_{path}_s1"):
+            assert continued[name].model.halting_gradient == path and continued[name].train.sparsity_target == 0.4
     runs = {**scratch, **continued, **wide}
     named = set()
     for page in ("budget", "capacity"):
