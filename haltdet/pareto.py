@@ -107,8 +107,9 @@ def bench_name(point: dict) -> str:
 
 def evaluate_point(point: dict, data, progress: bool = True):
     """mAPH_L2 of a point with and without its second stage, its token-layers (of all
-    tokens, and of the tokens inside ground-truth boxes) and the steps and seconds of the run that wrote its checkpoint; with its predictions and the
-    ground truth, for the noise (`run_pareto`)."""
+    tokens, and of the tokens inside ground-truth boxes) and the steps and seconds of the
+    run that wrote its checkpoint; with its predictions and the ground truth, for the
+    noise (`run_pareto`)."""
     from haltdet.bench import load_spec as load_model_spec
     from haltdet.checkpoint import load_checkpoint
     from haltdet.evaluate import evaluate

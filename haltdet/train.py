@@ -316,7 +316,8 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
                 seeds = [frame_seed(t.seed, step, frame_id) for frame_id in batch.frame_ids]
                 settings = at_step(t, step)
                 if target:
-                    settings = dataclasses.replace(settings, sparsity_weight=settings.sparsity_weight * target.multiplier)
+                    settings = dataclasses.replace(settings,
+                                                   sparsity_weight=settings.sparsity_weight * target.multiplier)
                 losses = model.loss(output, targets, settings, boxes, labels, jitter_seeds=seeds)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()

@@ -433,7 +433,8 @@ def test_training_to_a_target_share_adapts_lambda_every_step_and_resumes_exactly
     (tmp_path / "resumed").mkdir()
     shutil.copy(tmp_path / "run" / "step_3.pt", tmp_path / "resumed" / "latest.pt")
     train(config, tmp_path / "resumed", resume=True, progress=False)
-    assert [logged("resumed")[s]["sparsity_weight"] for s in (4, 5, 6)] == [steps[s]["sparsity_weight"] for s in (4, 5, 6)]
+    resumed_log = logged("resumed")
+    assert [resumed_log[s]["sparsity_weight"] for s in (4, 5, 6)] == [steps[s]["sparsity_weight"] for s in (4, 5, 6)]
     resumed, uninterrupted = (load_checkpoint(tmp_path / run / "final.pt")["model"] for run in ("resumed", "run"))
     assert all(torch.equal(resumed[key], value) for key, value in uninterrupted.items())
 
