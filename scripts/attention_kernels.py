@@ -15,13 +15,17 @@ combination's. The encoder's choice (`encoder.attention_plan`) comes from this t
 survivors of a halting stage afresh, and of the survivors from the stored order
 (`WindowPartition.subset`, what the removal pass does). `--softmax-rows` times instead
 torch.softmax against `encoder.short_softmax` over 40,000 entries in rows of 4 to 32
-(torch's CPU softmax runs a scalar loop on rows shorter than its vector width). Run it on
-an otherwise idle machine:
+(torch's CPU softmax runs a scalar loop on rows shorter than its vector width).
+`--bucket-calls` times instead one bucket's attention call, the fused kernel against the
+matrix products, for buckets of 1 to 40 windows of 18 to 144 slots (random tokens, 60 %
+of the slots filled): what a call costs when few windows fill a bucket, as after a halting
+stage. Run it on an otherwise idle machine:
 
     python scripts/attention_kernels.py --threads 2
     python scripts/attention_kernels.py --threads 1
     python scripts/attention_kernels.py --threads 2 --partitions
     python scripts/attention_kernels.py --threads 1 --softmax-rows
+    python scripts/attention_kernels.py --threads 1 --bucket-calls
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from haltdet.model.pillars import PointBatch
 
 BUCKETS = {"six": (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0),
            "nine": (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)}
-MATMUL_MAX = (0, 15, 36, 72, 144)
+MATMUL_MAX = (0, 15, 36, 72, 108, 144)
 SOFTMAX = {"short": encoder.short_softmax, "torch": lambda logits: torch.softmax(logits, dim=-1)}
 
 
@@ -52,13 +56,18 @@ def main() -> None:
     parser.add_argument("--partitions", action="store_true", help="time the window partitions instead")
     parser.add_argument("--kept", type=float, default=0.12, help="share of tokens surviving, for --partitions")
     parser.add_argument("--softmax-rows", action="store_true", help="time the softmax of short rows instead")
+    parser.add_argument("--bucket-calls", action="store_true", help="time single buckets' attention calls instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    haltdet.keep_freed_memory()  # as the haltdet command does
     if args.partitions:
         time_partitions(args)
         return
     if args.softmax_rows:
         time_softmax_rows(args)
+        return
+    if args.bucket_calls:
+        time_bucket_calls(args)
         return
     plan, short_softmax = encoder.attention_plan, encoder.short_softmax
     try:
@@ -99,6 +108,25 @@ def time_softmax_rows(args) -> None:
         ways = {"torch": lambda: torch.softmax(logits, dim=-1), "short": lambda: encoder.short_softmax(logits)}
         times = interleaved_medians(ways, args.rounds * 10)
         print(f"  rows of {length:2d}: {times['torch']:6.3f} {times['short']:6.3f}")
+
+
+def time_bucket_calls(args, heads: int = 4, head_dim: int = 16) -> None:
+    """Median microseconds of one bucket's `encoder.window_attention` with the fused kernel
+    and with matrix products, per bucket shape, interleaved."""
+    print(f"one bucket's attention ({heads} heads of {head_dim}), {args.threads} thread(s), "
+          "median us per call (fused kernel, matrix products):")
+    generator = torch.Generator().manual_seed(0)
+    for slots in (18, 36, 54, 72, 108, 144):
+        for windows in (1, 2, 4, 8, 16, 40):
+            q, k, v = torch.randn(3, windows, heads, slots, head_dim, generator=generator).unbind(0)
+            valid = torch.rand(windows, slots, generator=generator) < 0.6
+            valid[:, 0] = True
+            fused = encoder.Bucket(torch.zeros(windows * slots, dtype=torch.long), valid, slots, fused=True)
+            products = encoder.Bucket(fused.gather_index, valid, slots, fused=False)
+            ways = {"fused": lambda: encoder.window_attention(q, k, v, fused),
+                    "products": lambda: encoder.window_attention(q, k, v, products)}
+            times = interleaved_medians(ways, args.rounds * 30)
+            print(f"  {windows:2d} windows of {slots:3d} slots: {1e3 * times['fused']:7.1f} {1e3 * times['products']:7.1f}")
 
 
 def time_partitions(args) -> None:
