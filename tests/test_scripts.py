@@ -107,7 +107,7 @@ def test_reproduce_results_budget_runs_build_and_the_spec_names_them():
     script = ROOT / "scripts" / "reproduce_results_budget.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    phases = [{}, {}, {}]
+    phases = [{}, {}, {}, {}]
     blocks = text.split("RUN_LIST=(")[1:]
     assert len(blocks) == len(phases)
     for phase, block in zip(phases, blocks):
@@ -115,15 +115,17 @@ def test_reproduce_results_budget_runs_build_and_the_spec_names_them():
             if line.strip().startswith('"'):
                 name, config, overrides = line.strip().strip('"').split("|")
                 phase[name] = load_config(config, shlex.split(overrides)[1::2])
-    scratch, continued, wide = phases
+    scratch, continued, wide, second = phases
     snapshot = scratch["baseline_s1"]
     assert snapshot.train.seed == 1 and 2900 in snapshot.train.save_steps
-    assert 'FRESH_ARGS=(--init "$RUNS/baseline_s1/step_2900.pt")' in text
-    assert 'FRESH_ARGS=(--init "$RUNS/size_wide/step_2900.pt")' in text.split("RUN_LIST=(")[3]
+    assert 'FRESH_ARGS=(--init "$RUNS/baseline_s1/step_2900.pt")' in blocks[1]
+    assert 'FRESH_ARGS=(--init "$RUNS/size_wide/step_2900.pt")' in blocks[2]
+    assert 'FRESH_ARGS=(--init "$RUNS/baseline_s0/step_2900.pt")' in blocks[3]
     assert "train.max_steps=1100" in text and 2900 + 1100 == snapshot.train.max_steps
-    wider = scratch["size_wide"]
+    wider, seed0 = scratch["size_wide"], scratch["baseline_s0"]
     assert 2900 in wider.train.save_steps and wider.model.d_model == 96
-    for start, runs in ((snapshot, continued), (wider, wide)):
+    assert 2900 in seed0.train.save_steps and seed0.train.seed == 0 and seed0.model == snapshot.model
+    for start, runs in ((snapshot, continued), (wider, wide), (seed0, second)):
         weights = Detector(start.model).state_dict()
         for name, config in runs.items():  # the snapshot loads: only scorers and extra layers start afresh
             model = Detector(config.model).state_dict()
@@ -138,10 +140,12 @@ def test_reproduce_results_budget_runs_build_and_the_spec_names_them():
     assert scratch["halting_scratch_residual"].model.halting_gradient == "residual"
     assert scratch["halting_scratch_start025"].train.halting_start == 0.25
     assert scratch["halting_scratch_residual_s1"].train.seed == 1
+    assert scratch["halting_scratch_start05_s1"].train.halting_start == 0.5
+    assert not continued["baseline_restart"].model.halting_layers  # the schedule's control
     for path in ("residual", "both"):  # the gradient paths at equal cost
         for name in (f"target_{path}", f"target_{path}_s1"):
             assert continued[name].model.halting_gradient == path and continued[name].train.sparsity_target == 0.4
-    runs = {**scratch, **continued, **wide}
+    runs = {**scratch, **continued, **wide, **second}
     named = set()
     for page in ("budget", "capacity"):
         spec = load_spec(ROOT / "docs" / "results" / f"pareto_{page}_spec.yaml")
