@@ -21,7 +21,6 @@ import torch.distributed as dist
 from torch import nn
 
 _GLOBAL_LOSSES = False
-_JOINED = False  # init_from_env made this process join a process group
 
 
 def world_size() -> int:
@@ -38,19 +37,8 @@ def init_from_env(device: str) -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        global _JOINED
         dist.init_process_group("nccl" if cuda else "gloo")
-        _JOINED = True
     return dist.get_rank(), world, torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else device)
-
-
-def leave() -> None:
-    """Destroy the process group `init_from_env` joined, if it did: explicitly, rather than
-    in the interpreter's teardown at exit, where the backend's threads may still run."""
-    global _JOINED
-    if _JOINED and dist.is_initialized():
-        dist.destroy_process_group()
-    _JOINED = False
 
 
 class _AllReduceSum(torch.autograd.Function):

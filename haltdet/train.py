@@ -39,7 +39,7 @@ from haltdet.checkpoint import load_checkpoint, load_weights, rng_state, save_ch
 from haltdet.config import Config, TrainConfig
 from haltdet.data.dataset import FrameFolder, collate
 from haltdet.data.formats import data_source
-from haltdet.distributed import all_reduce_sum, global_batch_losses, init_from_env, leave, sync_batchnorm
+from haltdet.distributed import all_reduce_sum, global_batch_losses, init_from_env, sync_batchnorm
 from haltdet.model.detector import Detector
 from haltdet.model.halting import ShareTarget
 
@@ -219,7 +219,6 @@ def train(config: Config, out_dir: str | Path, resume: bool = False, device: str
         return _train(config, Path(out_dir), resume, device, progress, init, rank, world)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
-        leave()
 
 
 def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, progress: bool,
