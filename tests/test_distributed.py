@@ -133,3 +133,16 @@ def test_two_gloo_processes_train_the_refiner_like_one(tiny_config, tmp_path):
     update = torch.cat([(b[k] - start[k]).flatten() for k in refiner]).norm()
     print("refiner after 3 steps, |2 processes - 1| / |update|:", float(difference / update))
     assert update > 0 and difference <= 1e-3 * update
+
+
+def test_a_torchrun_worker_ends_without_the_interpreter_teardown(tmp_path):
+    """Under torchrun the command leaves with os._exit once its work is done (the teardown
+    can abort on native threads still releasing tensors): the exit code and the output are
+    kept, Python's exit handlers do not run. Outside torchrun the teardown runs as usual."""
+    script = ("import atexit, sys; from haltdet.cli import main; atexit.register(print, 'teardown ran'); "
+              f"sys.argv = ['haltdet', 'eval', '--checkpoint', {str(tmp_path / 'missing.pt')!r}, '--data', {str(tmp_path)!r}]; sys.exit(main())")
+    for world, teardown in (("2", False), ("1", True)):
+        done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "WORLD_SIZE": world},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and "missing.pt" in done.stderr, (world, done.stderr[-2000:])
+        assert ("teardown ran" in done.stdout) == teardown, (world, done.stdout)
