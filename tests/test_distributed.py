@@ -139,8 +139,9 @@ def test_a_torchrun_worker_ends_without_the_interpreter_teardown(tmp_path):
     """Under torchrun the command leaves with os._exit once its work is done (the teardown
     can abort on native threads still releasing tensors): the exit code and the output are
     kept, Python's exit handlers do not run. Outside torchrun the teardown runs as usual."""
+    argv = ["haltdet", "eval", "--checkpoint", str(tmp_path / "missing.pt"), "--data", str(tmp_path)]
     script = ("import atexit, sys; from haltdet.cli import main; atexit.register(print, 'teardown ran'); "
-              f"sys.argv = ['haltdet', 'eval', '--checkpoint', {str(tmp_path / 'missing.pt')!r}, '--data', {str(tmp_path)!r}]; sys.exit(main())")
+              f"sys.argv = {argv!r}; sys.exit(main())")
     for world, teardown in (("2", False), ("1", True)):
         done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "WORLD_SIZE": world},
                               capture_output=True, text=True, timeout=300)
