@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     inference.add_argument("--dtype", choices=INFERENCE_DTYPES,
                            help="precision of the dense stage (BEV convolutions and head) at inference "
                                 "(default: the checkpoint's, float32): bfloat16 is faster on CPUs with AMX and "
-                                "on GPUs, its accuracy measured in docs/experiments.md")
+                                "on GPUs, far slower on CPUs without AVX-512 (a warning says so), its accuracy "
+                                "measured in docs/experiments.md")
 
     # Options of the commands that read a points file.
     raw = argparse.ArgumentParser(add_help=False)

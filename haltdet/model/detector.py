@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -22,6 +24,22 @@ from haltdet.model.head import (BEVBackbone, CenterHead, Detections, HeadTargets
 from haltdet.model.pillars import PillarFeatureNet, PointBatch, Tokens, pillar_centres
 from haltdet.model.refine import (BoxRefiner, refine_detections, refinement_loss, refinement_targets,
                                   training_proposals)
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def cpu_runs_bfloat16() -> bool:
+    """Whether this CPU runs bfloat16 convolutions in oneDNN's fast kernels (AVX-512 and
+    newer); without them (AVX2 CPUs) bfloat16 falls back to slow reference code: the dense
+    stage took 1,089 ms per frame against 101 ms in float32 on a 2-core AVX2 CPU (`haltdet
+    bench --checkpoint baseline --checkpoint baseline@bfloat16 --threads 1`). True when
+    it cannot be told."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
 
 
 @dataclass
@@ -47,6 +65,7 @@ class Detector(nn.Module):
         config.validate()
         self.config = config
         self.grid = config.grid_size()
+        self._slow_bfloat16_said = False  # warned once that this CPU runs bfloat16 slowly
         self.pillar_net = PillarFeatureNet(config.point_cloud_range, config.pillar_size,
                                            config.pfn_channels, config.max_pillars, config.max_points,
                                            config.max_points_per_pillar)
@@ -148,7 +167,12 @@ class Detector(nn.Module):
         the refiner ran slower in it (docs/experiments.md)."""
         if self.training or self.config.inference_dtype == "float32":
             return nullcontext()
-        return torch.autocast(next(self.parameters()).device.type, dtype=torch.bfloat16)
+        device = next(self.parameters()).device.type
+        if device == "cpu" and not cpu_runs_bfloat16() and not self._slow_bfloat16_said:
+            log.warning("bfloat16 inference on a CPU without fast bfloat16 kernels (%s): the dense stage "
+                        "runs several times slower than in float32", torch.backends.cpu.get_cpu_capability())
+            self._slow_bfloat16_said = True
+        return torch.autocast(device, dtype=torch.bfloat16)
 
     def forward(self, batch: PointBatch, masked: bool | None = None) -> DetectorOutput:
         """masked: use the masked (training) halting pass; default: in training mode."""

@@ -173,6 +173,23 @@ def test_bfloat16_inference_is_close_to_float32_deterministic_and_off_in_trainin
         model.configure(inference_dtype="float16")
 
 
+def test_bfloat16_on_a_cpu_without_fast_kernels_is_said_once(monkeypatch, caplog):
+    """Where oneDNN has no fast bfloat16 kernels (AVX2 CPUs) bfloat16 inference is several
+    times slower than float32: the model says so once, and nothing where the kernels exist."""
+    from haltdet.model import detector
+
+    batch = PointBatch.from_list([random_cloud(2000, 4)])
+    for fast, warnings in ((True, 0), (False, 1)):
+        monkeypatch.setattr(detector, "cpu_runs_bfloat16", lambda fast=fast: fast)
+        model = Detector(ModelConfig(**SMALL)).eval()
+        model.configure(inference_dtype="bfloat16")
+        caplog.clear()
+        with torch.no_grad():
+            model(batch), model(batch)
+        said = [r for r in caplog.records if "without fast bfloat16 kernels" in r.getMessage()]
+        assert len(said) == warnings, (fast, [r.getMessage() for r in caplog.records])
+
+
 @pytest.mark.parametrize("stride", [1, 2, 4])
 def test_strided_convolution_on_tokens_equals_the_dense_one(stride):
     """The BEV stage's first convolution reads the tokens directly; it must equal the
