@@ -240,3 +240,19 @@ def test_lanes_train_each_run_once_resume_stopped_ones_and_skip_finished_ones(tm
     assert new.endswith("--init start.pt --set train.max_steps=7 --set train.seed=1")
     assert other.endswith("--init start.pt --set train.max_steps=7")
     assert stopped.endswith("--resume --set train.max_steps=7") and "--init" not in stopped
+
+
+def test_halting_oracle_script_keeps_the_objects_and_runs_every_token(tiny_data, tmp_path):
+    """scripts/halting_oracle.py: with ground-truth scores every object token runs every
+    layer; with nothing halting every token does; the learned scorers halt some."""
+    out = tmp_path / "oracle.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "halting_oracle.py"), "halting",
+                             "--baseline", "baseline", "--data", str(tiny_data), "--frames", "2",
+                             "--bootstrap", "5", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["learned", "objects kept", "objects first", "nothing halts", "baseline"]
+    assert rows["learned"]["token_layers"] < 1 and rows["learned"]["foreground_token_layers"] < 1
+    assert rows["objects kept"]["foreground_token_layers"] == 1.0
+    assert rows["nothing halts"]["token_layers"] == rows["nothing halts"]["foreground_token_layers"] == 1.0
+    assert all(rows[name]["difference"] is not None for name in list(rows)[1:])

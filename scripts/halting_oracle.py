@@ -1,0 +1,143 @@
+"""A halting model under scorers that know the ground truth, at inference.
+
+Evaluates one halting model (first stage) on a split under scorers that know the ground
+truth, each against the model as trained, on the same frames (paired bootstrap):
+  * learned: the model as it is;
+  * objects kept: every token whose pillar centre lies in a ground-truth box (in BEV,
+    enlarged by --margin) is kept at every stage; the rest halt as the scorers say;
+  * objects first: per frame and stage the same number of tokens is kept as the scorers
+    keep, chosen object tokens first, then by score: the same token-layers, a perfect
+    ranking of objects against background;
+  * nothing halts: the same weights with every token run through every layer;
+and the baseline (`--baseline`), for reference. It asks whether the scorers' choices are
+what halting costs. The answer needs care: the layers after a stage, the BEV stage and the
+head were trained on the token sets the scorers chose (and on halted tokens' features
+from the layer they halted at), so any other choice at inference is also a change of
+input distribution (docs/experiments.md has the figures).
+
+    python scripts/halting_oracle.py halting --baseline baseline --data data/val800 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from haltdet.bench import load_spec
+from haltdet.data.dataset import FrameFolder
+from haltdet.evaluate import evaluate
+from haltdet.predict import predict_dataset, summarise_tokens
+
+
+class GroundTruthScores:
+    """Replaces the scores of a model's halting stages by a rule that knows the boxes of
+    the frames being run. `boxes`: per batch, per frame, the frame's boxes, in the order
+    `predict_dataset` runs them (batch_size 2, the dataset's order)."""
+
+    def __init__(self, model, rule: str, margin: float):
+        self.model, self.rule, self.margin = model, rule, margin
+        self.batches: list[list[np.ndarray]] = []
+        self.current: list[np.ndarray] = []
+        halting = model.encoder.halting
+        for stage, scorer in enumerate(halting.scorers):
+            scorer.forward = self._wrap(scorer.forward, stage)
+        forward = model.forward
+
+        def run(points, *args, **kwargs):
+            self.current = self.batches.pop(0)
+            return forward(points, *args, **kwargs)
+        model.forward = run
+
+    def _foreground(self, coords: torch.Tensor) -> torch.Tensor:
+        tokens = type("T", (), {"coords": coords})()
+        return self.model.tokens_in_boxes(tokens, self.current, self.margin)
+
+    def _wrap(self, forward, stage: int):
+        def scores(x, coords, active, batch_size):
+            learned = forward(x, coords, active, batch_size)
+            foreground = self._foreground(coords) & active
+            threshold = self.model.encoder.halting.thresholds[stage]
+            if self.rule == "objects kept":
+                return torch.where(foreground, torch.ones_like(learned), learned)
+            # objects first: as many kept per frame as the learned scores keep
+            kept = active & (learned * active >= threshold)
+            chosen = torch.zeros_like(active)
+            frame = coords[:, 0]
+            for f in torch.unique(frame).tolist():
+                rows = torch.nonzero((frame == f) & active).flatten()
+                count = int(kept[rows].sum())
+                key = learned[rows] + 2.0 * foreground[rows].to(learned.dtype)
+                order = torch.argsort(key, descending=True, stable=True)
+                chosen[rows[order[:count]]] = True
+            return chosen.to(learned.dtype)
+        return scores
+
+
+def batches_of_boxes(data: str, batch_size: int, frames: int = 0) -> list[list[np.ndarray]]:
+    dataset = FrameFolder(data)
+    boxes = [dataset[i].boxes for i in range(min(frames, len(dataset)) if frames else len(dataset))]
+    return [boxes[i:i + batch_size] for i in range(0, len(boxes), batch_size)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="a halting model: checkpoint or bundled name")
+    parser.add_argument("--baseline", default=None, help="a baseline to show beside (checkpoint or name)")
+    parser.add_argument("--data", default="data/val")
+    parser.add_argument("--margin", type=float, default=0.0, help="metres added to each box in BEV")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--frames", type=int, default=0, help="the split's first frames only (0: all)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    def first_stage(spec):
+        model = load_spec(spec, "cpu")
+        if model.refiner is not None:
+            model.configure(second_stage=False)
+        return model
+
+    reference = first_stage(args.model)
+    ref_pred, truth, ref_tokens = predict_dataset(reference, args.data, 2, "cpu", False, 0, args.frames)
+    rows = {"learned": (evaluate(truth, ref_pred, bootstrap=args.bootstrap), ref_tokens)}
+    for rule in ("objects kept", "objects first"):
+        model = first_stage(args.model)
+        oracle = GroundTruthScores(model, rule, args.margin)
+        oracle.batches = batches_of_boxes(args.data, 2, args.frames)
+        pred, _, tokens = predict_dataset(model, args.data, 2, "cpu", False, 0, args.frames)
+        rows[rule] = (evaluate(truth, pred, bootstrap=args.bootstrap, against=ref_pred), tokens)
+    model = first_stage(args.model)
+    model.configure(halting_threshold=[0.0] * len(model.encoder.halting))
+    pred, _, tokens = predict_dataset(model, args.data, 2, "cpu", False, 0, args.frames)
+    rows["nothing halts"] = (evaluate(truth, pred, bootstrap=args.bootstrap, against=ref_pred), tokens)
+    if args.baseline:
+        pred, _, _ = predict_dataset(first_stage(args.baseline), args.data, 2, "cpu", False, 0, args.frames)
+        rows["baseline"] = (evaluate(truth, pred, bootstrap=args.bootstrap, against=ref_pred), None)
+
+    report = {}
+    print(f"{args.model} on {args.data}, first stage; differences from 'learned' over the same "
+          f"resampled frames ({args.bootstrap} sets)")
+    print(f"{'scores':<15} {'mAPH_L2':>8} {'vs learned':>11} {'(std)':>7} {'token-layers':>13} {'objects':>8}")
+    for name, (result, tokens) in rows.items():
+        summary = summarise_tokens(tokens) if tokens else {}
+        against = result.get("against", {})
+        report[name] = {"mAPH_L2": result["mAPH_L2"], "difference": against.get("difference"),
+                        "difference_std": against.get("difference_std"),
+                        "token_layers": summary.get("token_layers"),
+                        "foreground_token_layers": summary.get("foreground_token_layers")}
+        r = report[name]
+        print(f"{name:<15} {r['mAPH_L2']:8.4f} "
+              + (f"{r['difference']:+11.4f} {r['difference_std']:7.4f}" if r["difference"] is not None
+                 else f"{'':>11} {result['bootstrap']['mAPH_L2_std']:7.4f}")
+              + (f" {r['token_layers']:13.3f} {r['foreground_token_layers']:8.3f}" if tokens else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "data": args.data, "margin": args.margin, "rows": report}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
