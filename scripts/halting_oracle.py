@@ -8,14 +8,20 @@ truth, each against the model as trained, on the same frames (paired bootstrap):
   * objects first: per frame and stage the same number of tokens is kept as the scorers
     keep, chosen object tokens first, then by score: the same token-layers, a perfect
     ranking of objects against background;
+  * objects only (`--rules`): object tokens run every layer, every other token halts at
+    the first stage (the decisions `scripts/halting_oracle_train.py` trains with);
   * nothing halts: the same weights with every token run through every layer;
-and the baseline (`--baseline`), for reference. It asks whether the scorers' choices are
+and the baseline (`--baseline`), for reference. `--reference CHECKPOINT` compares with
+another model instead of the model's learned scores (a model trained with ground-truth
+decisions against a baseline trained alike). It asks whether the scorers' choices are
 what halting costs. The answer needs care: the layers after a stage, the BEV stage and the
 head were trained on the token sets the scorers chose (and on halted tokens' features
 from the layer they halted at), so any other choice at inference is also a change of
 input distribution (docs/experiments.md has the figures).
 
     python scripts/halting_oracle.py halting --baseline baseline --data data/val800 --threads 1
+    python scripts/halting_oracle.py runs/oracle/gt_halting/final.pt --rules "objects only" \
+        --reference runs/oracle/baseline_ft/final.pt --data data/val800
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ class GroundTruthScores:
             threshold = self.model.encoder.halting.thresholds[stage]
             if self.rule == "objects kept":
                 return torch.where(foreground, torch.ones_like(learned), learned)
+            if self.rule == "objects only":
+                return foreground.to(learned.dtype)
             # objects first: as many kept per frame as the learned scores keep
             kept = active & (learned * active >= threshold)
             chosen = torch.zeros_like(active)
@@ -82,9 +90,16 @@ def batches_of_boxes(data: str, batch_size: int, frames: int = 0) -> list[list[n
     return [boxes[i:i + batch_size] for i in range(0, len(boxes), batch_size)]
 
 
+RULES = ("objects kept", "objects first", "objects only", "nothing halts")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a halting model: checkpoint or bundled name")
+    parser.add_argument("--rules", nargs="+", choices=RULES, default=["objects kept", "objects first", "nothing halts"],
+                        help="the scorers to replace the learned ones with")
+    parser.add_argument("--reference", default=None,
+                        help="compare with this model (checkpoint or name) instead of the model's learned scores")
     parser.add_argument("--baseline", default=None, help="a baseline to show beside (checkpoint or name)")
     parser.add_argument("--data", default="data/val")
     parser.add_argument("--margin", type=float, default=0.0, help="metres added to each box in BEV")
@@ -101,27 +116,33 @@ def main() -> None:
             model.configure(second_stage=False)
         return model
 
-    reference = first_stage(args.model)
-    ref_pred, truth, ref_tokens = predict_dataset(reference, args.data, 2, "cpu", False, 0, args.frames)
-    rows = {"learned": (evaluate(truth, ref_pred, bootstrap=args.bootstrap), ref_tokens)}
-    for rule in ("objects kept", "objects first"):
+    def predict(model):
+        return predict_dataset(model, args.data, 2, "cpu", False, 0, args.frames)
+
+    learned, truth, learned_tokens = predict(first_stage(args.model))
+    rows, reference = {}, learned
+    if args.reference:
+        reference = predict(first_stage(args.reference))[0]
+        rows["reference"] = (evaluate(truth, reference, bootstrap=args.bootstrap), None)
+    rows["learned"] = (evaluate(truth, learned, bootstrap=args.bootstrap,
+                                against=reference if args.reference else None), learned_tokens)
+    for rule in args.rules:
         model = first_stage(args.model)
-        oracle = GroundTruthScores(model, rule, args.margin)
-        oracle.batches = batches_of_boxes(args.data, 2, args.frames)
-        pred, _, tokens = predict_dataset(model, args.data, 2, "cpu", False, 0, args.frames)
-        rows[rule] = (evaluate(truth, pred, bootstrap=args.bootstrap, against=ref_pred), tokens)
-    model = first_stage(args.model)
-    model.configure(halting_threshold=[0.0] * len(model.encoder.halting))
-    pred, _, tokens = predict_dataset(model, args.data, 2, "cpu", False, 0, args.frames)
-    rows["nothing halts"] = (evaluate(truth, pred, bootstrap=args.bootstrap, against=ref_pred), tokens)
+        if rule == "nothing halts":
+            model.configure(halting_threshold=[0.0] * len(model.encoder.halting))
+        else:
+            GroundTruthScores(model, rule, args.margin).batches = batches_of_boxes(args.data, 2, args.frames)
+        pred, _, tokens = predict(model)
+        rows[rule] = (evaluate(truth, pred, bootstrap=args.bootstrap, against=reference), tokens)
     if args.baseline:
-        pred, _, _ = predict_dataset(first_stage(args.baseline), args.data, 2, "cpu", False, 0, args.frames)
-        rows["baseline"] = (evaluate(truth, pred, bootstrap=args.bootstrap, against=ref_pred), None)
+        rows["baseline"] = (evaluate(truth, predict(first_stage(args.baseline))[0], bootstrap=args.bootstrap,
+                                     against=reference), None)
 
     report = {}
-    print(f"{args.model} on {args.data}, first stage; differences from 'learned' over the same "
+    compared = args.reference or "learned"
+    print(f"{args.model} on {args.data}, first stage; differences from {compared} over the same "
           f"resampled frames ({args.bootstrap} sets)")
-    print(f"{'scores':<15} {'mAPH_L2':>8} {'vs learned':>11} {'(std)':>7} {'token-layers':>13} {'objects':>8}")
+    print(f"{'scores':<15} {'mAPH_L2':>8} {'vs ' + compared[:8]:>11} {'(std)':>7} {'token-layers':>13} {'objects':>8}")
     for name, (result, tokens) in rows.items():
         summary = summarise_tokens(tokens) if tokens else {}
         against = result.get("against", {})
@@ -136,7 +157,8 @@ def main() -> None:
               + (f" {r['token_layers']:13.3f} {r['foreground_token_layers']:8.3f}" if tokens else ""))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "data": args.data, "margin": args.margin, "rows": report}, f, indent=2)
+            json.dump({"model": args.model, "reference": args.reference, "data": args.data, "margin": args.margin,
+                       "rows": report}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from haltdet.cli import build_parser
 
@@ -256,3 +257,27 @@ def test_halting_oracle_script_keeps_the_objects_and_runs_every_token(tiny_data,
     assert rows["objects kept"]["foreground_token_layers"] == 1.0
     assert rows["nothing halts"]["token_layers"] == rows["nothing halts"]["foreground_token_layers"] == 1.0
     assert all(rows[name]["difference"] is not None for name in list(rows)[1:])
+
+
+def test_ground_truth_halting_trains_and_is_evaluated_against_a_reference(tiny_config, tmp_path):
+    """scripts/halting_oracle_train.py trains a halting model whose decisions are the
+    ground truth's (object tokens run every layer, the rest halt at the first stage), and
+    scripts/halting_oracle.py evaluates it with the same decisions against a reference."""
+    config = tiny_config(model={"num_layers": 4, "halting_layers": [1, 3]}, sparsity_weight=0.0, max_steps=2)
+    run = tmp_path / "gt"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "halting_oracle_train.py"), "--",
+                             "--config", str(config), "--out", str(run), "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert 0.25 < log[0]["token_layers"] < 1  # the first stage's share and the objects' layers
+    data = yaml.safe_load(config.read_text())["data"]["train"]
+    out = tmp_path / "oracle.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "halting_oracle.py"), str(run / "final.pt"),
+                             "--rules", "objects only", "--reference", str(run / "final.pt"), "--data", data,
+                             "--bootstrap", "5", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["reference", "learned", "objects only"]
+    assert rows["learned"]["difference"] == 0.0  # the model against itself
+    only = rows["objects only"]
+    assert only["foreground_token_layers"] == 1.0 and only["token_layers"] < 1
