@@ -57,14 +57,11 @@ class GroundTruthScores:
             return forward(points, *args, **kwargs)
         model.forward = run
 
-    def _foreground(self, coords: torch.Tensor) -> torch.Tensor:
-        tokens = type("T", (), {"coords": coords})()
-        return self.model.tokens_in_boxes(tokens, self.current, self.margin)
 
     def _wrap(self, forward, stage: int):
         def scores(x, coords, active, batch_size):
             learned = forward(x, coords, active, batch_size)
-            foreground = self._foreground(coords) & active
+            foreground = self.model.tokens_in_boxes(coords, self.current, self.margin) & active
             threshold = self.model.encoder.halting.thresholds[stage]
             if self.rule == "objects kept":
                 return torch.where(foreground, torch.ones_like(learned), learned)

@@ -6,8 +6,8 @@ batch: a token whose pillar centre lies in a box of its frame (in BEV, enlarged 
 first stage. The rest of the network learns with those decisions, as a halting model
 learns with its scorers'; `scripts/halting_oracle.py --rules "objects only"` evaluates it
 with the same decisions. Set against a baseline trained alike, it tells what halting
-costs when the choice of tokens is perfect: the share of what halting loses that is not
-its scorers'. Arguments after the script's own go to `haltdet train`:
+costs or gives when its decisions are right (docs/experiments.md). Arguments after the
+script's own go to `haltdet train`:
 
     python scripts/halting_oracle_train.py --margin 0 -- --config halting \\
         --init haltdet/checkpoints/baseline.pt --out runs/oracle --set train.max_steps=600
@@ -35,8 +35,7 @@ def ground_truth_halting(margin: float) -> None:
         return targets(self, boxes, labels)
 
     def scores(self, x, coords, active, batch_size):
-        tokens = type("Tokens", (), {"coords": coords})()
-        return batch["model"].tokens_in_boxes(tokens, batch["boxes"], margin).to(x.dtype)
+        return batch["model"].tokens_in_boxes(coords, batch["boxes"], margin).to(x.dtype)
 
     Detector.targets = remember
     TokenScorer.forward = scores

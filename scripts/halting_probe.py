@@ -53,7 +53,7 @@ def main() -> None:
         hook.remove()
         detection_only = dataclasses.replace(config.train, sparsity_weight=0.0)
         detection = model.loss(output, model.targets(boxes, labels), detection_only, boxes, labels)["loss"]
-        foreground = model.tokens_in_boxes(output.tokens, boxes, config.train.sparsity_margin)
+        foreground = model.tokens_in_boxes(output.tokens.coords, boxes, config.train.sparsity_margin)
         sparsity = config.train.sparsity_weight * model.sparsity_loss(output, config.train, foreground)
         scores = [decisions[s].scores for s in sorted(decisions)]
         foreground = foreground.detach()

@@ -41,7 +41,6 @@ def cpu_runs_bfloat16() -> bool:
         return True
 
 
-
 @dataclass
 class DetectorOutput:
     """Raw outputs of a forward pass.
@@ -231,7 +230,7 @@ class Detector(nn.Module):
                   "direction": direction.detach()}
         if self.halting:
             encoded = output.encoded
-            foreground = (self.tokens_in_boxes(output.tokens, boxes, train.sparsity_margin)
+            foreground = (self.tokens_in_boxes(output.tokens.coords, boxes, train.sparsity_margin)
                           if boxes is not None else None)
             if train.sparsity_weight > 0:
                 sparsity = self.sparsity_loss(output, train, foreground)
@@ -269,11 +268,12 @@ class Detector(nn.Module):
                  + train.refine_iou_weight * parts["refine_iou"])
         return total, {k: v.detach() for k, v in parts.items()}
 
-    def tokens_in_boxes(self, tokens: Tokens, boxes: list[np.ndarray], margin: float = 0.0) -> torch.Tensor:
-        """(T,) bool: the token's pillar centre lies inside a box of its frame (in BEV, the
-        box enlarged by `margin` metres on every side)."""
-        inside = torch.zeros(tokens.coords.shape[0], dtype=torch.bool)
-        coords = tokens.coords.cpu()
+    def tokens_in_boxes(self, coords: torch.Tensor, boxes: list[np.ndarray], margin: float = 0.0) -> torch.Tensor:
+        """(T,) bool: the pillar centre of each token (coords (T, 3): frame, iy, ix) lies
+        inside a box of its frame (in BEV, the box enlarged by `margin` metres on every side)."""
+        device = coords.device
+        inside = torch.zeros(coords.shape[0], dtype=torch.bool)
+        coords = coords.cpu()
         centres = pillar_centres(coords, self.config.point_cloud_range, self.config.pillar_size)
         centres = torch.cat([centres, torch.zeros(coords.shape[0], 1)], dim=1)
         for frame, frame_boxes in enumerate(boxes):
@@ -283,7 +283,7 @@ class Detector(nn.Module):
             flat_boxes = torch.as_tensor(np.asarray(frame_boxes), dtype=torch.float32).clone()
             flat_boxes[:, 2], flat_boxes[:, 5] = 0.0, 1e6  # ignore height
             inside[index] = points_in_boxes(centres[index], flat_boxes, margin=margin).any(0)
-        return inside.to(tokens.coords.device)
+        return inside.to(device)
 
     def sparsity_loss(self, output: DetectorOutput, train, foreground: torch.Tensor | None) -> torch.Tensor:
         """The token sparsity loss (`halting.sparsity_loss`): per-token weights from
@@ -346,5 +346,5 @@ class Detector(nn.Module):
     def token_statistics(self, output: DetectorOutput, boxes: list[np.ndarray]) -> list[dict]:
         """Per frame: how many tokens each layer processed, objects against background
         (`halting.token_statistics`)."""
-        return token_statistics(output.encoded.halted_at, self.tokens_in_boxes(output.tokens, boxes),
+        return token_statistics(output.encoded.halted_at, self.tokens_in_boxes(output.tokens.coords, boxes),
                                 output.tokens.coords[:, 0], len(boxes), self.config.num_layers)

@@ -244,7 +244,7 @@ def test_sparsity_loss_weights_foreground_and_background():
     tokens = model.pillar_net(BATCH)
     boxes = [np.array([[0.0, 0.0, -1.0, 4.0, 2.0, 1.5, 0.0]], dtype=np.float32), np.zeros((0, 7), np.float32)]
     train = TrainConfig(sparsity_weight=1.0, sparsity_fg_weight=-0.5, sparsity_bg_weight=2.0, sparsity_margin=0.0)
-    weights = token_weights(model.tokens_in_boxes(tokens, boxes, train.sparsity_margin),
+    weights = token_weights(model.tokens_in_boxes(tokens.coords, boxes, train.sparsity_margin),
                             train.sparsity_fg_weight, train.sparsity_bg_weight)
     r, s = -19.2, 0.32
     cx = r + (tokens.coords[:, 2].float() + 0.5) * s
