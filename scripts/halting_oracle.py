@@ -40,8 +40,8 @@ from haltdet.predict import predict_dataset, summarise_tokens
 
 class GroundTruthScores:
     """Replaces the scores of a model's halting stages by a rule that knows the boxes of
-    the frames being run. `boxes`: per batch, per frame, the frame's boxes, in the order
-    `predict_dataset` runs them (batch_size 2, the dataset's order)."""
+    the frames being run. `batches` (set before running): per batch, per frame, the frame's
+    boxes, in the order `predict_dataset` runs them (batch_size 2, the dataset's order)."""
 
     def __init__(self, model, rule: str, margin: float):
         self.model, self.rule, self.margin = model, rule, margin
@@ -56,7 +56,6 @@ class GroundTruthScores:
             self.current = self.batches.pop(0)
             return forward(points, *args, **kwargs)
         model.forward = run
-
 
     def _wrap(self, forward, stage: int):
         def scores(x, coords, active, batch_size):
