@@ -256,6 +256,11 @@ class TrainConfig:
     # average foreground and background tokens apart and add the two means (each group weighs
     # the same whatever its token count)
     sparsity_balance: bool = False
+    # weight of a binary cross-entropy of every halting score against whether its token lies
+    # in a ground-truth box (enlarged by sparsity_margin), object and background tokens
+    # averaged apart: scorers taught by the boxes as well as by the pseudo-gradient
+    # (haltdet/model/halting.py, score_supervision_loss); 0: off, the method as published
+    score_supervision: float = 0.0
     # lambda rises linearly from 0 over this share of max_steps (0: lambda from the first step),
     # counted from halting_start
     sparsity_warmup: float = 0.0
@@ -294,6 +299,7 @@ class TrainConfig:
             _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
         _check(0 < self.refine_match_iou <= 1, "train.refine_match_iou", "must be in (0, 1]")
         _check(self.sparsity_margin >= 0, "train.sparsity_margin", "must be >= 0")
+        _check(self.score_supervision >= 0, "train.score_supervision", "must be >= 0")
         _check(0 <= self.sparsity_hinge <= 1, "train.sparsity_hinge", "must be in [0, 1]")
         _check(0 <= self.sparsity_warmup <= 1, "train.sparsity_warmup", "must be in [0, 1]")
         _check(0 <= self.halting_start < 1, "train.halting_start", "must be in [0, 1)")

@@ -11,6 +11,12 @@ truth, each against the model as trained, on the same frames (paired bootstrap):
   * objects only (`--rules`): object tokens run every layer, every other token halts at
     the first stage (the decisions `scripts/halting_oracle_train.py` trains with);
   * nothing halts: the same weights with every token run through every layer;
+  * objects marked (`--rules`): nothing halts, and the BEV stage receives each token's
+    halting-stage embedding as if the "objects only" decisions had been taken (object
+    tokens: ran to the end, the rest: halted at the first stage): what those decisions
+    tell the BEV stage about where objects are, without halting anything (for a model
+    trained so by `scripts/halting_oracle_train.py --mark-only` with
+    `model.halt_stage_embedding: true`);
 and the baseline (`--baseline`), for reference. `--reference CHECKPOINT` compares with
 another model instead of the model's learned scores (a model trained with ground-truth
 decisions against a baseline trained alike). It asks whether the scorers' choices are
@@ -27,6 +33,7 @@ input distribution (docs/experiments.md has the figures).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -36,6 +43,14 @@ from haltdet.bench import load_spec
 from haltdet.data.dataset import FrameFolder
 from haltdet.evaluate import evaluate
 from haltdet.predict import predict_dataset, summarise_tokens
+
+
+def marked(encoded, foreground: torch.Tensor, num_layers: int):
+    """The encoder output `encoded` with its tokens' layer counts replaced by those of the
+    "objects only" decisions (`foreground` (T,) bool: num_layers, else 0), so that
+    `Detector.bev_features` adds the halting-stage embedding of those decisions."""
+    halted_at = torch.where(foreground, num_layers, 0).to(encoded.halted_at.dtype)
+    return dataclasses.replace(encoded, halted_at=halted_at)
 
 
 class GroundTruthScores:
@@ -51,6 +66,15 @@ class GroundTruthScores:
         for stage, scorer in enumerate(halting.scorers):
             scorer.forward = self._wrap(scorer.forward, stage)
         forward = model.forward
+        if rule == "objects marked":
+            if model.stage_embedding is None:
+                raise SystemExit('"objects marked" needs a model with model.halt_stage_embedding: true')
+            dense_stage = model.dense_stage
+
+            def mark(encoded, coords, batch_size):
+                foreground = model.tokens_in_boxes(coords, self.current, margin)
+                return dense_stage(marked(encoded, foreground, model.config.num_layers), coords, batch_size)
+            model.dense_stage = mark
 
         def run(points, *args, **kwargs):
             self.current = self.batches.pop(0)
@@ -64,6 +88,8 @@ class GroundTruthScores:
             threshold = self.model.encoder.halting.thresholds[stage]
             if self.rule == "objects kept":
                 return torch.where(foreground, torch.ones_like(learned), learned)
+            if self.rule == "objects marked":
+                return torch.ones_like(learned)
             if self.rule == "objects only":
                 return foreground.to(learned.dtype)
             # objects first: as many kept per frame as the learned scores keep
@@ -86,7 +112,7 @@ def batches_of_boxes(data: str, batch_size: int, frames: int = 0) -> list[list[n
     return [boxes[i:i + batch_size] for i in range(0, len(boxes), batch_size)]
 
 
-RULES = ("objects kept", "objects first", "objects only", "nothing halts")
+RULES = ("objects kept", "objects first", "objects only", "nothing halts", "objects marked")
 
 
 def main() -> None:

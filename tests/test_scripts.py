@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from haltdet.cli import build_parser
@@ -281,3 +282,45 @@ def test_ground_truth_halting_trains_and_is_evaluated_against_a_reference(tiny_c
     assert rows["learned"]["difference"] == 0.0  # the model against itself
     only = rows["objects only"]
     assert only["foreground_token_layers"] == 1.0 and only["token_layers"] < 1
+
+
+def test_marked_ground_truth_decisions_halt_nothing_and_reach_the_bev_stage(tiny_config, tmp_path):
+    """scripts/halting_oracle_train.py --mark-only trains with every token running every
+    layer; scripts/halting_oracle.py "objects marked" evaluates it so; the marks change
+    what the BEV stage receives (the halting-stage embedding of the ground-truth decisions)."""
+    config = tiny_config(model={"num_layers": 4, "halting_layers": [1, 3], "halt_stage_embedding": True},
+                         sparsity_weight=0.0, max_steps=2)
+    run = tmp_path / "marked"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "halting_oracle_train.py"), "--mark-only",
+                             "--", "--config", str(config), "--out", str(run), "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all(entry["token_layers"] == 1.0 for entry in log)
+    data = yaml.safe_load(config.read_text())["data"]["train"]
+    out = tmp_path / "oracle.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "halting_oracle.py"), str(run / "final.pt"),
+                             "--rules", "objects marked", "--data", data, "--bootstrap", "5", "--json", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["rows"]["objects marked"]["token_layers"] == 1.0
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from halting_oracle import GroundTruthScores, batches_of_boxes
+    finally:
+        sys.path.pop(0)
+    from haltdet.checkpoint import load_model
+    from haltdet.data.dataset import FrameFolder, collate
+
+    frames = [FrameFolder(data)[i] for i in range(2)]
+    assert all(len(frame.boxes) for frame in frames)
+    points = collate(frames).points
+    plain, _ = load_model(run / "final.pt")
+    plain.configure(halting_threshold=[0.0, 0.0])
+    model, _ = load_model(run / "final.pt")
+    GroundTruthScores(model, "objects marked", 0.0).batches = batches_of_boxes(data, 2, 2)
+    with torch.no_grad():
+        unmarked, marked = plain(points), model(points)
+    assert torch.equal(unmarked.encoded.features, marked.encoded.features)  # the same tokens, every layer
+    assert not torch.equal(unmarked.heatmap, marked.heatmap)

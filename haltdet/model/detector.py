@@ -18,7 +18,8 @@ from haltdet.config import INFERENCE_SETTINGS, ModelConfig, per_stage
 from haltdet.data.frames import validate_points
 from haltdet.distributed import batch_count
 from haltdet.model.encoder import EncoderOutput, SparseWindowEncoder
-from haltdet.model.halting import sparsity_loss, token_layer_share, token_statistics, token_weights
+from haltdet.model.halting import (score_supervision_loss, sparsity_loss, token_layer_share, token_statistics,
+                                   token_weights)
 from haltdet.model.head import (BEVBackbone, CenterHead, Detections, HeadTargets, build_targets,
                                 decode, heatmap_focal_loss, regression_loss, suppress_across_classes)
 from haltdet.model.pillars import PillarFeatureNet, PointBatch, Tokens, pillar_centres
@@ -236,6 +237,11 @@ class Detector(nn.Module):
                 sparsity = self.sparsity_loss(output, train, foreground)
                 total = total + train.sparsity_weight * sparsity
                 losses["sparsity"] = sparsity.detach()
+            if train.score_supervision > 0 and foreground is not None:
+                supervision = score_supervision_loss(encoded.scores, encoded.halted_at,
+                                                     self.config.halting_layers, foreground)
+                total = total + train.score_supervision * supervision
+                losses["score_supervision"] = supervision.detach()
             losses["kept_fraction"] = encoded.gate.detach().mean()
             losses["token_layers"] = token_layer_share(encoded.halted_at, self.config.num_layers)
             if foreground is not None:  # share of the layers run by object and background tokens

@@ -12,6 +12,7 @@ holds everything that decides and trains that:
   `haltdet gradcheck` compares it with;
 * the non-uniform sparsity loss, its per-token weights and the adaptation of its weight
   to a target share of token-layers (`ShareTarget`);
+* the optional supervision of the scores by the boxes (`score_supervision_loss`);
 * token statistics (how many layers processed each token, objects against background).
 
 The encoder (`haltdet/model/encoder.py`) runs the two passes that use it: removal at
@@ -308,6 +309,28 @@ def sparsity_loss(scores: list[torch.Tensor], halted_at: torch.Tensor, halting_l
             scored = halted_at >= layer
             scored = (scored if group is None else scored & group).float()
             stage = stage + (terms * scored).sum() / batch_count(scored.sum())
+        per_stage.append(stage)
+    return torch.stack(per_stage).mean()
+
+
+def score_supervision_loss(scores: list[torch.Tensor], halted_at: torch.Tensor, halting_layers: list[int],
+                           foreground: torch.Tensor) -> torch.Tensor:
+    """Mean over halting stages of the binary cross-entropy of the scores of the tokens
+    scored there against `foreground` (bool (T,): the token lies in an object), the object
+    and the background tokens averaged apart and the two means added (objects are a few
+    percent of the tokens). It teaches a scorer which tokens are objects, beside what the
+    pseudo-gradient teaches it about which tokens the detection needs."""
+    target = foreground.to(scores[0].dtype) if scores else None
+    per_stage = []
+    for layer, stage_scores in zip(halting_layers, scores):
+        # by hand: torch's binary_cross_entropy refuses CUDA autocast
+        p = stage_scores.clamp(1e-6, 1 - 1e-6)
+        terms = -(target * torch.log(p) + (1 - target) * torch.log1p(-p))
+        scored = halted_at >= layer
+        stage = 0.0
+        for group in (scored & foreground, scored & ~foreground):
+            group = group.to(terms.dtype)
+            stage = stage + (terms * group).sum() / batch_count(group.sum())
         per_stage.append(stage)
     return torch.stack(per_stage).mean()
 

@@ -11,7 +11,7 @@ import torch
 from haltdet.config import ModelConfig, TrainConfig
 from haltdet.model.detector import Detector
 from haltdet.gradcheck import factor_gradients, finite_differences, gradcheck, random_case
-from haltdet.model.halting import select_per_frame, sparsity_loss, token_weights
+from haltdet.model.halting import score_supervision_loss, select_per_frame, sparsity_loss, token_weights
 from haltdet.model.pillars import PointBatch
 
 HALTING = dict(point_cloud_range=[-19.2, -19.2, -4.0, 19.2, 19.2, 3.0], d_model=32,
@@ -252,6 +252,34 @@ def test_sparsity_loss_weights_foreground_and_background():
     inside = (tokens.coords[:, 0] == 0) & (cx.abs() <= 2.0) & (cy.abs() <= 1.0)
     assert inside.any()
     assert torch.all(weights[inside] == -0.5) and torch.all(weights[~inside] == 2.0)
+
+
+def test_score_supervision_by_hand():
+    scores = [torch.tensor([0.9, 0.2, 0.6, 0.7]), torch.tensor([0.8, 0.0, 0.3, 0.0])]
+    halted_at = torch.tensor([4, 2, 4, 2])  # tokens 1 and 3 halted at the first stage
+    foreground = torch.tensor([True, False, False, True])
+    loss = score_supervision_loss(scores, halted_at, [2, 3], foreground)
+    # stage 1 scores all four: objects -log(0.9), -log(0.7); background -log(0.8), -log(0.4)
+    first = (-math.log(0.9) - math.log(0.7)) / 2 + (-math.log(0.8) - math.log(0.4)) / 2
+    # stage 2 only tokens 0 (object) and 2 (background)
+    second = -math.log(0.8) - math.log(0.7)
+    assert float(loss) == pytest.approx((first + second) / 2, rel=1e-6)
+
+
+def test_score_supervision_joins_the_loss_and_teaches_the_scorers():
+    model = make_model(5).train()
+    output = model(BATCH)
+    boxes = [np.array([[0.0, 0.0, -1.0, 4.0, 2.0, 1.5, 0.0]], dtype=np.float32), np.zeros((0, 7), np.float32)]
+    labels = [np.zeros(1, np.int64), np.zeros(0, np.int64)]
+    targets = model.targets(boxes, labels)
+    plain = model.loss(output, targets, TrainConfig(), boxes, labels)
+    supervised = model.loss(output, targets, TrainConfig(score_supervision=0.5), boxes, labels)
+    assert "score_supervision" not in plain
+    torch.testing.assert_close(supervised["loss"], plain["loss"] + 0.5 * supervised["score_supervision"])
+    # it reaches both stages' scorers
+    difference = supervised["loss"] - plain["loss"]
+    grads = torch.autograd.grad(difference, list(model.encoder.halting.scorers.parameters()))
+    assert all(g.abs().sum() > 0 for g in grads)
 
 
 def test_secant_attention_gradient_is_the_change_of_including_a_key():
