@@ -324,3 +324,24 @@ def test_marked_ground_truth_decisions_halt_nothing_and_reach_the_bev_stage(tiny
         unmarked, marked = plain(points), model(points)
     assert torch.equal(unmarked.encoded.features, marked.encoded.features)  # the same tokens, every layer
     assert not torch.equal(unmarked.heatmap, marked.heatmap)
+
+
+def test_halting_scorer_auc_by_hand_and_on_a_split(tiny_data, tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from halting_scorer_auc import roc_auc
+    finally:
+        sys.path.pop(0)
+    positive = torch.tensor([True, True, False, False, False])
+    # positives 0.9 and 0.4 against negatives 0.1, 0.4, 0.95: (2 + 1.5) / 6
+    assert roc_auc(torch.tensor([0.9, 0.4, 0.1, 0.4, 0.95]), positive) == pytest.approx(3.5 / 6)
+    assert roc_auc(torch.tensor([0.9, 0.8, 0.1, 0.2, 0.3]), positive) == 1.0
+    out = tmp_path / "auc.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "halting_scorer_auc.py"), "halting",
+                             "--data", str(tiny_data), "--frames", "2", "--json", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    stages = json.loads(out.read_text())["models"]["halting"]
+    assert [row["layer"] for row in stages] == [2, 4]
+    assert stages[0]["object_tokens"] > 0 and stages[1]["tokens"] < stages[0]["tokens"]
+    assert all(0 <= row["auc"] <= 1 and 0 <= row["objects_kept"] <= 1 for row in stages)
