@@ -320,11 +320,11 @@ def score_supervision_loss(scores: list[torch.Tensor], halted_at: torch.Tensor, 
     and the background tokens averaged apart and the two means added (objects are a few
     percent of the tokens). It teaches a scorer which tokens are objects, beside what the
     pseudo-gradient teaches it about which tokens the detection needs."""
-    target = foreground.to(scores[0].dtype) if scores else None
     per_stage = []
     for layer, stage_scores in zip(halting_layers, scores):
         # by hand: torch's binary_cross_entropy refuses CUDA autocast
         p = stage_scores.clamp(1e-6, 1 - 1e-6)
+        target = foreground.to(p.dtype)
         terms = -(target * torch.log(p) + (1 - target) * torch.log1p(-p))
         scored = halted_at >= layer
         stage = 0.0
