@@ -296,7 +296,6 @@ def sparsity_loss(scores: list[torch.Tensor], halted_at: torch.Tensor, halting_l
     averaged apart and the two means added, so each group weighs the same whatever its
     token count (objects are a few percent of the tokens).
     """
-    groups = [None] if foreground is None else [foreground, ~foreground]
     per_stage = []
     for layer, stage_scores, threshold in zip(halting_layers, scores, thresholds):
         if hinge > 0:
@@ -304,13 +303,19 @@ def sparsity_loss(scores: list[torch.Tensor], halted_at: torch.Tensor, halting_l
             terms = weights.abs() * torch.relu(hinge + direction * (stage_scores - threshold))
         else:
             terms = weights * stage_scores
-        stage = 0.0
-        for group in groups:
-            scored = halted_at >= layer
-            scored = (scored if group is None else scored & group).float()
-            stage = stage + (terms * scored).sum() / batch_count(scored.sum())
-        per_stage.append(stage)
+        per_stage.append(_scored_mean(terms, halted_at >= layer, foreground))
     return torch.stack(per_stage).mean()
+
+
+def _scored_mean(terms: torch.Tensor, scored: torch.Tensor, foreground: torch.Tensor | None) -> torch.Tensor:
+    """Mean of `terms` (T,) over the `scored` tokens (bool (T,)); with `foreground` (bool
+    (T,)), the means over the scored object and background tokens, added."""
+    groups = [scored] if foreground is None else [scored & foreground, scored & ~foreground]
+    total = 0.0
+    for group in groups:
+        group = group.to(terms.dtype)
+        total = total + (terms * group).sum() / batch_count(group.sum())
+    return total
 
 
 def score_supervision_loss(scores: list[torch.Tensor], halted_at: torch.Tensor, halting_layers: list[int],
@@ -326,12 +331,7 @@ def score_supervision_loss(scores: list[torch.Tensor], halted_at: torch.Tensor, 
         p = stage_scores.clamp(1e-6, 1 - 1e-6)
         target = foreground.to(p.dtype)
         terms = -(target * torch.log(p) + (1 - target) * torch.log1p(-p))
-        scored = halted_at >= layer
-        stage = 0.0
-        for group in (scored & foreground, scored & ~foreground):
-            group = group.to(terms.dtype)
-            stage = stage + (terms * group).sum() / batch_count(group.sum())
-        per_stage.append(stage)
+        per_stage.append(_scored_mean(terms, halted_at >= layer, foreground))
     return torch.stack(per_stage).mean()
 
 
