@@ -14,6 +14,10 @@ stage overheads and of its layers' time per token growing as fewer tokens remain
 on an otherwise idle machine:
 
     python scripts/encoder_layers.py baseline halting --threads 2
+
+`--unpacked` also runs every model with sparse token sets' small windows padded to
+buckets rather than packed into chunks (`encoder.PACK_FRACTION` 0), interleaved with the
+packed runs frame by frame: what packing saves, layer by layer.
 """
 
 from __future__ import annotations
@@ -75,6 +79,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--frames", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--unpacked", action="store_true",
+                        help="also time every model with no packing of small windows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     timer = Timer()
@@ -85,20 +91,24 @@ def main() -> None:
         for model in models:
             timer.attach(model.encoder)
         frames = [bench_cloud(10_000 + i) for i in range(args.frames)]
-        records = {name: [] for name in args.models}
+        packings = [("", encoder_module.PACK_FRACTION)] + [(", unpacked", 0.0)] * args.unpacked
+        records = {name + label: [] for name in args.models for label, _ in packings}
         with torch.no_grad():
             tokens = [[m.pillar_net(PointBatch.from_list([cloud])) for cloud in frames] for m in models]
             for i in range(args.frames):
                 for name, model, frame_tokens in zip(args.models, models, tokens):
-                    t = frame_tokens[i]
-                    timer.reset()
-                    start = time.perf_counter()
-                    model.encoder(t.features, t.coords, 1)
-                    total = time.perf_counter() - start
-                    if i >= args.warmup:
-                        records[name].append((total, dict(timer.parts), list(timer.layers)))
+                    for label, fraction in packings:
+                        encoder_module.PACK_FRACTION = fraction
+                        t = frame_tokens[i]
+                        timer.reset()
+                        start = time.perf_counter()
+                        model.encoder(t.features, t.coords, 1)
+                        total = time.perf_counter() - start
+                        if i >= args.warmup:
+                            records[name + label].append((total, dict(timer.parts), list(timer.layers)))
     finally:
         encoder_module.WindowPartition.subset = subset
+        encoder_module.PACK_FRACTION = packings[0][1]
     report(records, args.threads)
 
 

@@ -159,17 +159,28 @@ def test_reproduce_results_budget_runs_build_and_the_spec_names_them():
 def test_encoder_layers_script_times_every_layer_and_the_halting_stages():
     """scripts/encoder_layers.py: one line per layer with the tokens it processed (all of
     them for the baseline, fewer after each stage for the halting model), and the halting
-    model's stage and partition overheads."""
+    model's stage and partition overheads; with --unpacked, each model again without
+    packing, on the same tokens."""
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "encoder_layers.py"), "baseline", "halting",
-                             "--threads", "1", "--frames", "2", "--warmup", "1"], capture_output=True, text=True)
+                             "--threads", "1", "--frames", "2", "--warmup", "1", "--unpacked"],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    blocks = result.stdout.split("\nhalting: ")
-    assert len(blocks) == 2 and "halting stages" in blocks[1] and "survivors' partitions" in blocks[1]
-    counts = [[int(line.split()[2]) for line in block.splitlines() if line.strip().startswith("layer ")]
-              for block in blocks]
-    assert len(counts[0]) == len(counts[1]) == 6
-    assert len(set(counts[0])) == 1 and counts[1][0] == counts[0][0]
-    assert counts[1] == sorted(counts[1], reverse=True) and counts[1][-1] < counts[1][0]
+    blocks = {}
+    for line in result.stdout.splitlines()[1:]:
+        if not line.startswith(" "):
+            name = line.split(":")[0]
+            blocks[name] = []
+        blocks[name].append(line)
+    assert list(blocks) == ["baseline", "baseline, unpacked", "halting", "halting, unpacked"]
+    assert all("halting stages" in "\n".join(blocks[n]) and "survivors' partitions" in "\n".join(blocks[n])
+               for n in ("halting", "halting, unpacked"))
+    counts = {name: [int(line.split()[2]) for line in lines if line.strip().startswith("layer ")]
+              for name, lines in blocks.items()}
+    assert counts["baseline, unpacked"] == counts["baseline"] and counts["halting, unpacked"] == counts["halting"]
+    base, halting = counts["baseline"], counts["halting"]
+    assert len(base) == len(halting) == 6
+    assert len(set(base)) == 1 and halting[0] == base[0]
+    assert halting == sorted(halting, reverse=True) and halting[-1] < halting[0]
 
 
 def test_crc32c_speed_script_runs_and_checks_agreement():

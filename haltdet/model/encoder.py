@@ -6,9 +6,13 @@ shifted by half a window, so information crosses window borders.
 
 Batching: windows hold between 1 and window_size**2 tokens. Each window is put in the
 smallest of a few padding buckets (`attention_plan`, sizes scaled to the window) that holds
-it; each bucket is one dense (windows, slots, channels) tensor and one attention call,
-with padded slots masked out of the keys. No Python loop runs over windows, only over
-the handful of buckets.
+it, with padded slots masked out of the keys. In sparse token sets (`PACK_SPARSE`), such
+as the survivors of a halting stage, most windows hold a few tokens, which padding would
+multiply: there the small windows (at most `PACK_FRACTION` of the window's pillars) are
+packed together into chunks of that many slots instead, each token attending only to its
+own window's tokens in the chunk. The chunks and each bucket are one dense (rows, slots,
+channels) tensor and one attention call. Python loops over the handful of buckets, and
+over windows only to pack them.
 """
 
 from __future__ import annotations
@@ -25,6 +29,15 @@ from haltdet.model.halting import TokenHalting
 
 # Bucket capacities as fractions of the window's pillar count (the last is the full window).
 BUCKET_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1.0)
+
+
+# In a token set whose windows hold on average at most PACK_SPARSE of their pillars, the
+# windows of at most PACK_FRACTION of them are packed into chunks of that many slots
+# (`_pack_windows`) rather than padded each to a bucket of its own. Denser sets are not
+# packed: there the chunks' longer rows cost more than the padding they save. Measured
+# layer by layer (docs/experiments.md).
+PACK_FRACTION = 1 / 4
+PACK_SPARSE = 1 / 16
 
 
 # Below this many slots a window's attention rows are too short for the vector loops of
@@ -45,29 +58,44 @@ def attention_plan() -> tuple[int, tuple[float, ...]]:
 
 @dataclass
 class Bucket:
-    """Windows padded to `slots` tokens.
+    """Rows of `slots` token slots, each row one window padded to `slots` or, if `segment`
+    is given, a chunk of several small windows packed together.
 
-    gather_index: (num_windows * slots,) token filling each padded slot; padding slots
-      hold T (no token).
+    gather_index: (num_windows * slots,) token filling each slot; padding slots hold T
+      (no token).
     key_valid: (num_windows, slots) bool, False on padding.
+    segment: None, or (num_windows, slots) int64: in a chunk, the window of each slot's
+      token, and a negative label of its own on each padding slot; a token attends only
+      to the tokens of its own window.
     """
 
     gather_index: torch.Tensor
     key_valid: torch.Tensor
     slots: int
     fused: bool = True  # the fused attention kernel, else matrix products (`window_attention`)
+    segment: torch.Tensor | None = None
     _bias: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_windows(self) -> int:
+        """Rows: windows, or chunks of windows."""
         return self.key_valid.shape[0]
 
-    def key_bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """(num_windows, slots): 0 on tokens, -inf on padding; made once per partition
-        (the layers of one shift share it)."""
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """Which keys each query may attend to, broadcastable to (rows, heads, slots,
+        slots): (rows, 1, 1, slots) for padded windows; (rows, 1, slots, slots) for
+        chunks, the slots of the query's window (a padding slot's query: itself only, a
+        finite row). Made once per partition (the layers of one shift share it)."""
+        if self.segment is None:
+            return self.key_valid[:, None, None, :]
+        return (self.segment[:, :, None] == self.segment[:, None, :])[:, None]
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """`mask` as an additive bias: 0 where attended, -inf elsewhere."""
         if self._bias is None or self._bias.dtype != dtype:
-            self._bias = torch.zeros(self.key_valid.shape, dtype=dtype,
-                                     device=self.key_valid.device).masked_fill_(~self.key_valid, -math.inf)
+            self._bias = torch.zeros(self.mask.shape, dtype=dtype,
+                                     device=self.mask.device).masked_fill_(~self.mask, -math.inf)
         return self._bias
 
 
@@ -108,10 +136,10 @@ class WindowPartition:
         a subset is the subset's stable order), from the stored order. rows: the indices
         of `keep`'s True entries, if the caller has them."""
         rows = keep.nonzero().squeeze(1) if rows is None else rows
-        kept_sorted = keep[self.order].nonzero().squeeze(1)  # places in the stored order that stay
-        order = (torch.cumsum(keep, 0) - 1)[self.order[kept_sorted]]
+        kept_sorted = keep.index_select(0, self.order).nonzero().squeeze(1)  # places in the stored order that stay
+        order = (torch.cumsum(keep, 0) - 1).index_select(0, self.order.index_select(0, kept_sorted))
         _, window_of_sorted, counts = torch.unique_consecutive(
-            self.window_of_sorted[kept_sorted], return_inverse=True, return_counts=True)
+            self.window_of_sorted.index_select(0, kept_sorted), return_inverse=True, return_counts=True)
         return _bucket_windows(order, window_of_sorted, counts, self.capacity,
                                self.position.index_select(0, rows))
 
@@ -142,34 +170,51 @@ def partition_windows(coords: torch.Tensor, window_size: int, shift: int,
 def _bucket_windows(order: torch.Tensor, window_of_sorted: torch.Tensor, counts: torch.Tensor, capacity: int,
                     position: torch.Tensor) -> WindowPartition:
     """The padded layout of windows: tokens `order` sorted by window, `window_of_sorted`
-    their windows (0, 1, ...), `counts` (W,) tokens per window of `capacity` pillars."""
+    their windows (0, 1, ...), `counts` (W,) tokens per window of `capacity` pillars.
+    (Indexing by index_select and index_copy: on a CPU several times faster than
+    subscripts for tensors of this size, which is what the halting pass's partitions cost.)"""
     device = order.device
     num_tokens = order.numel()
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(num_tokens, device=device) - starts[window_of_sorted]
+    rank = torch.arange(num_tokens, device=device) - starts.index_select(0, window_of_sorted)
 
-    # Every window goes to the smallest bucket that holds it. The buckets' padded slots are
-    # laid out one after the other (bucket by bucket, window by window), all at once: no
-    # loop over buckets but the final slicing.
+    # In sparse sets small windows go into chunks (first in the layout), every other
+    # window to the smallest bucket that holds it. The buckets' slots are laid out one
+    # after the other (bucket by bucket, window by window), all at once: no loop over
+    # buckets but the final slicing.
     matmul_max, fractions = attention_plan()
-    sizes = sorted({max(1, math.ceil(capacity * f)) for f in fractions})
-    size_tensor = torch.tensor(sizes, device=device)
-    bucket_of_window = torch.searchsorted(size_tensor, counts)
+    sparse = num_tokens <= PACK_SPARSE * capacity * counts.numel()
+    chunk = math.ceil(capacity * PACK_FRACTION) if sparse else 0
+    sizes = sorted({max(1, math.ceil(capacity * f)) for f in fractions} - set(range(chunk + 1)))
+    size_tensor = torch.tensor(sizes, dtype=torch.long, device=device)
+    chunk_start, num_chunks, big = _pack_windows(counts, chunk)
+    big_counts = counts if big is None else counts.index_select(0, big)
+    bucket_of_window = torch.searchsorted(size_tensor, big_counts)
     windows_in_bucket = torch.bincount(bucket_of_window, minlength=len(sizes))
     bucket_slots = windows_in_bucket * size_tensor
-    bucket_start = torch.cumsum(bucket_slots, 0) - bucket_slots
+    bucket_start = num_chunks * chunk + torch.cumsum(bucket_slots, 0) - bucket_slots
     window_order = torch.argsort(bucket_of_window, stable=True)
-    window_rank = torch.empty_like(window_order)
-    window_rank[window_order] = torch.arange(window_order.numel(), device=device)
-    window_rank -= (torch.cumsum(windows_in_bucket, 0) - windows_in_bucket)[bucket_of_window]
-    window_start = bucket_start[bucket_of_window] + window_rank * size_tensor[bucket_of_window]
+    window_rank = torch.empty_like(window_order).index_copy_(
+        0, window_order, torch.arange(window_order.numel(), device=device))
+    window_rank -= (torch.cumsum(windows_in_bucket, 0) - windows_in_bucket).index_select(0, bucket_of_window)
+    window_start = (bucket_start.index_select(0, bucket_of_window)
+                    + window_rank * size_tensor.index_select(0, bucket_of_window))
+    if big is not None:
+        window_start = chunk_start.index_copy_(0, big, window_start)
 
-    scatter_index = torch.empty(num_tokens, dtype=torch.long, device=device)
-    scatter_index[order] = window_start[window_of_sorted] + rank
-    total_slots, *per_bucket = torch.cat([bucket_slots.sum()[None], windows_in_bucket]).tolist()
-    gather_all = torch.full((total_slots,), num_tokens, dtype=torch.long, device=device)
-    gather_all[scatter_index] = torch.arange(num_tokens, device=device)
+    slot_of_sorted = window_start.index_select(0, window_of_sorted) + rank
+    scatter_index = torch.empty(num_tokens, dtype=torch.long, device=device).index_copy_(0, order, slot_of_sorted)
+    total_slots, *per_bucket = torch.cat([(num_chunks * chunk + bucket_slots.sum())[None], windows_in_bucket]).tolist()
+    gather_all = torch.full((total_slots,), num_tokens, dtype=torch.long, device=device).index_copy_(
+        0, scatter_index, torch.arange(num_tokens, device=device))
     buckets, offset = [], 0
+    if num_chunks:
+        offset = num_chunks * chunk
+        segment = (-1 - torch.arange(total_slots, device=device)).index_copy_(
+            0, slot_of_sorted, window_of_sorted)[:offset]  # padding: labels of their own
+        gather_index = gather_all[:offset]
+        buckets.append(Bucket(gather_index, (gather_index < num_tokens).view(num_chunks, chunk), chunk,
+                              chunk > matmul_max, segment.view(num_chunks, chunk)))
     for slots, num_windows in zip(sizes, per_bucket):
         if num_windows:
             gather_index = gather_all[offset:offset + num_windows * slots]
@@ -177,6 +222,26 @@ def _bucket_windows(order: torch.Tensor, window_of_sorted: torch.Tensor, counts:
                                   slots > matmul_max))
             offset += num_windows * slots
     return WindowPartition(buckets, gather_all, scatter_index, position, order, window_of_sorted, capacity)
+
+
+def _pack_windows(counts: torch.Tensor, slots: int) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
+    """The windows of at most `slots` tokens (`counts`, (W,)) packed into chunks of `slots`
+    slots, largest first, each chunk filled until the next window does not fit (next fit
+    decreasing). Returns each window's first slot in the chunks' layout (0 for the
+    windows not packed), the number of chunks and the indices of the windows not packed;
+    (None, 0, None) if `slots` is 0. A loop in Python: a few hundred windows at most."""
+    if not slots:
+        return None, 0, None
+    sizes = counts.tolist()
+    start, chunk, fill = [0] * len(sizes), -1, slots
+    for window in sorted((w for w, n in enumerate(sizes) if n <= slots), key=lambda w: -sizes[w]):
+        if fill + sizes[window] > slots:
+            chunk, fill = chunk + 1, 0
+        start[window] = chunk * slots + fill
+        fill += sizes[window]
+    big = [w for w, n in enumerate(sizes) if n > slots]
+    return (torch.tensor(start, dtype=counts.dtype, device=counts.device), chunk + 1,
+            torch.tensor(big, dtype=torch.long, device=counts.device))
 
 
 def partition_groups(coords: torch.Tensor, window_size: int, shift: int, channels: int,
@@ -275,14 +340,16 @@ class WindowAttention(nn.Module):
             if key_gate is None:
                 attended = window_attention(q, k, v, bucket)
             else:
-                gate = gate.view_as(bucket.key_valid)
+                gate = gate.view_as(bucket.key_valid)[:, None, :]  # per key, (W, 1, S)
+                if bucket.segment is not None:  # a chunk: only the query's own window's keys
+                    window = bucket.mask[:, 0]
+                    gate = gate & window if gate.dtype == torch.bool else gate * window
                 self_slot = torch.eye(bucket.slots, dtype=torch.bool, device=x.device)
                 if gate.dtype == torch.bool:
-                    mask = (gate[:, None, :] | self_slot)[:, None]  # (W, 1, S, S)
+                    mask = (gate | self_slot)[:, None]  # (W, 1, S, S)
                     attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                 else:
-                    attended = gated_attention(q, k, v, torch.where(self_slot, 1.0, gate[:, None, :].to(q.dtype)),
-                                               secant)
+                    attended = gated_attention(q, k, v, torch.where(self_slot, 1.0, gate.to(q.dtype)), secant)
             outputs.append(attended.permute(0, 2, 1, 3).reshape(-1, channels))
         if not outputs:  # no tokens: an empty result that keeps every parameter in the
             return self.out(qkv[:num_tokens, 2 * channels:])  # graph, as DDP requires
@@ -290,13 +357,13 @@ class WindowAttention(nn.Module):
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bucket: Bucket) -> torch.Tensor:
-    """Attention of a bucket's windows over their tokens (padding masked out of the keys).
-    q, k, v: (W, H, S, D). Small windows: matrix products and a softmax over a per-key
-    bias; large ones: the fused kernel."""
+    """Attention of a bucket's rows over their tokens (`Bucket.mask`: padding and, in
+    chunks, other windows' tokens masked out). q, k, v: (W, H, S, D). Short rows: matrix
+    products and a softmax over an additive bias; long ones: the fused kernel."""
     if bucket.fused:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.key_valid[:, None, None, :])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.mask)
     logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-    logits = logits + bucket.key_bias(q.dtype)[:, None, None, :]
+    logits = logits + bucket.bias(q.dtype)
     weights = short_softmax(logits) if bucket.slots < SHORT_ROW else torch.softmax(logits, dim=-1)
     return weights @ v
 

@@ -38,12 +38,16 @@ def reference_attention(attention: WindowAttention, x, coords, window_size, shif
 
 
 @pytest.mark.parametrize("matmul_max", [0, 9, 1000])  # fused kernel only, both, matrix products only
+@pytest.mark.parametrize("pack", [0.0, encoder.PACK_FRACTION, 1.0])  # no chunks, the default, all chunks
 @pytest.mark.parametrize("shift", [0, 3])
-@pytest.mark.parametrize("num_tokens", [1, 40, 700])
-def test_window_attention_matches_per_window_reference(shift, num_tokens, matmul_max, monkeypatch):
-    """Both attention kernels (`encoder.attention_plan` picks them by thread count)."""
+@pytest.mark.parametrize("num_tokens", [1, 40, 700, 3000])
+def test_window_attention_matches_per_window_reference(shift, num_tokens, pack, matmul_max, monkeypatch):
+    """Both attention kernels (`encoder.attention_plan` picks them by thread count), with
+    small windows packed into chunks or each padded."""
     fractions = encoder.attention_plan()[1]
     monkeypatch.setattr(encoder, "attention_plan", lambda: (matmul_max, fractions))
+    monkeypatch.setattr(encoder, "PACK_FRACTION", pack)
+    monkeypatch.setattr(encoder, "PACK_SPARSE", 1.0)  # every token set sparse
     torch.manual_seed(1)
     coords = random_coords(num_tokens)
     x = torch.randn(num_tokens, 32)
@@ -63,14 +67,18 @@ def test_short_softmax_matches_torch_softmax_with_masked_entries():
 
 
 @pytest.mark.parametrize("gate_dtype", [torch.bool, torch.float32])
-def test_masked_keys_are_not_attended(gate_dtype):
-    """A boolean key mask and a 0/1 float key gate (the halting gate) both exclude keys."""
+@pytest.mark.parametrize("pack", [False, True])
+def test_masked_keys_are_not_attended(gate_dtype, pack, monkeypatch):
+    """A boolean key mask and a 0/1 float key gate (the halting gate) both exclude keys,
+    in padded windows and in chunks of packed windows."""
+    monkeypatch.setattr(encoder, "PACK_SPARSE", 1.0 if pack else 0.0)
     torch.manual_seed(2)
     coords = random_coords(500)
     x = torch.randn(500, 32)
     active = torch.rand(500) < 0.5
     attention = WindowAttention(32, 4)
     partition = partition_windows(coords, 6, 0, 32)
+    assert any(b.segment is not None for b in partition.buckets) == pack
     gate = active.to(gate_dtype)
     got = attention(x, partition, gate)
     expected = reference_attention(attention, x, coords, 6, 0, key_active=active)
@@ -84,19 +92,33 @@ def test_masked_keys_are_not_attended(gate_dtype):
     torch.testing.assert_close(got2[others], got[others], atol=1e-5, rtol=1e-5)
 
 
-def test_partition_covers_every_token_once_and_windows_fit_buckets():
-    coords = random_coords(2000, grid=100)
+@pytest.mark.parametrize("grid", [100, 40])  # sparse: small windows only; dense: both kinds
+def test_partition_covers_every_token_once_and_windows_fit_buckets(grid, monkeypatch):
+    """Every token in one slot; a padded row holds one window; a chunk holds whole small
+    windows, its slots labelled by window."""
+    monkeypatch.setattr(encoder, "PACK_SPARSE", 1.0)  # every token set sparse
+    coords = random_coords(2000, grid=grid)
+    chunk = math.ceil(144 * encoder.PACK_FRACTION)
     for shift in (0, 6):
         partition = partition_windows(coords, 12, shift, 16)
         gathered = torch.cat([b.gather_index[b.key_valid.flatten()] for b in partition.buckets])
         assert sorted(gathered.tolist()) == list(range(2000))
+        window = ((coords[:, 0] * 100 + (coords[:, 1] + shift) // 12) * 100 + (coords[:, 2] + shift) // 12).tolist()
+        sizes = {w: window.count(w) for w in window}
+        packed = [b for b in partition.buckets if b.segment is not None]
+        assert len(packed) == 1 and packed[0].slots == chunk
+        assert (len(packed) < len(partition.buckets)) == (grid == 40)
         for bucket in partition.buckets:
             tokens = bucket.gather_index.view(bucket.num_windows, bucket.slots)
-            for row, valid in zip(tokens, bucket.key_valid):
-                members = row[valid]
-                keys = {(int(coords[t, 0]), int((coords[t, 1] + shift) // 12), int((coords[t, 2] + shift) // 12))
-                        for t in members}
-                assert len(keys) == 1  # one window per padded row
+            segment = bucket.segment if bucket.segment is not None else torch.where(bucket.key_valid, 0, -1)
+            for row, valid, labels in zip(tokens, bucket.key_valid, segment):
+                assert torch.all((labels >= 0) == valid)
+                for label in labels[valid].unique():
+                    members = {window[t] for t in row[labels == label]}
+                    assert len(members) == 1  # one window per label of a row
+                    (w,) = members
+                    assert int((labels == label).sum()) == sizes[w]  # the whole window
+                    assert (sizes[w] <= chunk) == (bucket.segment is not None)
 
 
 def test_token_order_does_not_matter():
@@ -175,3 +197,7 @@ def test_subset_of_a_partition_is_the_partition_of_the_subset(kept):
         assert [(b.slots, b.fused) for b in derived.buckets] == [(b.slots, b.fused) for b in fresh.buckets]
         for a, b in zip(derived.buckets, fresh.buckets):
             assert torch.equal(a.gather_index, b.gather_index) and torch.equal(a.key_valid, b.key_valid)
+            assert (a.segment is None) == (b.segment is None)
+            assert a.segment is None or torch.equal(a.segment, b.segment)
+        # a tenth of the tokens is sparse: its small windows packed; the whole set is not
+        assert any(b.segment is not None for b in derived.buckets) == (0 < kept <= 0.1)

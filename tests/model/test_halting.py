@@ -66,6 +66,26 @@ def test_masked_training_pass_equals_removal_pass(recycling, scorer, quantile, g
     torch.testing.assert_close(masked.regression, removed.regression, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("gradient", ["both", "attention", "residual"])
+def test_both_passes_equal_with_every_token_set_packed(gradient, monkeypatch):
+    """Small windows packed into chunks in every partition, the masked pass's (whose
+    gates then act inside chunks) as well as the survivors': the passes still agree."""
+    from haltdet.model import encoder
+
+    monkeypatch.setattr(encoder, "PACK_SPARSE", 1.0)
+    model = make_model(2, halting_gradient=gradient)
+    model.set_halting(thresholds=[0.5, 0.5])
+    with torch.no_grad():
+        masked = model(BATCH, masked=True)
+        removed = model(BATCH, masked=False)
+        partition = model.encoder.partitions(model.pillar_net(BATCH).coords)[0]
+    assert any(bucket.segment is not None for bucket in partition.buckets)
+    assert len(removed.encoded.halted_at.unique()) >= 2
+    assert torch.equal(masked.encoded.halted_at, removed.encoded.halted_at)
+    torch.testing.assert_close(masked.encoded.features, removed.encoded.features, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked.heatmap, removed.heatmap, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("knobs", [dict(keep_ratios=[0.6, 0.5]), dict(max_tokens=900),
                                    dict(thresholds=[0.3, 0.6], max_tokens=1500)])
 @pytest.mark.parametrize("gradient", ["both", "residual"])
