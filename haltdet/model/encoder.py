@@ -324,19 +324,21 @@ class WindowAttention(nn.Module):
         query always attends to itself. Returns (T, C)."""
         num_tokens, channels = x.shape
         heads, head_dim = self.num_heads, channels // self.num_heads
-        qkv = torch.cat([self.query_key(x + partition.position.to(x.dtype)), self.value(x)], dim=1)
-        # One gather for every bucket, then split: the backward pass of `split` is one
+        query_key = self.query_key(x + partition.position.to(x.dtype))
+        value = self.value(x)
+        # One gather each for every bucket, then split: the backward pass of `split` is one
         # concatenation, where slicing would add each bucket's gradient into a zero-filled
         # copy of the whole tensor.
         sizes = [bucket.gather_index.numel() for bucket in partition.buckets]
-        packed_all = qkv.index_select(0, partition.rows).split(sizes)
+        query_key_all = query_key.index_select(0, partition.rows).split(sizes)
+        value_all = value.index_select(0, partition.rows).split(sizes)
         gate_all = [None] * len(sizes)
         if key_gate is not None:  # padding slots: gate 0
             gate_all = torch.cat([key_gate, key_gate.new_zeros(1)]).index_select(0, partition.gather_index).split(sizes)
         outputs = []
-        for bucket, packed, gate in zip(partition.buckets, packed_all, gate_all):
-            packed = packed.view(bucket.num_windows, bucket.slots, 3, heads, head_dim)
-            q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)  # (W, H, S, D) each
+        for bucket, qk, v, gate in zip(partition.buckets, query_key_all, value_all, gate_all):
+            q, k = qk.view(bucket.num_windows, bucket.slots, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            v = v.view(bucket.num_windows, bucket.slots, heads, head_dim).transpose(1, 2)  # (W, H, S, D) each
             if key_gate is None:
                 attended = window_attention(q, k, v, bucket)
             else:
@@ -352,7 +354,7 @@ class WindowAttention(nn.Module):
                     attended = gated_attention(q, k, v, torch.where(self_slot, 1.0, gate.to(q.dtype)), secant)
             outputs.append(attended.permute(0, 2, 1, 3).reshape(-1, channels))
         if not outputs:  # no tokens: an empty result that keeps every parameter in the
-            return self.out(qkv[:num_tokens, 2 * channels:])  # graph, as DDP requires
+            return self.out(value + query_key[:, :channels] * 0)  # graph, as DDP requires
         return self.out(torch.cat(outputs).index_select(0, partition.scatter_index))
 
 
