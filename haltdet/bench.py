@@ -9,6 +9,14 @@ so one halting model can be timed at several operating points in the same run, a
 inference precision, `NAME@bfloat16` or `NAME@T,bfloat16`, to time both precisions in one run.
 `--points N` times frames of N points (`bench_cloud`), e.g. 2,000,000 to see the input
 caps bound time and memory; "points" and "tokens" are what reached the model after them.
+
+Ratios against the first model are paired: per frame, a model's time over the first
+model's time on the same frame, timed moments apart; the median of those per-frame
+ratios, with their 10th and 90th percentiles. On a shared machine whose speed drifts
+during the run this cancels the drift that a ratio of the two medians keeps (on a 2-core
+cloud VM, four runs of 20 frames: the halting encoder's paired ratio spread over 0.02,
+the ratio of medians over 0.05; docs/experiments.md). The ratio of medians is in the
+JSON too (`ratio_of_medians`).
 """
 
 from __future__ import annotations
@@ -257,11 +265,15 @@ def benchmark(specs: list[str], frames: int = 5, points: int = 0, warmup: int = 
                  "encoder_share": median["encoder"] / median["total"]}
         report["models"].append(entry)
     first = report["models"][0]
-    for entry in report["models"]:
-        entry["ratio_to_first"] = {k: entry["median_seconds"][k] / first["median_seconds"][k]
-                                   for k in ("encoder", "total")}
-        # What the encoder ratio would be if its time were proportional to the layers it runs.
+    for entry, rows in zip(report["models"], records):
+        for key, percentile in (("ratio_to_first", 50), ("ratio_to_first_p10", 10), ("ratio_to_first_p90", 90)):
+            entry[key] = {k: paired_ratio(rows, records[0], k, percentile) for k in ("encoder", "total")}
+        entry["ratio_of_medians"] = {k: entry["median_seconds"][k] / first["median_seconds"][k]
+                                     for k in ("encoder", "total")}
+        # What the encoder ratio would be if its time were proportional to the layers it
+        # runs, and the share of that speed-up the encoder realises.
         entry["ideal_encoder_ratio"] = entry["token_layers"] / max(first["token_layers"], 1.0)
+        entry["realised_of_ideal"] = entry["ideal_encoder_ratio"] / max(entry["ratio_to_first"]["encoder"], 1e-12)
     if encoder_peer:
         peer = float(np.median([r["peer_encoder"] for r in records[0]]))
         report["encoder_peer"] = {"name": "flat groups of 69", "median_seconds": peer,
@@ -272,6 +284,12 @@ def benchmark(specs: list[str], frames: int = 5, points: int = 0, warmup: int = 
         # Peak resident set of the whole process (Linux reports KiB), models and data included.
         report["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return report
+
+
+def paired_ratio(rows: list[dict], first_rows: list[dict], key: str, percentile: float = 50) -> float:
+    """A percentile (50: the median) of the per-frame ratios rows[i][key] / first_rows[i][key]
+    of two models timed on the same frames."""
+    return float(np.percentile([r[key] / max(f[key], 1e-12) for r, f in zip(rows, first_rows)], percentile))
 
 
 def _print_report(report: dict) -> None:
@@ -287,8 +305,13 @@ def _print_report(report: dict) -> None:
               + f"{m['frames_per_second']:>7.2f}{m['encoder_share']:>10.2f}"
               + f"{m['ratio_to_first']['encoder']:>7.2f}{m['ideal_encoder_ratio']:>8.2f}"
               + f"{m['ratio_to_first']['total']:>8.2f}")
-    print(f"peak memory: {report['peak_memory_mb']:.0f} MB; ideal x: the encoder ratio if its time "
-          "followed the token-layers it runs")
+    print(f"peak memory: {report['peak_memory_mb']:.0f} MB; x: medians of per-frame ratios to the first "
+          "model; ideal x: the encoder ratio if its time followed the token-layers it runs")
+    for m in report["models"][1:]:
+        low, high = m["ratio_to_first_p10"], m["ratio_to_first_p90"]
+        print(f"{m['checkpoint'][-28:]}: per-frame ratios p10-p90: encoder {low['encoder']:.2f}-{high['encoder']:.2f}, "
+              f"total {low['total']:.2f}-{high['total']:.2f}; realised {m['realised_of_ideal']:.2f} of the ideal "
+              f"encoder speed-up")
     peak = report.get("matmul_peak_gflops")
     for m in report["models"]:
         share = f" = {m['encoder_gflops'] / peak['float32']:.0%} of the float32 matmul peak" if peak else ""

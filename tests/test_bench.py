@@ -1,8 +1,9 @@
-"""Benchmark accounting: useful encoder work, the matmul peak."""
+"""Benchmark accounting: useful encoder work, the matmul peak, paired ratios."""
 
+import pytest
 import torch
 
-from haltdet.bench import encoder_flop, matmul_peak
+from haltdet.bench import encoder_flop, matmul_peak, paired_ratio
 from haltdet.model.encoder import SparseWindowEncoder
 
 
@@ -63,3 +64,16 @@ def test_specs_carry_thresholds_and_precision():
     point = {"checkpoint": "halting", "threshold": [0.3], "dtype": "bfloat16"}
     assert bench_name(point) == "halting@0.3,bfloat16"
     assert bench_name({**point, "threshold": None, "dtype": "float32"}) == "halting"
+
+
+def test_paired_ratio_is_a_percentile_of_per_frame_ratios():
+    """Frames timed 1, 2, 4 and 8 s for the first model and 0.5, 1.5, 2, 2 for another:
+    per-frame ratios 0.5, 0.75, 0.5, 0.25, median 0.5 (the ratio of the medians would be
+    1.75 / 3 = 0.583): a frame slow for both (machine drift) moves the ratio of medians,
+    not the paired one."""
+    first = [{"encoder": t} for t in (1.0, 2.0, 4.0, 8.0)]
+    other = [{"encoder": t} for t in (0.5, 1.5, 2.0, 2.0)]
+    assert paired_ratio(other, first, "encoder") == pytest.approx(0.5)
+    assert paired_ratio(other, first, "encoder", 100) == pytest.approx(0.75)
+    assert paired_ratio(other, first, "encoder", 0) == pytest.approx(0.25)
+    assert paired_ratio(first, first, "encoder") == 1.0

@@ -276,8 +276,12 @@ def test_bench_times_a_halting_model_at_several_thresholds(tiny_run, tmp_path, c
     assert first["tokens"] == keep_all["tokens"] == halt_all["tokens"] > 0
     assert keep_all["ideal_encoder_ratio"] == 1.5 and halt_all["ideal_encoder_ratio"] == 0.5
     for entry in (keep_all, halt_all):
+        # one frame: the paired ratio is that frame's ratio, the ratio of the medians
         ratio = entry["median_seconds"]["encoder"] / first["median_seconds"]["encoder"]
         assert entry["ratio_to_first"]["encoder"] == pytest.approx(ratio)
+        assert entry["ratio_of_medians"]["encoder"] == pytest.approx(ratio)
+        assert entry["ratio_to_first_p10"]["total"] <= entry["ratio_to_first"]["total"] <= entry["ratio_to_first_p90"]["total"]
+        assert entry["realised_of_ideal"] == pytest.approx(entry["ideal_encoder_ratio"] / ratio)
     from haltdet.bench import load_spec
 
     assert load_spec(halting + "@0.3,0.7", "cpu").encoder.halting.thresholds == [0.3, 0.7]
