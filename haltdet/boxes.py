@@ -344,31 +344,36 @@ def nms_bev(boxes, scores, iou_threshold: float, max_output: int | None = None) 
     sorted_boxes = b[order].to(torch.float64)
     geo = _PairGeometry(sorted_boxes, sorted_boxes, three_d=False)
     limit = n if max_output is None else int(max_output)
-    suppressed = torch.zeros(n, dtype=torch.bool)
+    # Bookkeeping in numpy and Python lists: the greedy pass visits boxes one by one, and a
+    # tensor operation per box costs more than the whole IoU computation.
+    suppressed = np.zeros(n, dtype=bool)
     keep: list[int] = []
     # Blocks of the sorted order: IoU rows are computed only for boxes not yet suppressed
     # when their block starts, and only against later boxes not yet suppressed.
     block = 64
-    arange = torch.arange(n)
+    arange = np.arange(n)
     for r0 in range(0, n, block):
         r1 = min(n, r0 + block)
         rows = arange[r0:r1][~suppressed[r0:r1]]
-        if rows.numel() == 0:
+        if rows.size == 0:
             continue
-        cols = arange[r0 + 1 :][~suppressed[r0 + 1 :]]
-        over = torch.zeros((rows.numel(), n), dtype=torch.bool)
-        if cols.numel() > 0:
-            bound = geo.upper_bound(rows.to(b.device), cols.to(b.device), outer=True).cpu()
-            cand = (bound > iou_threshold) & (rows[:, None] < cols[None, :])
-            ri, ci = torch.nonzero(cand, as_tuple=True)
+        cols = arange[r0 + 1:][~suppressed[r0 + 1:]]
+        over: list[list[int]] = [[] for _ in rows]  # per row, the later boxes it suppresses
+        if cols.size > 0:
+            rows_t, cols_t = torch.from_numpy(rows).to(b.device), torch.from_numpy(cols).to(b.device)
+            bound = geo.upper_bound(rows_t, cols_t, outer=True)
+            ri, ci = torch.nonzero((bound > iou_threshold) & (rows_t[:, None] < cols_t[None, :]), as_tuple=True)
             if ri.numel() > 0:
-                hit = (geo.exact(rows[ri].to(b.device), cols[ci].to(b.device)) > iou_threshold).cpu()
-                over[ri[hit], cols[ci[hit]]] = True
+                hit = geo.exact(rows_t[ri], cols_t[ci]) > iou_threshold
+                for r, c in zip(ri[hit].tolist(), cols_t[ci[hit]].tolist()):
+                    over[r].append(c)
         for r, k in enumerate(rows.tolist()):
             if suppressed[k]:
                 continue
             keep.append(k)
             if len(keep) >= limit:
-                return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
-            suppressed |= over[r]
+                break
+            suppressed[over[r]] = True
+        if len(keep) >= limit:
+            break
     return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
