@@ -293,16 +293,23 @@ def _in_window_position(shifted_y: torch.Tensor, shifted_x: torch.Tensor, window
 def sine_encoding(cells: torch.Tensor, window_size: int, channels: int) -> torch.Tensor:
     """(T, 2) integer in-window (x, y) cells -> (T, channels) sine/cosine encoding:
     per axis, sin then cos of the centred coordinate at `channels // 4` octave frequencies.
-    The window_size**2 possible encodings are made once and looked up."""
-    values = torch.arange(window_size, device=cells.device)
+    The window_size**2 possible encodings are made once (`_sine_table`) and looked up."""
+    table = _sine_table(window_size, channels, cells.device)
+    return table.index_select(0, cells[:, 1] * window_size + cells[:, 0])
+
+
+@functools.lru_cache(maxsize=16)
+def _sine_table(window_size: int, channels: int, device: torch.device) -> torch.Tensor:
+    """(window_size**2, channels) encodings of every cell, row y * window_size + x: the x
+    encoding, then the y encoding. Cached: a few kilobytes, and making it took longer than
+    looking up a frame's tokens in it. Read only (callers get index_select copies)."""
+    values = torch.arange(window_size, device=device)
     centred = (values.float() + 0.5) / window_size - 0.5  # in (-0.5, 0.5)
     num_freq = channels // 4
-    freqs = torch.pow(2.0, torch.arange(num_freq, device=cells.device, dtype=torch.float32)) * math.pi
+    freqs = torch.pow(2.0, torch.arange(num_freq, device=device, dtype=torch.float32)) * math.pi
     angles = centred[:, None] * freqs  # (window_size, F)
     axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (window_size, 2F)
-    # row y * window_size + x: the x encoding, then the y encoding
-    table = torch.cat([axis.repeat(window_size, 1), axis.repeat_interleave(window_size, dim=0)], dim=1)
-    return table.index_select(0, cells[:, 1] * window_size + cells[:, 0])
+    return torch.cat([axis.repeat(window_size, 1), axis.repeat_interleave(window_size, dim=0)], dim=1)
 
 
 class WindowAttention(nn.Module):
