@@ -85,13 +85,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     timer = Timer()
     subset = encoder_module.WindowPartition.subset
+    packings = [("", encoder_module.PACK_FRACTION)] + [(", unpacked", 0.0)] * args.unpacked
     encoder_module.WindowPartition.subset = timer.wrap(subset, "survivors' partitions")
     try:
         models = [load_spec(name, "cpu") for name in args.models]
         for model in models:
             timer.attach(model.encoder)
         frames = [bench_cloud(10_000 + i) for i in range(args.frames)]
-        packings = [("", encoder_module.PACK_FRACTION)] + [(", unpacked", 0.0)] * args.unpacked
         records = {name + label: [] for name in args.models for label, _ in packings}
         with torch.no_grad():
             tokens = [[m.pillar_net(PointBatch.from_list([cloud])) for cloud in frames] for m in models]
