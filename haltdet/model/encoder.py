@@ -53,7 +53,7 @@ def attention_plan() -> tuple[int, tuple[float, ...]]:
     kernel; the bucket capacities), for the current thread count. Measured by
     scripts/attention_kernels.py: the fused kernel gains little from a second thread, the
     matrix products do; at one thread they win only on short rows."""
-    return (72 if torch.get_num_threads() > 1 else SHORT_ROW - 1), BUCKET_FRACTIONS
+    return (108 if torch.get_num_threads() > 1 else SHORT_ROW - 1), BUCKET_FRACTIONS
 
 
 @dataclass
