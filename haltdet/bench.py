@@ -242,6 +242,10 @@ def benchmark(specs: list[str], frames: int = 5, points: int = 0, warmup: int = 
             time_stages(model, cloud, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # The CPU's matmul peak, measured before and after the frames and the better kept: on
+    # a shared machine one measurement can fall in a slow spell and flatter every
+    # model's share of it.
+    peaks = [matmul_peak()] if device.type == "cpu" else []
     records = [[] for _ in models]
     for cloud in clouds:
         for i, model in enumerate(models):
@@ -249,8 +253,9 @@ def benchmark(specs: list[str], frames: int = 5, points: int = 0, warmup: int = 
 
     report = {"device": str(device), "threads": torch.get_num_threads(), "frames": len(clouds),
               "points_per_frame": float(np.mean([len(c) for c in clouds])), "models": []}
-    if device.type == "cpu":
-        report["matmul_peak_gflops"] = matmul_peak()
+    if peaks:
+        peaks.append(matmul_peak())
+        report["matmul_peak_gflops"] = {dtype: max(p[dtype] for p in peaks) for dtype in peaks[0]}
     for name, rows in zip(names, records):
         median = {k: float(np.median([r[k] for r in rows])) for k in (*STAGES, "total", "tokens", "points_used")}
         flop = float(np.sum([r["encoder_flop"] for r in rows]))
