@@ -201,3 +201,12 @@ def test_subset_of_a_partition_is_the_partition_of_the_subset(kept):
             assert a.segment is None or torch.equal(a.segment, b.segment)
         # a tenth of the tokens is sparse: its small windows packed; the whole set is not
         assert any(b.segment is not None for b in derived.buckets) == (0 < kept <= 0.1)
+
+
+def test_pack_windows_next_fit_decreasing_by_hand():
+    """Windows of 5, 30, 20, 10 and 40 tokens in chunks of 36: the 40 is not packed; by size,
+    30 opens chunk 0 (slots 0-29); 20 does not fit after it and opens chunk 1 (36-55); 10
+    follows it (56-65), then 5 (66-70)."""
+    start, num_chunks, big = encoder._pack_windows(torch.tensor([5, 30, 20, 10, 40]), 36)
+    assert start[:4].tolist() == [66, 0, 36, 56] and num_chunks == 2 and big.tolist() == [4]
+    assert encoder._pack_windows(torch.tensor([5, 30]), 0) == (None, 0, None)
