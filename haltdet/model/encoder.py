@@ -349,10 +349,10 @@ class WindowAttention(nn.Module):
             if key_gate is None:
                 attended = window_attention(q, k, v, bucket)
             else:
-                gate = gate.view_as(bucket.key_valid)[:, None, :]  # per key, (W, 1, S)
-                if bucket.segment is not None:  # a chunk: only the query's own window's keys
-                    window = bucket.mask[:, 0]
-                    gate = gate & window if gate.dtype == torch.bool else gate * window
+                # per key, (W, 1, S), within the keys the bucket lets each query attend to
+                # (in a chunk, its own window's)
+                gate, allowed = gate.view_as(bucket.key_valid)[:, None, :], bucket.mask[:, 0]
+                gate = gate & allowed if gate.dtype == torch.bool else gate * allowed
                 self_slot = torch.eye(bucket.slots, dtype=torch.bool, device=x.device)
                 if gate.dtype == torch.bool:
                     mask = (gate | self_slot)[:, None]  # (W, 1, S, S)
