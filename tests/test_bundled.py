@@ -65,3 +65,24 @@ def test_demo_runs_the_halting_model_with_no_arguments(tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert "Vehicle" in out and (tmp_path / "haltdet_demo.png").stat().st_size > 50_000
     assert "token-layers executed" in out and (tmp_path / "haltdet_demo_halting.png").stat().st_size > 50_000
+
+
+def test_dense_stage_on_the_support_gives_the_dense_detections(monkeypatch):
+    """At inference the 3x3 convolutions of the bundled baseline skip the background of
+    the map (head.SparseMap): on the demo frame they stay on the support and give the
+    detections of the dense convolutions, to float rounding."""
+    from haltdet.model import head
+
+    model, _ = load_model("baseline")
+    frame = simulate_frame(DEMO_SEED)
+    kinds = []
+    conv = head.SparseMap.conv3x3_relu
+    monkeypatch.setattr(head.SparseMap, "conv3x3_relu",
+                        lambda self, *args: kinds.append(type(r := conv(self, *args))) or r)
+    on_support = detect_points(model, frame.points)
+    assert kinds == [head.SparseMap] * 3
+    monkeypatch.setattr(head, "SPARSE_SUPPORT_MAX", 0.0)
+    dense = detect_points(model, frame.points)
+    assert torch.equal(on_support.labels, dense.labels)
+    torch.testing.assert_close(on_support.scores, dense.scores, rtol=0, atol=1e-5)
+    torch.testing.assert_close(on_support.boxes, dense.boxes, rtol=0, atol=1e-4)

@@ -187,8 +187,13 @@ class Detector(nn.Module):
         (`inference_precision`)."""
         # the layout `train` gave the dense stage
         memory_format = torch.contiguous_format if self.training else torch.channels_last
+        features = self.bev_features(encoded)
+        # At inference in float32 on a CPU the 3x3 convolutions skip the background
+        # (head.SparseMap); on a GPU and in bfloat16 they run dense.
+        sparse = (not self.training and features.device.type == "cpu"
+                  and self.config.inference_dtype == "float32" and features.dtype == torch.float32)
         with self.inference_precision():
-            bev = self.bev(self.bev_features(encoded), coords, batch_size, self.grid, memory_format)
+            bev = self.bev(features, coords, batch_size, self.grid, memory_format, sparse)
             heatmap, regression = self.head(bev)
         return heatmap.float(), regression.float()
 

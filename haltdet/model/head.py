@@ -71,13 +71,104 @@ def folded(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.T
     return conv.weight * scale[:, None, None, None], norm.bias - norm.running_mean * scale
 
 
-def conv_norm_relu(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+def conv_norm_relu(block: nn.Sequential, x):
     """A (Conv2d, BatchNorm2d, ReLU) block: in training as its modules run, at inference
-    as one folded convolution (`folded`) and the ReLU."""
+    as one folded convolution (`folded`) and the ReLU; on a `SparseMap` (inference) only
+    where the output can differ from the background (`SparseMap.conv3x3_relu`)."""
     conv, norm, _ = block
     if norm.training:
         return block(x)
+    if isinstance(x, SparseMap):
+        return x.conv3x3_relu(*folded(conv, norm))
     return F.conv2d(x, *folded(conv, norm), conv.stride, conv.padding).relu_()
+
+
+# A BEV map at inference is mostly background: every empty cell starts at the same vector
+# (the first convolution's bias), and a 3x3 convolution maps a neighbourhood of equal
+# vectors inside the map to one new vector. So each 3x3 convolution is computed only at
+# the cells whose neighbourhood holds a non-background cell or the map's zero padding
+# (the support grows by one cell per convolution), as matrix products over the gathered
+# neighbourhoods, and the background is carried as one row. The same values as the dense
+# convolutions to float rounding, at a fraction of their cost on a CPU while the support
+# is small: above this share of the cells the dense convolution runs instead.
+SPARSE_SUPPORT_MAX = 0.5
+_GATHER_CELLS = 2048  # cells gathered per matrix product: one buffer of the same size every time
+
+
+@dataclass
+class SparseMap:
+    """An inference BEV map of shape (B, C, H, W) kept as the rows of its support.
+
+    rows: (N + 2, C) the N support cells' vectors (in cell order), then the background
+      vector (every other cell's), then zeros (read for neighbours outside the map: the
+      convolutions' zero padding).
+    cells: (N,) the support cells, flat indices b * H * W + y * W + x, ascending.
+    shape: (B, H, W).
+    """
+
+    rows: torch.Tensor
+    cells: torch.Tensor
+    shape: tuple[int, int, int]
+
+    def slots(self) -> torch.Tensor:
+        """(B * H * W + 1,) the row of each cell, then the zero row's (for `outside`)."""
+        num_cells = math.prod(self.shape)
+        background = self.cells.numel()
+        slots = torch.full((num_cells + 1,), background, dtype=torch.long, device=self.cells.device)
+        slots[self.cells] = torch.arange(background, device=self.cells.device)
+        slots[-1] = background + 1
+        return slots
+
+    def dense_rows(self) -> torch.Tensor:
+        """(B * H * W, C) every cell's vector."""
+        return self.rows.index_select(0, self.slots()[:-1])
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The whole map, (B, C, H, W) channels-last."""
+        batch, height, width = self.shape
+        return self.dense_rows().view(batch, height, width, -1).permute(0, 3, 1, 2)
+
+    def conv3x3_relu(self, weight: torch.Tensor, bias: torch.Tensor):
+        """relu(conv2d(map, weight, bias, padding=1)) for a (C', C, 3, 3) weight: a
+        `SparseMap`, or the dense (B, C', H, W) channels-last map once the support is
+        too large."""
+        batch, height, width = self.shape
+        num_cells = batch * height * width
+        support = torch.zeros(num_cells, dtype=torch.float32, device=self.cells.device)
+        support[self.cells] = 1.0
+        grown = F.max_pool2d(support.view(batch, 1, height, width), 3, 1, 1)[:, 0] > 0
+        grown[:, 0], grown[:, -1], grown[:, :, 0], grown[:, :, -1] = True, True, True, True
+        cells = grown.view(-1).nonzero().squeeze(1)
+        if cells.numel() > SPARSE_SUPPORT_MAX * num_cells:
+            return F.conv2d(self.tensor, weight, bias, 1, 1).relu_()
+        channels, out_channels = self.rows.shape[1], weight.shape[0]
+        slots = self.slots()
+        weight_rows = weight.permute(2, 3, 1, 0).reshape(9 * channels, out_channels)
+        rows = torch.empty(cells.numel() + 2, out_channels, dtype=self.rows.dtype, device=self.rows.device)
+        taps = self.rows.new_empty(min(cells.numel(), _GATHER_CELLS) * 9, channels)
+        for start in range(0, cells.numel(), _GATHER_CELLS):
+            part = cells[start:start + _GATHER_CELLS]
+            index = slots.index_select(0, _neighbourhoods(part, height, width, num_cells).view(-1))
+            gathered = torch.index_select(self.rows, 0, index, out=taps[:index.numel()])
+            torch.addmm(bias, gathered.view(part.numel(), -1), weight_rows, out=rows[start:start + part.numel()])
+        torch.addmv(bias, weight.sum((2, 3)), self.rows[-2], out=rows[-2])  # the background's image
+        rows[-1] = 0
+        return SparseMap(rows.relu_(), cells, self.shape)
+
+
+def _neighbourhoods(cells: torch.Tensor, height: int, width: int, outside: int) -> torch.Tensor:
+    """(N, 9) each of the 3x3 neighbours of the flat cells (frame, y, x) of maps
+    (height, width), as flat cells, in the kernel's order (dy, then dx, from -1 to 1);
+    `outside` for neighbours outside the map."""
+    y = cells % (height * width) // width
+    x = cells % width
+    offsets = torch.tensor([-1, 0, 1], device=cells.device)
+    ny = y[:, None, None] + offsets[None, :, None]
+    nx = x[:, None, None] + offsets[None, None, :]
+    inside = (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
+    index = cells[:, None, None] + offsets[None, :, None] * width + offsets[None, None, :]
+    return torch.where(inside, index, outside).view(-1, 9)
 
 
 class BEVBackbone(nn.Module):
@@ -102,11 +193,12 @@ class BEVBackbone(nn.Module):
 
     def downsample(self, features: torch.Tensor, coords: torch.Tensor, batch_size: int,
                    grid: tuple[int, int], weight: torch.Tensor | None = None,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, sparse: bool = False):
         """Tokens (T, C) at (frame, iy, ix) of a (ny, nx) grid -> the strided convolution's
         output (B, channels, ny / stride, nx / stride), channels-last in memory; with the
         convolution's weight (channels, C, s, s) and bias (channels,) if given instead of
-        its own (no bias)."""
+        its own (no bias). sparse (with a bias): as a `SparseMap` whose support is the
+        occupied cells."""
         s = self.stride
         weight = self.net[0].weight if weight is None else weight
         channels = weight.shape[0]
@@ -116,22 +208,32 @@ class BEVBackbone(nn.Module):
         index = tap[:, None, None].expand(-1, 1, channels)
         contribution = taps.view(-1, s * s, channels).gather(1, index).squeeze(1)
         cell = (coords[:, 0] * ny + coords[:, 1] // s) * nx + coords[:, 2] // s
+        if sparse:
+            cells, cell = torch.unique(cell, return_inverse=True)
+        num_cells = cells.numel() + 2 if sparse else batch_size * ny * nx
         if bias is None:
-            canvas = contribution.new_zeros(batch_size * ny * nx, channels)
+            canvas = contribution.new_zeros(num_cells, channels)
         else:  # every cell, empty or not, starts at the bias
-            canvas = bias.to(contribution.dtype).expand(batch_size * ny * nx, channels).clone()
+            canvas = bias.to(contribution.dtype).expand(num_cells, channels).clone()
         canvas.index_add_(0, cell, contribution)
+        if sparse:  # the occupied cells, the background (the bias), the zero row
+            canvas[-1] = 0
+            return SparseMap(canvas, cells, (batch_size, ny, nx))
         return canvas.view(batch_size, ny, nx, channels).permute(0, 3, 1, 2)
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor, batch_size: int,
-                grid: tuple[int, int], memory_format=torch.channels_last) -> torch.Tensor:
+                grid: tuple[int, int], memory_format=torch.channels_last, sparse: bool = False):
         """Tokens (T, C) at (frame, iy, ix) -> (B, channels, ny / stride, nx / stride).
-        At inference each convolution and its batch norm run as one (`folded`)."""
+        At inference each convolution and its batch norm run as one (`folded`); with
+        `sparse`, on a `SparseMap`, which is returned."""
         if self.training:
             bev = self.downsample(features, coords, batch_size, grid)
             return self.net[1:](bev.contiguous(memory_format=memory_format))
-        bev = self.downsample(features, coords, batch_size, grid, *folded(self.net[0], self.net[1]))
-        bev = bev.contiguous(memory_format=memory_format).relu_()
+        bev = self.downsample(features, coords, batch_size, grid, *folded(self.net[0], self.net[1]), sparse=sparse)
+        if sparse:
+            bev.rows.relu_()
+        else:
+            bev = bev.contiguous(memory_format=memory_format).relu_()
         for i in range(3, len(self.net), 3):
             bev = conv_norm_relu(self.net[i:i + 3], bev)
         return bev
@@ -150,14 +252,18 @@ class CenterHead(nn.Module):
         # Start with a low foreground probability (focal-loss practice).
         nn.init.constant_(self.heatmap.bias, -2.19)
 
-    def forward(self, bev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """bev: (B, C, H, W) -> heatmap logits (B, 3, H, W) and regression (B, 9, H, W)."""
+    def forward(self, bev) -> tuple[torch.Tensor, torch.Tensor]:
+        """bev: (B, C, H, W), or a `SparseMap` at inference -> heatmap logits (B, 3, H, W)
+        and regression (B, 9, H, W)."""
         shared = conv_norm_relu(self.shared, bev)
         # The 1x1 convolutions as one matrix product in the map's memory layout (the
         # convolution backward pass on contiguous maps zero-fills a map per call).
         weight = torch.cat([self.heatmap.weight.flatten(1), self.regression.weight.flatten(1)])
         bias = torch.cat([self.heatmap.bias, self.regression.bias])
-        if shared.is_contiguous():
+        if isinstance(shared, SparseMap):  # on the support and the background row, then spread
+            maps = torch.addmm(bias, shared.rows[:-1], weight.t()).index_select(0, shared.slots()[:-1])
+            maps = maps.view(*shared.shape, -1).permute(0, 3, 1, 2)
+        elif shared.is_contiguous():
             b, c, h, w = shared.shape
             maps = (torch.matmul(weight, shared.view(b, c, h * w)) + bias[:, None]).view(b, -1, h, w)
         else:  # channels-last

@@ -220,13 +220,19 @@ def test_strided_convolution_on_tokens_equals_the_dense_one(stride):
     torch.testing.assert_close(weight_ours, weight_reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_folded_batch_norm_at_inference_equals_the_modules(memory_format):
+@pytest.mark.parametrize("memory_format,sparse,support_max", [
+    (torch.contiguous_format, False, 0.5), (torch.channels_last, False, 0.5),
+    (torch.channels_last, True, 1.0), (torch.channels_last, True, 0.0)])
+def test_folded_batch_norm_at_inference_equals_the_modules(memory_format, sparse, support_max, monkeypatch):
     """At inference the BEV stage and the head run each convolution and its batch norm as
     one folded convolution; the values equal running the modules one after the other (the
     first convolution over the zero-filled grid), with batch norm statistics far from the
-    identity. Training runs the modules themselves."""
+    identity. Training runs the modules themselves. `sparse`: the 3x3 convolutions on the
+    support of the map (head.SparseMap) always (support_max 1) or never (0)."""
+    from haltdet.model import head as head_module
     from haltdet.model.head import BEVBackbone, CenterHead
+
+    monkeypatch.setattr(head_module, "SPARSE_SUPPORT_MAX", support_max)
 
     torch.manual_seed(0)
     grid, batch_size, channels = (24, 16), 2, 8
@@ -241,8 +247,10 @@ def test_folded_batch_norm_at_inference_equals_the_modules(memory_format):
     coords = torch.stack([cells // (grid[0] * grid[1]), cells // grid[1] % grid[0], cells % grid[1]], 1)
     features = torch.randn(len(cells), channels)
     with torch.no_grad():
-        bev = backbone(features, coords, batch_size, grid, memory_format)
+        bev = backbone(features, coords, batch_size, grid, memory_format, sparse)
         heatmap, regression = head(bev)
+        if isinstance(bev, head_module.SparseMap):
+            bev = bev.tensor
         dense = torch.zeros(batch_size, grid[0], grid[1], channels)
         dense = dense.index_put((coords[:, 0], coords[:, 1], coords[:, 2]), features).permute(0, 3, 1, 2)
         reference = backbone.net(dense)
@@ -255,6 +263,44 @@ def test_folded_batch_norm_at_inference_equals_the_modules(memory_format):
     backbone.net[1].register_forward_hook(lambda *args: calls.append(1))
     backbone(features, coords, batch_size, grid, memory_format)
     assert calls  # in training the batch norm module runs (its batch statistics)
+
+
+def test_sparse_map_convolutions_equal_the_dense_ones(monkeypatch):
+    """Three 3x3 convolutions on a `SparseMap` (a few occupied cells, some on the edges
+    and corners of the maps, a non-zero background) equal the dense convolutions with
+    zero padding on the whole map; the support grows by one cell per convolution (and the
+    map's border ring, where the padding enters); once it exceeds SPARSE_SUPPORT_MAX of
+    the cells the dense convolution takes over."""
+    import torch.nn.functional as F
+
+    from haltdet.model import head as head_module
+    from haltdet.model.head import SparseMap
+
+    torch.manual_seed(0)
+    batch, height, width, channels = 2, 30, 26, 5
+    cells = torch.tensor([0, 3 * width + 7, 12 * width + 12, 13 * width + 12, height * width - 1,
+                          height * width + 25, height * width + 20 * width + 3, 2 * height * width - width])
+    rows = torch.cat([torch.randn(len(cells), channels), torch.randn(1, channels), torch.zeros(1, channels)])
+    sparse = SparseMap(rows, cells, (batch, height, width))
+    dense = sparse.tensor
+    expected = torch.zeros(batch * height * width, dtype=torch.bool)
+    expected[cells] = True
+    for step in range(3):
+        weight, bias = torch.randn(channels, channels, 3, 3) * 0.3, torch.randn(channels) * 0.3
+        monkeypatch.setattr(head_module, "SPARSE_SUPPORT_MAX", 0.5)
+        sparse = sparse.conv3x3_relu(weight, bias)
+        dense = F.conv2d(dense, weight, bias, padding=1).relu_()
+        assert isinstance(sparse, SparseMap)
+        grown = F.max_pool2d(expected.view(batch, 1, height, width).float(), 3, 1, 1)[:, 0] > 0
+        grown[:, 0], grown[:, -1], grown[:, :, 0], grown[:, :, -1] = True, True, True, True
+        expected = grown.view(-1)
+        assert torch.equal(sparse.cells, expected.nonzero().squeeze(1))
+        torch.testing.assert_close(sparse.tensor, dense, rtol=1e-5, atol=1e-5)
+        assert dense.permute(0, 2, 3, 1).reshape(-1, channels)[~expected].unique(dim=0).shape[0] == 1
+    monkeypatch.setattr(head_module, "SPARSE_SUPPORT_MAX", 0.1)
+    taken_over = sparse.conv3x3_relu(weight, bias)
+    assert not isinstance(taken_over, SparseMap)
+    torch.testing.assert_close(taken_over, F.conv2d(dense, weight, bias, padding=1).relu_(), rtol=1e-5, atol=1e-5)
 
 
 def test_pillar_max_pool_gradient_is_autograds_for_scatter_max():
