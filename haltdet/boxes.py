@@ -141,46 +141,57 @@ def _check_boxes(b: torch.Tensor, name: str) -> torch.Tensor:
     return b
 
 
-def _cross(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
+def _corner_rows(b: torch.Tensor, origin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and y, each (4, K), of the BEV corners of boxes b (K, 7) as `bev_corners` orders
+    them, less `origin` (K, 2). Corner first, box last: the operations below then run
+    along rows of K boxes (with (K, 4, 2) tensors every operation of the clipping loops
+    over runs of 2 or 4 numbers, several times slower)."""
+    half_l, half_w = b[:, 3] / 2, b[:, 4] / 2
+    local_x = torch.stack([half_l, -half_l, -half_l, half_l])
+    local_y = torch.stack([half_w, half_w, -half_w, -half_w])
+    cos, sin = torch.cos(b[:, 6]), torch.sin(b[:, 6])
+    x = b[:, 0] + local_x * cos - local_y * sin
+    y = b[:, 1] + local_x * sin + local_y * cos
+    return x - origin[:, 0], y - origin[:, 1]
 
 
-def _clipped_edge_sum(p: torch.Tensor, q: torch.Tensor, tol: torch.Tensor, second: bool) -> torch.Tensor:
+def _clipped_edge_sum(px: torch.Tensor, py: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor,
+                      tol: torch.Tensor, second: bool) -> torch.Tensor:
     """Sum over the edges of polygon p of (t1 - t0) * cross(P, d) after clipping to polygon q.
 
-    p, q: (K, 4, 2) counter-clockwise corners; tol: (K,) length tolerance.
-    second: True when p is B (same-direction collinear edges are then skipped).
+    px, py, qx, qy: (4, K) counter-clockwise corners (`_corner_rows`); tol: (K,) length
+    tolerance. second: True when p is B (same-direction collinear edges are then skipped).
+    Tensors below are indexed [edge i of p, edge j of q, pair k].
     """
-    d = torch.roll(p, shifts=-1, dims=1) - p  # (K, 4, 2) edges i of p
-    e = torch.roll(q, shifts=-1, dims=1) - q  # (K, 4, 2) edges j of q; inside = left side
-    e_j = e[:, None, :, :]
-    d_i = d[:, :, None, :]
-    # Point P_i + t d_i is inside half-plane j iff c + t n >= 0.
-    n = _cross(e_j, d_i)  # (K, 4, 4)
-    c = _cross(e_j, p[:, :, None, :] - q[:, None, :, :])
-    e_len = torch.linalg.vector_norm(e, dim=-1)[:, None, :]
-    d_len = torch.linalg.vector_norm(d, dim=-1)[:, :, None]
+    dx, dy = torch.roll(px, -1, 0) - px, torch.roll(py, -1, 0) - py  # edges i of p
+    ex, ey = torch.roll(qx, -1, 0) - qx, torch.roll(qy, -1, 0) - qy  # edges j of q; inside = left side
+    ex_j, ey_j, dx_i, dy_i = ex[None], ey[None], dx[:, None], dy[:, None]
+    # Point P_i + t d_i is inside half-plane j iff c + t n >= 0 (n, c: cross products).
+    n = ex_j * dy_i - ey_j * dx_i
+    c = ex_j * (py[:, None] - qy[None]) - ey_j * (px[:, None] - qx[None])
+    e_len = torch.sqrt(ex * ex + ey * ey)[None]
+    d_len = torch.sqrt(dx * dx + dy * dy)[:, None]
     parallel = n.abs() <= 1e-12 * e_len * d_len
-    c_tol = tol[:, None, None] * e_len
+    c_tol = tol * e_len
     ratio = -c / torch.where(parallel, torch.ones_like(n), n)
     inf = torch.full_like(ratio, math.inf)
-    t0 = torch.where(~parallel & (n > 0), ratio, -inf).amax(dim=2).clamp(min=0)
-    t1 = torch.where(~parallel & (n < 0), ratio, inf).amin(dim=2).clamp(max=1)
+    t0 = torch.where(~parallel & (n > 0), ratio, -inf).amax(dim=1).clamp(min=0)
+    t1 = torch.where(~parallel & (n < 0), ratio, inf).amin(dim=1).clamp(max=1)
     collinear = parallel & (c.abs() <= c_tol)
     if not second:
-        collinear = collinear & ((e_j * d_i).sum(dim=-1) < 0)
-    empty = (collinear | (parallel & (c < -c_tol))).any(dim=2)
+        collinear = collinear & (ex_j * dx_i + ey_j * dy_i < 0)
+    empty = (collinear | (parallel & (c < -c_tol))).any(dim=1)
     span = torch.where(empty, torch.zeros_like(t0), (t1 - t0).clamp(min=0))
-    return (span * _cross(p, d)).sum(dim=1)
+    return (span * (px * dy - py * dx)).sum(dim=0)
 
 
 def _paired_bev_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """BEV intersection area of a[k] and b[k] for every k: (K, 7) x (K, 7) float64 -> (K,)."""
-    origin = a[:, None, 0:2]
-    ca = bev_corners(a) - origin
-    cb = bev_corners(b) - origin
+    origin = a[:, 0:2]
+    ax, ay = _corner_rows(a, origin)
+    bx, by = _corner_rows(b, origin)
     tol = 1e-9 * (1.0 + torch.maximum(a[:, 3:5].amax(dim=1), b[:, 3:5].amax(dim=1)))
-    twice = _clipped_edge_sum(ca, cb, tol, False) + _clipped_edge_sum(cb, ca, tol, True)
+    twice = _clipped_edge_sum(ax, ay, bx, by, tol, False) + _clipped_edge_sum(bx, by, ax, ay, tol, True)
     max_area = torch.minimum(a[:, 3] * a[:, 4], b[:, 3] * b[:, 4]).clamp(min=0)
     return torch.minimum((0.5 * twice).clamp(min=0), max_area)
 
@@ -314,19 +325,23 @@ def iou_3d_paired(boxes_a, boxes_b):
     return _back(geo.exact(index, index).to(out_dtype), was_numpy)
 
 
-def nms_bev(boxes, scores, iou_threshold: float, max_output: int | None = None) -> torch.Tensor:
+def nms_bev(boxes, scores, iou_threshold, max_output: int | None = None, labels=None) -> torch.Tensor:
     """Greedy non-maximum suppression with rotated BEV IoU.
 
     Boxes are visited by descending score (ties: lower index first); a box is kept unless
     its BEV IoU with an already kept box is strictly greater than ``iou_threshold``.
+    With ``labels`` only boxes of the same label suppress each other, at that label's
+    threshold: per label, the same result as a call on that label's boxes alone, in one
+    pass (one set of tensor operations for all labels).
     IoUs are computed once, only for pairs whose cheap IoU upper bound exceeds the
     threshold (the others can never suppress each other) and, block by block, only for
     boxes not already suppressed.
 
     Args:
         boxes: (N, 7) tensor; scores: (N,) tensor.
-        iou_threshold: suppression threshold.
+        iou_threshold: suppression threshold; with ``labels``, a sequence of one per label.
         max_output: keep at most this many boxes (None: no limit).
+        labels: None, or (N,) int64 labels in [0, len(iou_threshold)).
     Returns:
         int64 tensor of kept indices into ``boxes``, by descending score.
     """
@@ -343,14 +358,24 @@ def nms_bev(boxes, scores, iou_threshold: float, max_output: int | None = None) 
     order = torch.sort(s, descending=True, stable=True).indices
     sorted_boxes = b[order].to(torch.float64)
     geo = _PairGeometry(sorted_boxes, sorted_boxes, three_d=False)
+    if labels is None:
+        sorted_labels, thresholds = None, torch.tensor([float(iou_threshold)], dtype=torch.float64, device=b.device)
+        row_threshold = thresholds.expand(n)
+    else:
+        sorted_labels = torch.as_tensor(labels, device=b.device)[order]
+        thresholds = torch.tensor([float(t) for t in iou_threshold], dtype=torch.float64, device=b.device)
+        row_threshold = thresholds[sorted_labels]
     limit = n if max_output is None else int(max_output)
     # Bookkeeping in numpy and Python lists: the greedy pass visits boxes one by one, and a
     # tensor operation per box costs more than the whole IoU computation.
     suppressed = np.zeros(n, dtype=bool)
     keep: list[int] = []
     # Blocks of the sorted order: IoU rows are computed only for boxes not yet suppressed
-    # when their block starts, and only against later boxes not yet suppressed.
-    block = 64
+    # when their block starts, and only against later boxes not yet suppressed. As few
+    # blocks as the candidate matrices' size bound allows (a decoded frame's few hundred
+    # boxes: one): each block costs a fixed few hundred tensor operations, more than the
+    # IoUs its rows would skip.
+    block = max(64, _ROW_ELEMS // n)
     arange = np.arange(n)
     for r0 in range(0, n, block):
         r1 = min(n, r0 + block)
@@ -361,10 +386,14 @@ def nms_bev(boxes, scores, iou_threshold: float, max_output: int | None = None) 
         over: list[list[int]] = [[] for _ in rows]  # per row, the later boxes it suppresses
         if cols.size > 0:
             rows_t, cols_t = torch.from_numpy(rows).to(b.device), torch.from_numpy(cols).to(b.device)
-            bound = geo.upper_bound(rows_t, cols_t, outer=True)
-            ri, ci = torch.nonzero((bound > iou_threshold) & (rows_t[:, None] < cols_t[None, :]), as_tuple=True)
+            threshold = row_threshold[rows_t]
+            candidate = (geo.upper_bound(rows_t, cols_t, outer=True) > threshold[:, None]) & (
+                rows_t[:, None] < cols_t[None, :])
+            if sorted_labels is not None:
+                candidate &= sorted_labels[rows_t][:, None] == sorted_labels[cols_t][None, :]
+            ri, ci = torch.nonzero(candidate, as_tuple=True)
             if ri.numel() > 0:
-                hit = geo.exact(rows_t[ri], cols_t[ci]) > iou_threshold
+                hit = geo.exact(rows_t[ri], cols_t[ci]) > threshold[ri]
                 for r, c in zip(ri[hit].tolist(), cols_t[ci[hit]].tolist()):
                     over[r].append(c)
         for r, k in enumerate(rows.tolist()):

@@ -214,3 +214,38 @@ def test_nms_matches_reference_greedy():
             ref.append(i)
             suppressed |= {j for j in range(300) if iou[i, j] > thr}
         assert nms_bev(boxes, scores, thr).tolist() == ref
+
+
+def test_nms_with_labels_is_nms_of_each_label_alone():
+    """With labels, boxes suppress only boxes of their own label, at that label's
+    threshold: the kept set of each label is a call on that label's boxes alone, the
+    whole in descending score (ties: lower index); max_output counts every label."""
+    rng = np.random.default_rng(7)
+    boxes = torch.from_numpy(_random_boxes(rng, 400, spread=6.0))
+    scores = torch.from_numpy(rng.uniform(0, 1, 400).round(2))  # many ties, within and across labels
+    labels = torch.from_numpy(rng.integers(0, 3, 400))
+    thresholds = [0.1, 0.3, 0.5]
+    keep = nms_bev(boxes, scores, thresholds, labels=labels)
+    expected = []
+    for label, threshold in enumerate(thresholds):
+        index = torch.nonzero(labels == label).flatten()
+        own = index[nms_bev(boxes[index], scores[index], threshold)]
+        assert len(own) < len(index)  # something is suppressed in every label
+        expected += own.tolist()
+    assert keep.tolist() == sorted(expected, key=lambda i: (-float(scores[i]), i))
+    assert nms_bev(boxes, scores, thresholds, max_output=5, labels=labels).tolist() == keep[:5].tolist()
+
+
+def test_paired_intersection_by_hand():
+    """BEV intersections of box pairs computed by hand: overlapping axis-aligned boxes,
+    one inside the other, a cross (4 x 2 boxes at 90 degrees: a 2 x 2 square), a square
+    turned 45 degrees over another (an octagon), touching and disjoint boxes."""
+    from haltdet.boxes import _paired_bev_intersection
+
+    a = _boxes_t([[0, 0, 0, 4, 2, 1, 0], [0, 0, 0, 4, 4, 1, 0], [0, 0, 0, 4, 2, 1, 0], [0, 0, 0, 2, 2, 1, 0],
+                  [0, 0, 0, 2, 2, 1, 0], [0, 0, 0, 2, 2, 1, 0]]).double()
+    b = _boxes_t([[1, 0.5, 0, 4, 2, 1, 0], [0.5, 0, 0, 1, 1, 1, 0.3], [0, 0, 0, 4, 2, 1, math.pi / 2],
+                  [0, 0, 0, 2, 2, 1, math.pi / 4], [2, 0, 0, 2, 2, 1, 0], [5, 5, 0, 2, 2, 1, 0]]).double()
+    octagon = 4 * (math.sqrt(2) - 1) * 2  # a square of side 2 cut by the same square turned 45 degrees
+    expected = torch.tensor([3 * 1.5, 1.0, 4.0, octagon, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(_paired_bev_intersection(a, b), expected, rtol=0, atol=1e-12)

@@ -356,3 +356,35 @@ def test_halting_scorer_auc_by_hand_and_on_a_split(tiny_data, tmp_path):
     assert [row["layer"] for row in stages] == [2, 4]
     assert stages[0]["object_tokens"] > 0 and stages[1]["tokens"] < stages[0]["tokens"]
     assert all(0 <= row["auc"] <= 1 and 0 <= row["objects_kept"] <= 1 for row in stages)
+
+
+def test_bev_support_script_counts_the_cells_the_dense_stage_computes(monkeypatch):
+    """scripts/bev_support.py: its shares are those of the cells each 3x3 convolution of
+    the inference dense stage computes (head.SparseMap), growing from one convolution to
+    the next; the command prints one row per frame and the median."""
+    import importlib.util
+
+    from haltdet.bench import bench_cloud, load_spec
+    from haltdet.model import head
+    from haltdet.model.pillars import PointBatch
+
+    spec = importlib.util.spec_from_file_location("bev_support", ROOT / "scripts" / "bev_support.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = load_spec("baseline", "cpu")
+    cloud = bench_cloud(10_000)
+    computed = []
+    conv = head.SparseMap.conv3x3_relu
+    monkeypatch.setattr(head.SparseMap, "conv3x3_relu",
+                        lambda self, *args: computed.append(r := conv(self, *args)) or r)
+    with torch.no_grad():
+        model(PointBatch.from_list([cloud]))
+    shares = script.support_shares(model, cloud)
+    assert len(shares) == len(computed) == 3 and shares == sorted(shares) and 0 < shares[0] < shares[-1] < 0.5
+    assert [m.cells.numel() / (m.shape[1] * m.shape[2]) for m in computed] == pytest.approx(shares, abs=1e-12)
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bev_support.py"), "--frames", "2"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["bench", "bench", "median"]
+    assert [float(v) for v in lines[1].split()[3:]] == pytest.approx(shares, abs=1e-3)

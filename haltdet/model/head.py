@@ -433,14 +433,10 @@ def suppress_across_classes(detections: Detections, iou_threshold: float) -> Det
 
 
 def nms_per_class(detections: Detections, nms_iou: list[float], max_detections: int) -> Detections:
-    """Rotated BEV NMS within each class, then the best `max_detections` by score (ties
-    by index). Deterministic."""
+    """Rotated BEV NMS within each class (one `nms_bev` pass with the labels), then the
+    best `max_detections` by score (ties: lower class, then lower index). Deterministic."""
     boxes, scores, labels = detections.boxes, detections.scores, detections.labels
-    kept = []
-    for cls in range(NUM_CLASSES):
-        index = torch.nonzero(labels == cls).flatten()
-        if index.numel():
-            kept.append(index[nms_bev(boxes[index], scores[index], nms_iou[cls])])
-    kept = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long, device=boxes.device)
+    kept = nms_bev(boxes, scores, nms_iou, labels=labels)
+    kept = kept[torch.argsort(labels[kept], stable=True)]
     kept = kept[torch.argsort(scores[kept], descending=True, stable=True)][:max_detections]
     return Detections(boxes[kept], scores[kept], labels[kept])
