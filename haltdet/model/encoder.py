@@ -21,6 +21,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -229,19 +230,24 @@ def _pack_windows(counts: torch.Tensor, slots: int) -> tuple[torch.Tensor | None
     slots, largest first, each chunk filled until the next window does not fit (next fit
     decreasing). Returns each window's first slot in the chunks' layout (0 for the
     windows not packed), the number of chunks and the indices of the windows not packed;
-    (None, 0, None) if `slots` is 0. A loop in Python: a few hundred windows at most."""
+    (None, 0, None) if `slots` is 0. The sort in numpy, the sequential fill in a plain
+    loop over a few hundred numbers at most (tensor operations per window cost more)."""
     if not slots:
         return None, 0, None
-    sizes = counts.tolist()
-    start, chunk, fill = [0] * len(sizes), -1, slots
-    for window in sorted((w for w, n in enumerate(sizes) if n <= slots), key=lambda w: -sizes[w]):
-        if fill + sizes[window] > slots:
+    sizes = counts.cpu().numpy()
+    small = sizes <= slots
+    order = np.flatnonzero(small)
+    order = order[np.argsort(-sizes[order], kind="stable")]  # largest first, ties by window
+    firsts, chunk, fill = [], -1, slots
+    for size in sizes[order].tolist():
+        if fill + size > slots:
             chunk, fill = chunk + 1, 0
-        start[window] = chunk * slots + fill
-        fill += sizes[window]
-    big = [w for w, n in enumerate(sizes) if n > slots]
-    return (torch.tensor(start, dtype=counts.dtype, device=counts.device), chunk + 1,
-            torch.tensor(big, dtype=torch.long, device=counts.device))
+        firsts.append(chunk * slots + fill)
+        fill += size
+    start = np.zeros(len(sizes), dtype=np.int64)
+    start[order] = firsts
+    return (torch.from_numpy(start).to(counts.device), chunk + 1,
+            torch.from_numpy(np.flatnonzero(~small)).to(counts.device))
 
 
 def partition_groups(coords: torch.Tensor, window_size: int, shift: int, channels: int,
@@ -534,7 +540,7 @@ class SparseWindowEncoder(nn.Module):
         return EncoderOutput(state.finish(rows, x[rows]), halted_at, all_scores, gate, state.ponder)
 
     def _forward_removal(self, x, coords, batch_size) -> EncoderOutput:
-        num_tokens = x.shape[0]
+        num_tokens, inputs = x.shape[0], x
         features = None  # every token's latest feature, from the first stage on
         halted_at = torch.full((num_tokens,), len(self.layers), dtype=torch.long, device=x.device)
         alive = torch.arange(num_tokens, device=x.device)  # original index of each active token
@@ -554,7 +560,7 @@ class SparseWindowEncoder(nn.Module):
                 all_scores.append(decision.scores.new_zeros(num_tokens).index_copy(0, alive, decision.scores))
                 # Halted tokens leave with their current feature (kept for recycling); before
                 # the first stage every token is alive, in order.
-                features = x if features is None else features.index_copy(0, alive, x)
+                features = x if features is None else _write_rows(features, alive, x, inputs)
                 halted_at.index_copy_(0, alive, torch.where(keep, len(self.layers), i))
                 if alive_gate is not None:
                     alive_gate = (alive_gate * decision.factor)[rows]
@@ -569,10 +575,20 @@ class SparseWindowEncoder(nn.Module):
                 g = alive_gate.to(x.dtype)[:, None]
                 x = g * updated + (1 - g) * x
         # (the removal pass runs only with halting stages: `features` is set)
-        features = features.index_copy(0, alive, x) if state is None else state.finish(alive, x)
+        features = _write_rows(features, alive, x, inputs) if state is None else state.finish(alive, x)
         gate = torch.zeros(num_tokens, dtype=torch.float32, device=x.device)
         gate[alive] = 1.0
         return EncoderOutput(features, halted_at, all_scores, gate, None if state is None else state.ponder)
+
+
+def _write_rows(features: torch.Tensor, rows: torch.Tensor, values: torch.Tensor,
+                inputs: torch.Tensor) -> torch.Tensor:
+    """`features` with `values` in `rows`: in place without autograd (a frame's features
+    are megabytes, a fresh copy at every stage costs more than the write), never into the
+    encoder's own input."""
+    if torch.is_grad_enabled() or features is inputs:
+        return features.index_copy(0, rows, values)
+    return features.index_copy_(0, rows, values)
 
 
 def _rename_scorers(state_dict, prefix, *args) -> None:

@@ -66,6 +66,26 @@ def test_masked_training_pass_equals_removal_pass(recycling, scorer, quantile, g
     torch.testing.assert_close(masked.regression, removed.regression, atol=1e-5, rtol=1e-5)
 
 
+def test_removal_pass_halting_before_the_first_layer_leaves_its_input_alone():
+    """The removal pass writes the halted tokens' features in place at inference; with a
+    stage before the first layer the encoder's input would be that buffer: it is copied
+    instead, and the pass still equals the masked one."""
+    from haltdet.model.encoder import SparseWindowEncoder
+
+    model = make_model(0)  # (a config refuses a stage before the first layer; the encoder takes it)
+    encoder = SparseWindowEncoder(32, 4, 64, 4, 8, halting_layers=[0, 2]).eval()
+    encoder.load_state_dict(model.encoder.state_dict())
+    encoder.halting.thresholds = [0.4, 0.4]
+    with torch.no_grad():
+        tokens = model.pillar_net(BATCH)
+        before = tokens.features.clone()
+        removed = encoder(tokens.features, tokens.coords, 2, masked=False)
+        assert torch.equal(tokens.features, before)
+        masked = encoder(tokens.features, tokens.coords, 2, masked=True)
+    assert 0 < int((removed.halted_at == 0).sum()) < len(before)
+    torch.testing.assert_close(masked.features, removed.features, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("gradient", ["both", "attention", "residual"])
 def test_both_passes_equal_with_every_token_set_packed(gradient, monkeypatch):
     """Small windows packed into chunks in every partition, the masked pass's (whose
