@@ -36,7 +36,6 @@ from torch import nn
 from haltdet.boxes import iou_3d_paired, iou_bev, wrap_angle
 from haltdet.distributed import batch_count
 from haltdet.model.head import Detections, nms_per_class
-from haltdet.model.pillars import _rank_in_group
 
 NUM_CLASSES = 3
 POINT_FEATURES = 7  # box-frame x, y, z; the same over the half sizes; intensity
@@ -78,23 +77,26 @@ def gather_box_points(points: torch.Tensor, batch_index: torch.Tensor, boxes: to
         pair_box, pair_point = torch.cat(pair_box), torch.cat(pair_point)
     else:
         pair_box = pair_point = torch.zeros(0, dtype=torch.long, device=device)
-    b = boxes.index_select(0, pair_box)  # index_select: faster than indexing for rows on a CPU
+    # index_select rather than subscripts: several times faster for rows on a CPU
+    b = boxes.index_select(0, pair_box)
     p = points.index_select(0, pair_point).float()
     dx, dy, dz = p[:, 0] - b[:, 0], p[:, 1] - b[:, 1], p[:, 2] - b[:, 2]
-    cos, sin = torch.cos(b[:, 6]), torch.sin(b[:, 6])
+    cos, sin = torch.cos(boxes[:, 6]).index_select(0, pair_box), torch.sin(boxes[:, 6]).index_select(0, pair_box)
     local = torch.stack([dx * cos + dy * sin, -dx * sin + dy * cos, dz], dim=1)
     inside = (local.abs() <= b[:, 3:6] / 2 + context).all(dim=1)
     order = torch.nonzero(inside).flatten()
-    order = order[torch.argsort(pair_box[order] * points.shape[0] + pair_point[order])]  # by box, then input order
-    local, pair_box, p = local.index_select(0, order), pair_box[order], p.index_select(0, order)
-    half = boxes[pair_box, 3:6] / 2
+    key = pair_box.index_select(0, order) * points.shape[0] + pair_point.index_select(0, order)
+    order = order.index_select(0, torch.argsort(key))  # by box, then input order
+    local, pair_box, p = local.index_select(0, order), pair_box.index_select(0, order), p.index_select(0, order)
+    half = (boxes[:, 3:6] / 2).index_select(0, pair_box)
     counts = torch.bincount(pair_box, minlength=boxes.shape[0])
     if num_points and pair_box.numel():
-        n = counts[pair_box]
-        rank = _rank_in_group(pair_box, counts)
+        n = counts.index_select(0, pair_box)
+        # pair_box is sorted: a point's rank in its box is its distance from the box's first
+        rank = torch.arange(pair_box.numel(), device=device) - (torch.cumsum(counts, 0) - counts).index_select(0, pair_box)
         cap = n.clamp(max=num_points)
-        keep = (rank * cap) // n != ((rank - 1) * cap) // n
-        local, half, pair_box, p = local[keep], half[keep], pair_box[keep], p[keep]
+        keep = torch.nonzero((rank * cap) // n != ((rank - 1) * cap) // n).flatten()
+        local, half, pair_box, p = (t.index_select(0, keep) for t in (local, half, pair_box, p))
     features = torch.cat([local, local / half.clamp(min=0.05), p[:, 3:4].clamp(0, 1)], dim=1)
     return BoxPoints(features, pair_box, counts, local / (half + context).clamp(min=0.05))
 
@@ -107,18 +109,18 @@ def _candidates(points: torch.Tensor, point_ids: torch.Tensor, centres: torch.Te
     metres of x) and y within it, so each box's candidates are one contiguous run per strip
     it covers, found by binary search: index arithmetic only, no loop over boxes."""
     device = points.device
-    own = points[point_ids]
+    own = points.index_select(0, point_ids)
     xy = own[:, :2]
     low, high = (centres - radius[:, None]).amin(0), (centres + radius[:, None]).amax(0)
     # Only points near some box (finite ones: NaN compares false); the keys stay small.
-    near = torch.isfinite(own).all(1) & ((xy >= low) & (xy <= high)).all(1)
-    point_ids, xy = point_ids[near], xy[near]
+    near = torch.nonzero(torch.isfinite(own).all(1) & ((xy >= low) & (xy <= high)).all(1)).flatten()
+    point_ids, xy = point_ids.index_select(0, near), xy.index_select(0, near)
     span = float(high[1] - low[1]) + 1.0  # > any y - low[1]: strips never overlap in key
     strip = torch.floor((xy[:, 0] - low[0]) / CANDIDATE_STRIP)
     # Every key and bound below is a non-negative double, and non-negative doubles order as
     # their bit patterns read as int64: an integer sort, several times faster on a CPU.
     key, order = torch.sort((strip.double() * span + (xy[:, 1] - low[1]).double()).view(torch.int64), stable=True)
-    point_ids = point_ids[order]
+    point_ids = point_ids.index_select(0, order)
     first = torch.floor((centres[:, 0] - radius - low[0]) / CANDIDATE_STRIP).long()
     strips = torch.floor((centres[:, 0] + radius - low[0]) / CANDIDATE_STRIP).long() - first + 1
     box_of_run = torch.repeat_interleave(torch.arange(centres.shape[0], device=device), strips)
