@@ -203,10 +203,16 @@ class BEVBackbone(nn.Module):
         weight = self.net[0].weight if weight is None else weight
         channels = weight.shape[0]
         ny, nx = grid[0] // s, grid[1] // s
-        taps = features @ weight.permute(1, 2, 3, 0).reshape(features.shape[1], s * s * channels)
+        # A token meets one kernel tap, the one at its place in its s x s cell: the tokens
+        # grouped by tap, one product per tap (not every tap for every token), then put
+        # back in token order.
         tap = (coords[:, 1] % s) * s + coords[:, 2] % s
-        index = tap[:, None, None].expand(-1, 1, channels)
-        contribution = taps.view(-1, s * s, channels).gather(1, index).squeeze(1)
+        order = torch.argsort(tap, stable=True)
+        taps = weight.permute(2, 3, 1, 0).reshape(s * s, features.shape[1], channels)
+        groups = features.index_select(0, order).split(torch.bincount(tap, minlength=s * s).tolist())
+        contribution = torch.cat([group @ taps[k] for k, group in enumerate(groups)])
+        back = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+        contribution = contribution.index_select(0, back)
         cell = (coords[:, 0] * ny + coords[:, 1] // s) * nx + coords[:, 2] // s
         if sparse:
             cells, cell = torch.unique(cell, return_inverse=True)
