@@ -17,9 +17,9 @@ import argparse
 import statistics
 
 import torch
-import torch.nn.functional as F
 
 from haltdet.bench import bench_cloud, load_spec
+from haltdet.model.head import grown_support
 from haltdet.model.pillars import PointBatch
 
 
@@ -29,12 +29,11 @@ def support_shares(model, points: torch.Tensor) -> list[float]:
         tokens = model.pillar_net(PointBatch.from_list([points]))
     stride = model.bev.stride
     height, width = model.grid[0] // stride, model.grid[1] // stride
-    support = torch.zeros(1, 1, height, width)
-    support[0, 0, tokens.coords[:, 1] // stride, tokens.coords[:, 2] // stride] = 1.0
+    support = torch.zeros(1, height, width, dtype=torch.bool)
+    support[0, tokens.coords[:, 1] // stride, tokens.coords[:, 2] // stride] = True
     shares = []
     for _ in range(len(model.bev.net) // 3):  # the backbone's 3x3 convolutions, then the head's
-        support = F.max_pool2d(support, 3, 1, 1)
-        support[..., 0, :] = support[..., -1, :] = support[..., :, 0] = support[..., :, -1] = 1.0
+        support = grown_support(support)
         shares.append(float(support.sum()) / support.numel())
     return shares
 

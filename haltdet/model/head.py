@@ -135,11 +135,9 @@ class SparseMap:
         too large."""
         batch, height, width = self.shape
         num_cells = batch * height * width
-        support = torch.zeros(num_cells, dtype=torch.float32, device=self.cells.device)
-        support[self.cells] = 1.0
-        grown = F.max_pool2d(support.view(batch, 1, height, width), 3, 1, 1)[:, 0] > 0
-        grown[:, 0], grown[:, -1], grown[:, :, 0], grown[:, :, -1] = True, True, True, True
-        cells = grown.view(-1).nonzero().squeeze(1)
+        support = torch.zeros(num_cells, dtype=torch.bool, device=self.cells.device)
+        support[self.cells] = True
+        cells = grown_support(support.view(batch, height, width)).view(-1).nonzero().squeeze(1)
         if cells.numel() > SPARSE_SUPPORT_MAX * num_cells:
             return F.conv2d(self.tensor, weight, bias, 1, 1).relu_()
         channels, out_channels = self.rows.shape[1], weight.shape[0]
@@ -155,6 +153,15 @@ class SparseMap:
         torch.addmv(bias, weight.sum((2, 3)), self.rows[-2], out=rows[-2])  # the background's image
         rows[-1] = 0
         return SparseMap(rows.relu_(), cells, self.shape)
+
+
+def grown_support(support: torch.Tensor) -> torch.Tensor:
+    """The cells (B, H, W) bool where a 3x3 convolution of a map can differ from the
+    background's image, given where the map can (`support`): those with a supported cell
+    among their neighbours, and the border ring, where the zero padding enters."""
+    grown = F.max_pool2d(support[:, None].float(), 3, 1, 1)[:, 0] > 0
+    grown[:, 0], grown[:, -1], grown[:, :, 0], grown[:, :, -1] = True, True, True, True
+    return grown
 
 
 def _neighbourhoods(cells: torch.Tensor, height: int, width: int, outside: int) -> torch.Tensor:
