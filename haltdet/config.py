@@ -261,6 +261,12 @@ class TrainConfig:
     # averaged apart: scorers taught by the boxes as well as by the pseudo-gradient
     # (haltdet/model/halting.py, score_supervision_loss); 0: off, the method as published
     score_supervision: float = 0.0
+    # weight of a distillation loss towards a frozen teacher detector run on the same frames
+    # (distill_from: a checkpoint path or a bundled model's name): the KL divergence of the
+    # heatmap from the teacher's and the L1 distance of the box regression where the teacher
+    # sees objects (haltdet/model/head.py, distillation_loss); 0: off
+    distill_weight: float = 0.0
+    distill_from: str = ""
     # lambda rises linearly from 0 over this share of max_steps (0: lambda from the first step),
     # counted from halting_start
     sparsity_warmup: float = 0.0
@@ -300,6 +306,11 @@ class TrainConfig:
         _check(0 < self.refine_match_iou <= 1, "train.refine_match_iou", "must be in (0, 1]")
         _check(self.sparsity_margin >= 0, "train.sparsity_margin", "must be >= 0")
         _check(self.score_supervision >= 0, "train.score_supervision", "must be >= 0")
+        _check(self.distill_weight >= 0, "train.distill_weight", "must be >= 0")
+        _check(not self.distill_weight or self.distill_from, "train.distill_from",
+               "names the teacher (a checkpoint or a bundled model) when train.distill_weight > 0")
+        _check(not (self.distill_weight and self.refine_only), "train.distill_weight",
+               "distils the first stage: it must be 0 with train.refine_only")
         _check(0 <= self.sparsity_hinge <= 1, "train.sparsity_hinge", "must be in [0, 1]")
         _check(0 <= self.sparsity_warmup <= 1, "train.sparsity_warmup", "must be in [0, 1]")
         _check(0 <= self.halting_start < 1, "train.halting_start", "must be in [0, 1)")

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from haltdet import ConfigError, InputError
-from haltdet.checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
+from haltdet.checkpoint import load_checkpoint, load_model, load_weights, rng_state, save_checkpoint, set_rng_state
 from haltdet.config import Config, TrainConfig
 from haltdet.data.dataset import FrameFolder, collate
 from haltdet.data.formats import data_source
@@ -253,6 +253,10 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
             raise InputError(f"--init {init}: parameters this model does not have: {', '.join(unexpected[:5])}")
         log.info("initialised from %s (%d parameters kept their initialisation%s)", init, len(missing),
                  f"; the encoder layers from {depth} on left out" if deeper else "")
+    teacher = None
+    if t.distill_weight > 0:  # frozen, as at inference; its outputs are the distillation targets
+        teacher = load_model(t.distill_from, device)[0].requires_grad_(False)
+        log.info("distilling from %s (weight %g)", t.distill_from, t.distill_weight)
     dataset = FrameFolder(config.data.train, augment=config.data, seed=t.seed)
     if t.val_every:  # a missing validation split is an error now, not after the first steps
         FrameFolder(config.data.val)
@@ -310,15 +314,21 @@ def _train(config: Config, out_dir: Path, resume: bool, device: torch.device, pr
             targets = model.targets(boxes, labels).to(device)
             if model.halting:
                 model.encoder.halting.paused = halting_paused(t, step)
+            points = batch.points.to(device)
             with autocast_context(device, config):
-                output = ddp_model(batch.points.to(device))
+                output = ddp_model(points)
+            teacher_output = None
+            if teacher is not None:
+                with torch.no_grad(), autocast_context(device, config):
+                    teacher_output = teacher(points)
             with global_batch_losses(world > 1):
                 seeds = [frame_seed(t.seed, step, frame_id) for frame_id in batch.frame_ids]
                 settings = at_step(t, step)
                 if target:
                     settings = dataclasses.replace(settings,
                                                    sparsity_weight=settings.sparsity_weight * target.multiplier)
-                losses = model.loss(output, targets, settings, boxes, labels, jitter_seeds=seeds)
+                losses = model.loss(output, targets, settings, boxes, labels, jitter_seeds=seeds,
+                                    teacher=teacher_output)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trained, t.grad_clip)

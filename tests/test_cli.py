@@ -232,6 +232,29 @@ def test_init_from_a_baseline_keeps_its_weights_and_adds_scorers(tiny_run, tmp_p
     assert not torch.equal(tuned[key], baseline[key])
 
 
+def test_distillation_from_a_teacher_is_logged_and_changes_the_training(tiny_run, tmp_path):
+    """train.distill_weight: the halting model fine-tuned from the baseline learns from the
+    baseline's outputs too: the distances are logged, and the weights differ from a run
+    without them."""
+    import torch
+
+    from haltdet.checkpoint import load_checkpoint
+
+    teacher = str(tiny_run / "run" / "final.pt")
+    runs = {}
+    for name, extra in (("plain", []), ("distilled", ["--set", "train.distill_weight=1.0",
+                                                      "--set", f"train.distill_from={teacher}"])):
+        runs[name] = tmp_path / name
+        assert main(["train", "--config", str(tiny_run / "tiny_halting.yaml"), "--out", str(runs[name]),
+                     "--init", teacher, "--max-steps", "2", "--quiet", *extra]) == 0
+    lines = [json.loads(line) for line in (runs["distilled"] / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(line["distill_heatmap"]) and line["distill_regression"] >= 0 for line in lines)
+    assert "distill_heatmap" not in (runs["plain"] / "log.jsonl").read_text()
+    plain, distilled = (load_checkpoint(runs[name] / "final.pt")["model"] for name in ("plain", "distilled"))
+    key = "encoder.layers.0.attention.value.weight"
+    assert not torch.equal(plain[key], distilled[key])
+
+
 def test_init_of_a_shallower_encoder_takes_the_first_layers_and_refuses_other_extra_weights(
         tiny_run, tmp_path, capsys):
     """A model with fewer encoder layers than the checkpoint starts from its first layers

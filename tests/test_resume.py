@@ -134,6 +134,9 @@ def test_resume_from_a_checkpoint_of_another_model_is_a_clear_error(tiny_config,
     ({"train": {"sparsity_target": 0.4, "sparsity_weight": 0.25}}, "train.sparsity_target"),  # no halting
     ({"train": {"sparsity_target_rate": 0.0}}, "train.sparsity_target_rate"),
     ({"train": {"sparsity_target_after": 1.5}}, "train.sparsity_target_after"),
+    ({"train": {"distill_weight": -1.0, "distill_from": "baseline"}}, "train.distill_weight"),
+    ({"train": {"distill_weight": 0.5}}, "train.distill_from"),
+    ({"train": {"distill_weight": 0.5, "distill_from": "baseline", "refine_only": True}}, "train.distill_weight"),
     ({"data": []}, "section 'data' must be a mapping"),
 ])
 def test_invalid_configs_name_the_key(values, message):

@@ -21,7 +21,8 @@ from haltdet.model.encoder import EncoderOutput, SparseWindowEncoder
 from haltdet.model.halting import (score_supervision_loss, sparsity_loss, token_layer_share, token_statistics,
                                    token_weights)
 from haltdet.model.head import (BEVBackbone, CenterHead, Detections, HeadTargets, build_targets,
-                                decode, heatmap_focal_loss, regression_loss, suppress_across_classes)
+                                decode, distillation_loss, heatmap_focal_loss, regression_loss,
+                                suppress_across_classes)
 from haltdet.model.pillars import PillarFeatureNet, PointBatch, Tokens, pillar_centres
 from haltdet.model.refine import (BoxRefiner, refine_detections, refinement_loss, refinement_targets,
                                   training_proposals)
@@ -208,10 +209,12 @@ class Detector(nn.Module):
 
     def loss(self, output: DetectorOutput, targets: HeadTargets, train=None,
              boxes: list[np.ndarray] | None = None, labels: list[np.ndarray] | None = None,
-             jitter_seeds: list[int] | None = None) -> dict[str, torch.Tensor]:
+             jitter_seeds: list[int] | None = None,
+             teacher: DetectorOutput | None = None) -> dict[str, torch.Tensor]:
         """Detection loss, plus lambda * the token sparsity loss for halting models, plus
         the second stage's loss for models with a refiner (only that with
-        train.refine_only).
+        train.refine_only), plus train.distill_weight * the distance from `teacher`'s
+        outputs on the same frames (`head.distillation_loss`) when one is given.
 
         train: a TrainConfig (loss weights); boxes, labels: the frames' ground-truth boxes
         and classes (ignored boxes removed): boxes make the sparsity loss non-uniform; the
@@ -234,6 +237,11 @@ class Detector(nn.Module):
                  + train.direction_weight * direction)
         losses = {"heatmap": heatmap.detach(), "regression": regression.detach(),
                   "direction": direction.detach()}
+        if teacher is not None and train.distill_weight > 0:
+            heat, box = distillation_loss(output.heatmap, output.regression, teacher.heatmap,
+                                          teacher.regression, targets)
+            total = total + train.distill_weight * (heat + box)
+            losses.update(distill_heatmap=heat.detach(), distill_regression=box.detach())
         if self.halting:
             encoded = output.encoded
             foreground = (self.tokens_in_boxes(output.tokens.coords, boxes, train.sparsity_margin)

@@ -386,6 +386,26 @@ def regression_loss(regression: torch.Tensor, targets: HeadTargets) -> tuple[tor
     return box, direction
 
 
+def distillation_loss(heatmap: torch.Tensor, regression: torch.Tensor, teacher_heatmap: torch.Tensor,
+                      teacher_regression: torch.Tensor, targets: HeadTargets) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far the outputs are from a teacher's on the same frames (all (B, C, H, W)):
+    the Bernoulli KL divergence of every heatmap cell's class probability from the
+    teacher's, summed and normalised by the number of peaks as the focal loss is; and the
+    L1 distance of the regression at every cell, weighted by the teacher's highest class
+    probability there, over the sum of those weights. Both are 0 when the outputs are the
+    teacher's. Returns (heatmap term, regression term)."""
+    logits, teacher = heatmap.float(), teacher_heatmap.float().detach()
+    prob = torch.sigmoid(teacher)
+    # KL(p_t || p) = BCE(logits, p_t) - BCE(teacher logits, p_t), cell by cell
+    kl = (F.binary_cross_entropy_with_logits(logits, prob, reduction="none")
+          - F.binary_cross_entropy_with_logits(teacher, prob, reduction="none"))
+    heat = kl.sum() / batch_count(targets.heatmap.eq(1).float().sum())
+    weight = prob.amax(1, keepdim=True)
+    distance = (regression.float() - teacher_regression.float().detach()).abs().sum(1, keepdim=True)
+    box = (weight * distance).sum() / batch_count(weight.sum(), minimum=1e-6)
+    return heat, box
+
+
 # ---------------------------------------------------------------------------- decoding
 
 def boxes_at_cells(reg: torch.Tensor, cell: torch.Tensor, width: int, range_min: tuple[float, float],

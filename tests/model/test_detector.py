@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from haltdet.config import ModelConfig
 from haltdet.model.detector import Detector, DetectorOutput
-from haltdet.model.head import REGRESSION_DIM, local_max_3x3
+from haltdet.model.head import REGRESSION_DIM, HeadTargets, distillation_loss, local_max_3x3
 from haltdet.model.pillars import PillarFeatureNet, PointBatch
 
 SMALL = dict(point_cloud_range=[-19.2, -19.2, -4.0, 19.2, 19.2, 3.0], d_model=32,
@@ -393,3 +393,28 @@ def test_local_max_is_max_pool_exactly():
     for shape in [(2, 3, 17, 23), (1, 1, 1, 9), (1, 2, 7, 1), (1, 3, 192, 192)]:
         x = (torch.rand(shape, generator=g) * 8).floor() - 4
         assert torch.equal(local_max_3x3(x), F.max_pool2d(x, 3, stride=1, padding=1))
+
+
+def test_distillation_loss_is_zero_at_the_teacher_and_a_kl_divergence_elsewhere():
+    generator = torch.Generator().manual_seed(0)
+    teacher_heatmap = torch.randn(2, 3, 5, 6, generator=generator) * 3
+    teacher_regression = torch.randn(2, REGRESSION_DIM, 5, 6, generator=generator)
+    peaks = torch.zeros(2, 3, 5, 6)
+    peaks[0, 1, 2, 3] = peaks[1, 0, 4, 1] = 1.0  # two peaks: the heatmap term is divided by 2
+    targets = HeadTargets(peaks, *(torch.zeros(0, dtype=torch.long),) * 2, torch.zeros(0, REGRESSION_DIM),
+                          torch.zeros(0, 7))
+    heatmap = teacher_heatmap.clone().requires_grad_()
+    regression = teacher_regression.clone().requires_grad_()
+    heat, box = distillation_loss(heatmap, regression, teacher_heatmap, teacher_regression, targets)
+    (heat + box).backward()
+    assert abs(float(heat.detach())) < 1e-5 and float(box.detach()) == 0.0
+    assert float(heatmap.grad.abs().max()) < 1e-7
+
+    student_heatmap = torch.randn(2, 3, 5, 6, generator=generator)
+    student_regression = teacher_regression + 0.5
+    heat, box = distillation_loss(student_heatmap, student_regression, teacher_heatmap, teacher_regression, targets)
+    p, q = torch.sigmoid(teacher_heatmap).double(), torch.sigmoid(student_heatmap).double()
+    kl = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
+    assert float(heat) == pytest.approx(float(kl.sum()) / 2, rel=1e-4)
+    # the same distance everywhere: the confidence-weighted mean of it
+    assert float(box) == pytest.approx(0.5 * REGRESSION_DIM, rel=1e-5)
