@@ -111,17 +111,17 @@ class WindowPartition:
       flattened padded slots.
     position: (T, C) sine encoding of each token's coordinates inside its window.
     order, window_of_sorted, capacity: the tokens sorted by window, each one's window
-      (numbered 0, 1, ... in that order) and the window's pillar count, kept by
-      `partition_windows` so that `subset` can partition the survivors of a halting stage
-      without sorting again (None, None, 0 for equal-size groups).
+      (numbered 0, 1, ... in that order; both host numpy arrays) and the window's pillar
+      count, kept by `partition_windows` so that `subset` can partition the survivors of a
+      halting stage without sorting again (None, None, 0 for equal-size groups).
     """
 
     buckets: list[Bucket]
     gather_index: torch.Tensor
     scatter_index: torch.Tensor
     position: torch.Tensor
-    order: torch.Tensor | None = None
-    window_of_sorted: torch.Tensor | None = None
+    order: np.ndarray | None = None
+    window_of_sorted: np.ndarray | None = None
     capacity: int = 0
 
     @functools.cached_property
@@ -137,12 +137,11 @@ class WindowPartition:
         a subset is the subset's stable order), from the stored order. rows: the indices
         of `keep`'s True entries, if the caller has them."""
         rows = keep.nonzero().squeeze(1) if rows is None else rows
-        kept_sorted = keep.index_select(0, self.order).nonzero().squeeze(1)  # places in the stored order that stay
-        order = (torch.cumsum(keep, 0) - 1).index_select(0, self.order.index_select(0, kept_sorted))
-        _, window_of_sorted, counts = torch.unique_consecutive(
-            self.window_of_sorted.index_select(0, kept_sorted), return_inverse=True, return_counts=True)
-        return _bucket_windows(order, window_of_sorted, counts, self.capacity,
-                               self.position.index_select(0, rows))
+        kept = keep.cpu().numpy()
+        kept_sorted = np.flatnonzero(kept[self.order])  # places in the stored order that stay
+        order = (np.cumsum(kept) - 1)[self.order[kept_sorted]]
+        window_of_sorted, counts = _consecutive_runs(self.window_of_sorted[kept_sorted])
+        return _bucket_windows(order, window_of_sorted, counts, self.capacity, self.position.index_select(0, rows))
 
 
 def partition_windows(coords: torch.Tensor, window_size: int, shift: int,
@@ -155,99 +154,109 @@ def partition_windows(coords: torch.Tensor, window_size: int, shift: int,
         shift: shift of the window grid in pillars (0 or window_size // 2).
         channels: width of the positional encoding.
     """
-    num_tokens = coords.shape[0]
     shifted_y, shifted_x, window_y, window_x = _shifted_windows(coords, window_size, shift)
-    windows_per_row = int(window_x.max().item()) + 1 if num_tokens else 1
-    windows_per_col = int(window_y.max().item()) + 1 if num_tokens else 1
-    window_key = (coords[:, 0] * windows_per_col + window_y) * windows_per_row + window_x
+    position = _in_window_position(shifted_y, shifted_x, window_size, channels)
+    # The layout is index arithmetic on a few thousand integers: on the host, in numpy, where
+    # each operation costs a fraction of a torch operator's dispatch.
+    frame, window_y, window_x = coords[:, 0].cpu().numpy(), window_y.cpu().numpy(), window_x.cpu().numpy()
+    windows_per_row = int(window_x.max()) + 1 if frame.size else 1
+    windows_per_col = int(window_y.max()) + 1 if frame.size else 1
+    window_key = (frame * windows_per_col + window_y) * windows_per_row + window_x
+    order = np.argsort(window_key, kind="stable")
+    window_of_sorted, counts = _consecutive_runs(window_key[order])
+    return _bucket_windows(order, window_of_sorted, counts, window_size * window_size, position)
 
-    order = torch.argsort(window_key, stable=True)
-    _, window_of_sorted, counts = torch.unique_consecutive(
-        window_key[order], return_inverse=True, return_counts=True)
-    return _bucket_windows(order, window_of_sorted, counts, window_size * window_size,
-                           _in_window_position(shifted_y, shifted_x, window_size, channels))
+
+def _consecutive_runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(run of each entry, numbered 0, 1, ...; length of each run) of equal consecutive
+    `values`."""
+    starts = np.flatnonzero(np.diff(values, prepend=values[:1] - 1)) if values.size else values[:0]
+    run = np.zeros(values.size, dtype=np.int64)
+    run[starts[1:]] = 1
+    return np.cumsum(run), np.diff(np.append(starts, values.size))
 
 
-def _bucket_windows(order: torch.Tensor, window_of_sorted: torch.Tensor, counts: torch.Tensor, capacity: int,
+def _bucket_windows(order: np.ndarray, window_of_sorted: np.ndarray, counts: np.ndarray, capacity: int,
                     position: torch.Tensor) -> WindowPartition:
     """The padded layout of windows: tokens `order` sorted by window, `window_of_sorted`
-    their windows (0, 1, ...), `counts` (W,) tokens per window of `capacity` pillars.
-    (Indexing by index_select and index_copy: on a CPU several times faster than
-    subscripts for tensors of this size, which is what the halting pass's partitions cost.)"""
-    device = order.device
-    num_tokens = order.numel()
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(num_tokens, device=device) - starts.index_select(0, window_of_sorted)
+    their windows (0, 1, ...), `counts` (W,) tokens per window of `capacity` pillars (host
+    int64 arrays). The index tensors go to `position`'s device."""
+    device = position.device
+    num_tokens = order.size
+    rank = np.arange(num_tokens) - (np.cumsum(counts) - counts)[window_of_sorted]
 
     # In sparse sets small windows go into chunks (first in the layout), every other
     # window to the smallest bucket that holds it. The buckets' slots are laid out one
     # after the other (bucket by bucket, window by window), all at once: no loop over
     # buckets but the final slicing.
     matmul_max, fractions = attention_plan()
-    sparse = num_tokens <= PACK_SPARSE * capacity * counts.numel()
+    sparse = num_tokens <= PACK_SPARSE * capacity * counts.size
     chunk = math.ceil(capacity * PACK_FRACTION) if sparse else 0
-    sizes = sorted({max(1, math.ceil(capacity * f)) for f in fractions} - set(range(chunk + 1)))
-    size_tensor = torch.tensor(sizes, dtype=torch.long, device=device)
+    sizes = np.array(sorted({max(1, math.ceil(capacity * f)) for f in fractions} - set(range(chunk + 1))))
     chunk_start, num_chunks, big = _pack_windows(counts, chunk)
-    big_counts = counts if big is None else counts.index_select(0, big)
-    bucket_of_window = torch.searchsorted(size_tensor, big_counts)
-    windows_in_bucket = torch.bincount(bucket_of_window, minlength=len(sizes))
-    bucket_slots = windows_in_bucket * size_tensor
-    bucket_start = num_chunks * chunk + torch.cumsum(bucket_slots, 0) - bucket_slots
-    window_order = torch.argsort(bucket_of_window, stable=True)
-    window_rank = torch.empty_like(window_order).index_copy_(
-        0, window_order, torch.arange(window_order.numel(), device=device))
-    window_rank -= (torch.cumsum(windows_in_bucket, 0) - windows_in_bucket).index_select(0, bucket_of_window)
-    window_start = (bucket_start.index_select(0, bucket_of_window)
-                    + window_rank * size_tensor.index_select(0, bucket_of_window))
+    big_counts = counts if big is None else counts[big]
+    bucket_of_window = np.searchsorted(sizes, big_counts)
+    windows_in_bucket = np.bincount(bucket_of_window, minlength=sizes.size)
+    bucket_slots = windows_in_bucket * sizes
+    bucket_start = num_chunks * chunk + np.cumsum(bucket_slots) - bucket_slots
+    window_order = np.argsort(bucket_of_window, kind="stable")
+    window_rank = np.empty_like(window_order)
+    window_rank[window_order] = np.arange(window_order.size)
+    window_rank -= (np.cumsum(windows_in_bucket) - windows_in_bucket)[bucket_of_window]
+    window_start = bucket_start[bucket_of_window] + window_rank * sizes[bucket_of_window]
     if big is not None:
-        window_start = chunk_start.index_copy_(0, big, window_start)
+        chunk_start[big] = window_start
+        window_start = chunk_start
 
-    slot_of_sorted = window_start.index_select(0, window_of_sorted) + rank
-    scatter_index = torch.empty(num_tokens, dtype=torch.long, device=device).index_copy_(0, order, slot_of_sorted)
-    total_slots, *per_bucket = torch.cat([(num_chunks * chunk + bucket_slots.sum())[None], windows_in_bucket]).tolist()
-    gather_all = torch.full((total_slots,), num_tokens, dtype=torch.long, device=device).index_copy_(
-        0, scatter_index, torch.arange(num_tokens, device=device))
+    slot_of_sorted = window_start[window_of_sorted] + rank
+    scatter_index = np.empty(num_tokens, dtype=np.int64)
+    scatter_index[order] = slot_of_sorted
+    total_slots = num_chunks * chunk + int(bucket_slots.sum())
+    gather_all = np.full(total_slots, num_tokens, dtype=np.int64)
+    gather_all[scatter_index] = np.arange(num_tokens)
+    segment = None
+    if num_chunks:  # in the chunks, each slot's window; padding: labels of their own
+        segment = -1 - np.arange(num_chunks * chunk)
+        packed = slot_of_sorted < num_chunks * chunk
+        segment[slot_of_sorted[packed]] = window_of_sorted[packed]
+    gather_tensor = torch.from_numpy(gather_all).to(device)
+    valid = gather_tensor < num_tokens
     buckets, offset = [], 0
     if num_chunks:
         offset = num_chunks * chunk
-        segment = (-1 - torch.arange(total_slots, device=device)).index_copy_(
-            0, slot_of_sorted, window_of_sorted)[:offset]  # padding: labels of their own
-        gather_index = gather_all[:offset]
-        buckets.append(Bucket(gather_index, (gather_index < num_tokens).view(num_chunks, chunk), chunk,
-                              chunk > matmul_max, segment.view(num_chunks, chunk)))
-    for slots, num_windows in zip(sizes, per_bucket):
+        buckets.append(Bucket(gather_tensor[:offset], valid[:offset].view(num_chunks, chunk), chunk,
+                              chunk > matmul_max, torch.from_numpy(segment).to(device).view(num_chunks, chunk)))
+    for slots, num_windows in zip(sizes.tolist(), windows_in_bucket.tolist()):
         if num_windows:
-            gather_index = gather_all[offset:offset + num_windows * slots]
-            buckets.append(Bucket(gather_index, (gather_index < num_tokens).view(num_windows, slots), slots,
+            end = offset + num_windows * slots
+            buckets.append(Bucket(gather_tensor[offset:end], valid[offset:end].view(num_windows, slots), slots,
                                   slots > matmul_max))
-            offset += num_windows * slots
-    return WindowPartition(buckets, gather_all, scatter_index, position, order, window_of_sorted, capacity)
+            offset = end
+    return WindowPartition(buckets, gather_tensor, torch.from_numpy(scatter_index).to(device), position,
+                           order, window_of_sorted, capacity)
 
 
-def _pack_windows(counts: torch.Tensor, slots: int) -> tuple[torch.Tensor | None, int, torch.Tensor | None]:
+def _pack_windows(counts: np.ndarray, slots: int) -> tuple[np.ndarray | None, int, np.ndarray | None]:
     """The windows of at most `slots` tokens (`counts`, (W,)) packed into chunks of `slots`
     slots, largest first, each chunk filled until the next window does not fit (next fit
     decreasing). Returns each window's first slot in the chunks' layout (0 for the
     windows not packed), the number of chunks and the indices of the windows not packed;
-    (None, 0, None) if `slots` is 0. The sort in numpy, the sequential fill in a plain
-    loop over a few hundred numbers at most (tensor operations per window cost more)."""
+    (None, 0, None) if `slots` is 0. The sequential fill is a plain loop over a few
+    hundred numbers at most."""
     if not slots:
         return None, 0, None
-    sizes = counts.cpu().numpy()
-    small = sizes <= slots
+    small = counts <= slots
     order = np.flatnonzero(small)
-    order = order[np.argsort(-sizes[order], kind="stable")]  # largest first, ties by window
+    order = order[np.argsort(-counts[order], kind="stable")]  # largest first, ties by window
     firsts, chunk, fill = [], -1, slots
-    for size in sizes[order].tolist():
+    for size in counts[order].tolist():
         if fill + size > slots:
             chunk, fill = chunk + 1, 0
         firsts.append(chunk * slots + fill)
         fill += size
-    start = np.zeros(len(sizes), dtype=np.int64)
+    start = np.zeros(counts.size, dtype=np.int64)
     start[order] = firsts
-    return (torch.from_numpy(start).to(counts.device), chunk + 1,
-            torch.from_numpy(np.flatnonzero(~small)).to(counts.device))
+    return start, chunk + 1, np.flatnonzero(~small)
 
 
 def partition_groups(coords: torch.Tensor, window_size: int, shift: int, channels: int,
