@@ -132,50 +132,72 @@ class SparseMap:
     def conv3x3_relu(self, weight: torch.Tensor, bias: torch.Tensor):
         """relu(conv2d(map, weight, bias, padding=1)) for a (C', C, 3, 3) weight: a
         `SparseMap`, or the dense (B, C', H, W) channels-last map once the support is
-        too large."""
+        too large. The index arithmetic runs in numpy on the host (a CPU map's cells are
+        a view of a numpy array), over maps with a one-cell border: a neighbour's place is
+        the cell's plus a constant, with no test for the map's edges."""
         batch, height, width = self.shape
         num_cells = batch * height * width
-        support = torch.zeros(num_cells, dtype=torch.bool, device=self.cells.device)
-        support[self.cells] = True
-        cells = grown_support(support.view(batch, height, width)).view(-1).nonzero().squeeze(1)
-        if cells.numel() > SPARSE_SUPPORT_MAX * num_cells:
+        cells = self.cells.cpu().numpy()
+        grown = grown_cells(cells, self.shape)
+        if grown.size > SPARSE_SUPPORT_MAX * num_cells:
             return F.conv2d(self.tensor, weight, bias, 1, 1).relu_()
+        # the row each cell of the bordered maps reads: its own, the background's, or (on
+        # the border) the zero row
+        background = cells.size
+        slots = np.full((batch, height + 2, width + 2), background, dtype=np.int64)
+        slots[:, [0, -1]] = background + 1
+        slots[:, :, [0, -1]] = background + 1
+        slots.reshape(-1)[_bordered(cells, height, width)] = np.arange(background)
+        index = slots.reshape(-1)[_bordered(grown, height, width)[:, None] + _taps(width)]
+        index = torch.from_numpy(index.reshape(-1)).to(self.rows.device)
         channels, out_channels = self.rows.shape[1], weight.shape[0]
-        slots = self.slots()
         weight_rows = weight.permute(2, 3, 1, 0).reshape(9 * channels, out_channels)
-        rows = torch.empty(cells.numel() + 2, out_channels, dtype=self.rows.dtype, device=self.rows.device)
-        taps = self.rows.new_empty(min(cells.numel(), _GATHER_CELLS) * 9, channels)
-        for start in range(0, cells.numel(), _GATHER_CELLS):
-            part = cells[start:start + _GATHER_CELLS]
-            index = slots.index_select(0, _neighbourhoods(part, height, width, num_cells).view(-1))
-            gathered = torch.index_select(self.rows, 0, index, out=taps[:index.numel()])
-            torch.addmm(bias, gathered.view(part.numel(), -1), weight_rows, out=rows[start:start + part.numel()])
+        rows = torch.empty(grown.size + 2, out_channels, dtype=self.rows.dtype, device=self.rows.device)
+        taps = self.rows.new_empty(min(grown.size, _GATHER_CELLS) * 9, channels)
+        for start in range(0, grown.size, _GATHER_CELLS):
+            end = min(start + _GATHER_CELLS, grown.size)
+            gathered = torch.index_select(self.rows, 0, index[9 * start:9 * end], out=taps[:9 * (end - start)])
+            torch.addmm(bias, gathered.view(end - start, -1), weight_rows, out=rows[start:end])
         torch.addmv(bias, weight.sum((2, 3)), self.rows[-2], out=rows[-2])  # the background's image
         rows[-1] = 0
-        return SparseMap(rows.relu_(), cells, self.shape)
+        return SparseMap(rows.relu_(), torch.from_numpy(grown).to(self.cells.device), self.shape)
+
+
+def grown_cells(cells: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """The flat cells (ascending) of maps `shape` (B, H, W) where a 3x3 convolution of a
+    map can differ from the background's image, given the flat `cells` where the map can:
+    those with such a cell among their neighbours, and the border ring, where the zero
+    padding enters."""
+    batch, height, width = shape
+    marked = np.zeros((batch, height + 2, width + 2), dtype=bool)
+    marked.reshape(-1)[(_bordered(cells, height, width)[:, None] + _taps(width)).reshape(-1)] = True
+    inside = marked[:, 1:-1, 1:-1]  # a view: the ring below is marked in `marked`
+    inside[:, [0, -1]] = True
+    inside[:, :, [0, -1]] = True
+    return np.flatnonzero(inside)
 
 
 def grown_support(support: torch.Tensor) -> torch.Tensor:
-    """The cells (B, H, W) bool where a 3x3 convolution of a map can differ from the
-    background's image, given where the map can (`support`): those with a supported cell
-    among their neighbours, and the border ring, where the zero padding enters."""
-    grown = F.max_pool2d(support[:, None].float(), 3, 1, 1)[:, 0] > 0
-    grown[:, 0], grown[:, -1], grown[:, :, 0], grown[:, :, -1] = True, True, True, True
-    return grown
+    """`grown_cells` on a (B, H, W) bool map of the cells where the map can differ from
+    the background: the same as a (B, H, W) bool map."""
+    cells = grown_cells(support.reshape(-1).nonzero().squeeze(1).cpu().numpy(), tuple(support.shape))
+    grown = torch.zeros(support.numel(), dtype=torch.bool)
+    grown[torch.from_numpy(cells)] = True
+    return grown.view(support.shape).to(support.device)
 
 
-def _neighbourhoods(cells: torch.Tensor, height: int, width: int, outside: int) -> torch.Tensor:
-    """(N, 9) each of the 3x3 neighbours of the flat cells (frame, y, x) of maps
-    (height, width), as flat cells, in the kernel's order (dy, then dx, from -1 to 1);
-    `outside` for neighbours outside the map."""
-    y = cells % (height * width) // width
-    x = cells % width
-    offsets = torch.tensor([-1, 0, 1], device=cells.device)
-    ny = y[:, None, None] + offsets[None, :, None]
-    nx = x[:, None, None] + offsets[None, None, :]
-    inside = (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
-    index = cells[:, None, None] + offsets[None, :, None] * width + offsets[None, None, :]
-    return torch.where(inside, index, outside).view(-1, 9)
+def _bordered(cells: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Flat cells of (B, height, width) maps -> the same cells' flat indices in the maps
+    with a one-cell border, (B, height + 2, width + 2)."""
+    frame, rest = np.divmod(cells, height * width)
+    y, x = np.divmod(rest, width)
+    return (frame * (height + 2) + y + 1) * (width + 2) + x + 1
+
+
+def _taps(width: int) -> np.ndarray:
+    """(9,) offsets of a cell's 3x3 neighbours in bordered maps of `width` (+ 2) columns,
+    in the kernel's order (dy, then dx, from -1 to 1)."""
+    return (np.arange(-1, 2)[:, None] * (width + 2) + np.arange(-1, 2)).reshape(-1)
 
 
 class BEVBackbone(nn.Module):
