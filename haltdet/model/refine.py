@@ -58,19 +58,22 @@ class BoxPoints:
 
 
 def gather_box_points(points: torch.Tensor, batch_index: torch.Tensor, boxes: torch.Tensor,
-                      box_frame: torch.Tensor, context: float, num_points: int) -> BoxPoints:
+                      box_frame: torch.Tensor, context: float, num_points: int,
+                      index: PointIndex | None = None) -> BoxPoints:
     """Points (P, 4) of frames `batch_index` (P,) around boxes (K, 7) of frames
     `box_frame` (K,): those inside each box enlarged by `context` metres per side, at most
-    `num_points` per box (evenly in input order). Deterministic."""
+    `num_points` per box (evenly in input order). Deterministic. index: the points'
+    `PointIndex`, if the caller has it (it is made here otherwise)."""
     device = points.device
     boxes = boxes.float()
     radius = 0.5 * torch.sqrt((boxes[:, 3] + 2 * context) ** 2 + (boxes[:, 4] + 2 * context) ** 2)
     pair_box, pair_point = [], []
     if boxes.shape[0] and points.shape[0]:
+        index = PointIndex(points, batch_index) if index is None else index
         for frame in torch.unique(box_frame).tolist():  # a loop over the batch's frames, not over boxes
             box_ids = torch.nonzero(box_frame == frame).flatten()
-            box_pairs, point_pairs = _candidates(points.detach(), torch.nonzero(batch_index == frame).flatten(),
-                                                 boxes[box_ids, :2].detach(), radius[box_ids].detach() + 0.01)
+            box_pairs, point_pairs = index.candidates(frame, boxes[box_ids, :2].detach(),
+                                                      radius[box_ids].detach() + 0.01)
             pair_box.append(box_ids[box_pairs])
             pair_point.append(point_pairs)
     if pair_box:
@@ -101,40 +104,66 @@ def gather_box_points(points: torch.Tensor, batch_index: torch.Tensor, boxes: to
     return BoxPoints(features, pair_box, counts, local / (half + context).clamp(min=0.05))
 
 
-def _candidates(points: torch.Tensor, point_ids: torch.Tensor, centres: torch.Tensor, radius: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs (box, point) of boxes with centres (K, 2) and the points `point_ids` of their
-    frame that lie in each box's bounding square (half side `radius`, (K,)): every point
-    within `radius` of a centre. The points are sorted once by strip (CANDIDATE_STRIP
-    metres of x) and y within it, so each box's candidates are one contiguous run per strip
-    it covers, found by binary search: index arithmetic only, no loop over boxes."""
-    device = points.device
-    own = points.index_select(0, point_ids)
-    xy = own[:, :2]
-    low, high = (centres - radius[:, None]).amin(0), (centres + radius[:, None]).amax(0)
-    # Only points near some box (finite ones: NaN compares false); the keys stay small.
-    near = torch.nonzero(torch.isfinite(own).all(1) & ((xy >= low) & (xy <= high)).all(1)).flatten()
-    point_ids, xy = point_ids.index_select(0, near), xy.index_select(0, near)
-    span = float(high[1] - low[1]) + 1.0  # > any y - low[1]: strips never overlap in key
-    strip = torch.floor((xy[:, 0] - low[0]) / CANDIDATE_STRIP)
-    # Every key and bound below is a non-negative double, and non-negative doubles order as
-    # their bit patterns read as int64: an integer sort, several times faster on a CPU.
-    key, order = torch.sort((strip.double() * span + (xy[:, 1] - low[1]).double()).view(torch.int64), stable=True)
-    point_ids = point_ids.index_select(0, order)
-    first = torch.floor((centres[:, 0] - radius - low[0]) / CANDIDATE_STRIP).long()
-    strips = torch.floor((centres[:, 0] + radius - low[0]) / CANDIDATE_STRIP).long() - first + 1
-    box_of_run = torch.repeat_interleave(torch.arange(centres.shape[0], device=device), strips)
-    run_strip = first[box_of_run] + torch.arange(box_of_run.numel(), device=device) \
-        - (torch.cumsum(strips, 0) - strips)[box_of_run]
-    base = run_strip.double() * span
-    start = torch.searchsorted(key, (base + (centres[box_of_run, 1] - radius[box_of_run] - low[1]).double())
-                               .view(torch.int64))
-    end = torch.searchsorted(key, (base + (centres[box_of_run, 1] + radius[box_of_run] - low[1]).double())
-                             .view(torch.int64), right=True)
-    size = end - start
-    run = torch.repeat_interleave(torch.arange(size.numel(), device=device), size)
-    rank = torch.arange(run.numel(), device=device) - (torch.cumsum(size, 0) - size)[run]
-    return box_of_run[run], point_ids[start[run] + rank]
+class PointIndex:
+    """The points of a batch arranged to find the points near boxes by binary search.
+
+    Per frame (made at its first query, then kept): its finite points sorted by strip
+    (CANDIDATE_STRIP metres of x, counted from the frame's least x) and by y within it, so
+    that the points of one strip in a range of y are one contiguous run. Made once, it
+    serves every set of boxes on the same points (each refinement pass, each view)."""
+
+    def __init__(self, points: torch.Tensor, batch_index: torch.Tensor):
+        self.points, self.batch_index = points.detach(), batch_index
+        self._frames: dict[int, tuple] = {}
+
+    def _frame(self, frame: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int]:
+        """(sorted keys, their points, the (x, y) origin, the key's span per strip, strips)."""
+        if frame not in self._frames:
+            point_ids = torch.nonzero(self.batch_index == frame).flatten()
+            own = self.points.index_select(0, point_ids)
+            finite = torch.isfinite(own).all(1)  # NaN would compare false
+            point_ids, xy = point_ids[finite], own[finite, :2]
+            if point_ids.numel():
+                low, high = xy.amin(0), xy.amax(0)
+            else:
+                low = high = xy.new_zeros(2)
+            span = float(high[1] - low[1]) + 1.0  # > any y - low[1]: strips never overlap in key
+            strip = torch.floor((xy[:, 0] - low[0]) / CANDIDATE_STRIP)
+            # Every key and bound is a non-negative double, and non-negative doubles order as
+            # their bit patterns read as int64: an integer sort, several times faster on a CPU.
+            key, order = torch.sort(_as_int((strip.double() * span + (xy[:, 1] - low[1]).double())), stable=True)
+            strips = int(torch.floor((high[0] - low[0]) / CANDIDATE_STRIP)) + 1
+            self._frames[frame] = (key, point_ids.index_select(0, order), low, span, strips)
+        return self._frames[frame]
+
+    def candidates(self, frame: int, centres: torch.Tensor, radius: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pairs (box, point) of boxes with centres (K, 2) in `frame` and the points of that
+        frame in each box's bounding square (half side `radius`, (K,)): every point within
+        `radius` of a centre (and a few more at most, where a square reaches past the
+        frame's points). Each box's candidates are one run per strip it covers: index
+        arithmetic only, no loop over boxes."""
+        key, point_ids, low, span, num_strips = self._frame(frame)
+        device = centres.device
+        first = torch.floor((centres[:, 0] - radius - low[0]) / CANDIDATE_STRIP).long().clamp(min=0)
+        last = torch.floor((centres[:, 0] + radius - low[0]) / CANDIDATE_STRIP).long().clamp(max=num_strips - 1)
+        strips = (last - first + 1).clamp(min=0)
+        box_of_run = torch.repeat_interleave(torch.arange(centres.shape[0], device=device), strips)
+        run_strip = first[box_of_run] + torch.arange(box_of_run.numel(), device=device) \
+            - (torch.cumsum(strips, 0) - strips)[box_of_run]
+        base = run_strip.double() * span
+        y, r = (centres[box_of_run, 1] - low[1]).double(), radius[box_of_run].double()
+        start = torch.searchsorted(key, _as_int(base + (y - r).clamp(0, span - 1)))
+        end = torch.searchsorted(key, _as_int(base + (y + r).clamp(0, span - 1)), right=True)
+        size = end - start
+        run = torch.repeat_interleave(torch.arange(size.numel(), device=device), size)
+        rank = torch.arange(run.numel(), device=device) - (torch.cumsum(size, 0) - size)[run]
+        return box_of_run[run], point_ids[start[run] + rank]
+
+
+def _as_int(keys: torch.Tensor) -> torch.Tensor:
+    """Non-negative float64 `keys` as int64 of the same order (their bit patterns)."""
+    return keys.view(torch.int64)
 
 
 def _max_per_group(values: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
@@ -182,12 +211,14 @@ class BoxRefiner(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, points: torch.Tensor, batch_index: torch.Tensor, boxes: torch.Tensor,
-                box_frame: torch.Tensor, labels: torch.Tensor, mirror: bool = False) -> torch.Tensor:
-        """-> (K, RESIDUAL_DIM + 2): residual, flip logit, IoU logit per box. With `mirror`,
+                box_frame: torch.Tensor, labels: torch.Tensor, mirror: bool = False,
+                index: PointIndex | None = None) -> torch.Tensor:
+        """-> (K, RESIDUAL_DIM + 2): residual, flip logit, IoU logit per box (index: the
+        points' `PointIndex`, if the caller has one). With `mirror`,
         the mean of the outputs for the points as they are and mirrored left-right in each
         box's frame (objects are nearly symmetric across their heading; the mirrored
         output's across offset and heading change are mirrored back)."""
-        gathered = gather_box_points(points, batch_index, boxes, box_frame, self.context, self.num_points)
+        gathered = gather_box_points(points, batch_index, boxes, box_frame, self.context, self.num_points, index)
         output = self._predict(gathered, boxes, labels)
         if not mirror:
             return output
@@ -328,6 +359,7 @@ def refine_detections(refiner: BoxRefiner, points: torch.Tensor, batch_index: to
     `BoxRefiner.forward`."""
     detections = [Detections(d.boxes[keep], d.scores[keep], d.labels[keep])
                   for d, keep in ((d, d.scores >= min_score) for d in detections)]
+    index = PointIndex(points, batch_index)  # one for every pass
     for done in range(passes):
         if not sum(len(d.boxes) for d in detections):
             return detections
@@ -336,7 +368,7 @@ def refine_detections(refiner: BoxRefiner, points: torch.Tensor, batch_index: to
         scores = torch.cat([d.scores for d in detections]).float()
         frame = torch.cat([torch.full((len(d.boxes),), f, dtype=torch.long, device=boxes.device)
                            for f, d in enumerate(detections)])
-        output = refiner(points, batch_index, boxes, frame, labels, mirror=mirror)
+        output = refiner(points, batch_index, boxes, frame, labels, mirror=mirror, index=index)
         refined = apply_residual(boxes, output)
         if done == passes - 1:
             quality = torch.sigmoid(output[:, RESIDUAL_DIM + 1].float())

@@ -16,7 +16,7 @@ from haltdet.config import ModelConfig, load_config
 from haltdet.model.detector import Detector
 from haltdet.model.head import Detections
 from haltdet.model.pillars import PointBatch
-from haltdet.model.refine import (RESIDUAL_DIM, BoxRefiner, apply_residual, gather_box_points, jitter_boxes,
+from haltdet.model.refine import (RESIDUAL_DIM, BoxRefiner, PointIndex, apply_residual, gather_box_points, jitter_boxes,
                                   refine_detections, refinement_loss, refinement_targets, training_proposals)
 from haltdet.train import train
 
@@ -89,6 +89,29 @@ def test_gathering_finds_every_point_of_every_box_over_frames_and_odd_points():
         inside = points_in_boxes(own, boxes[k:k + 1], margin=0.3)[0]
         assert gathered.counts[k] == inside.sum() > 0
         assert torch.allclose(gathered.features[gathered.box == k, 2], own[inside, 2] - boxes[k, 2])
+
+
+def test_one_point_index_serves_every_set_of_boxes():
+    """A `PointIndex` made once (as the refinement passes share it) gathers, for a second
+    and a third set of boxes, the same points as gathering afresh and as the independent
+    point-in-box test, including boxes that reach past the frame's points on every side
+    and boxes far outside them."""
+    g = torch.Generator().manual_seed(4)
+    points = _cloud(8000, 5)
+    frame = torch.zeros(len(points), dtype=torch.long)
+    index = PointIndex(points, frame)
+    lo, hi = points[:, :2].amin(0), points[:, :2].amax(0)
+    for spread in (1.0, 1.6, 4.0):  # boxes around the points' extent, then mostly far outside
+        centre = (lo + hi) / 2 + (torch.rand(30, 2, generator=g) - 0.5) * (hi - lo) * spread
+        boxes = torch.cat([centre, torch.rand(30, 1, generator=g) - 1.5,
+                           torch.rand(30, 3, generator=g) * 5 + 0.3, torch.rand(30, 1, generator=g) * 6 - 3], 1)
+        box_frame = torch.zeros(30, dtype=torch.long)
+        shared = gather_box_points(points, frame, boxes, box_frame, 0.4, 0, index)
+        fresh = gather_box_points(points, frame, boxes, box_frame, 0.4, 0)
+        assert torch.equal(shared.features, fresh.features) and torch.equal(shared.box, fresh.box)
+        inside = points_in_boxes(points, boxes, margin=0.4)
+        assert shared.counts.tolist() == inside.sum(1).tolist()
+    assert list(index._frames) == [0]  # the frame was indexed once
 
 
 def test_applying_the_targets_gives_the_ground_truth_boxes():
