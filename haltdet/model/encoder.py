@@ -75,29 +75,36 @@ class Bucket:
     slots: int
     fused: bool = True  # the fused attention kernel, else matrix products (`window_attention`)
     segment: torch.Tensor | None = None
-    _bias: torch.Tensor | None = field(default=None, repr=False)
+    mask: torch.Tensor | None = None
+    additive: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.mask is None:
+            self.mask = key_mask(self.key_valid, self.segment)
 
     @property
     def num_windows(self) -> int:
         """Rows: windows, or chunks of windows."""
         return self.key_valid.shape[0]
 
-    @functools.cached_property
-    def mask(self) -> torch.Tensor:
-        """Which keys each query may attend to, broadcastable to (rows, heads, slots,
-        slots): (rows, 1, 1, slots) for padded windows; (rows, 1, slots, slots) for
-        chunks, the slots of the query's window (a padding slot's query: itself only, a
-        finite row). Made once per partition (the layers of one shift share it)."""
-        if self.segment is None:
-            return self.key_valid[:, None, None, :]
-        return (self.segment[:, :, None] == self.segment[:, None, :])[:, None]
-
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """`mask` as an additive bias: 0 where attended, -inf elsewhere."""
-        if self._bias is None or self._bias.dtype != dtype:
-            self._bias = torch.zeros(self.mask.shape, dtype=dtype,
-                                     device=self.mask.device).masked_fill_(~self.mask, -math.inf)
-        return self._bias
+        """`mask` as an additive bias: 0 where attended, -inf elsewhere (made at the first
+        call if the partition did not make it)."""
+        if self.additive is None or self.additive.dtype != dtype:
+            self.additive = torch.zeros(self.mask.shape, dtype=dtype,
+                                        device=self.mask.device).masked_fill_(~self.mask, -math.inf)
+        return self.additive
+
+
+def key_mask(key_valid, segment=None):
+    """Which keys each query of a bucket may attend to (`key_valid`, `segment` as in
+    `Bucket`; numpy arrays or tensors alike), broadcastable to (rows, heads, slots, slots):
+    (rows, 1, 1, slots) for padded windows; (rows, 1, slots, slots) for chunks, the slots
+    of the query's window (a padding slot's query: itself only, a finite row). Made once
+    per partition: the layers of one shift share it."""
+    if segment is None:
+        return key_valid[:, None, None, :]
+    return (segment[:, :, None] == segment[:, None, :])[:, None]
 
 
 @dataclass
@@ -219,19 +226,25 @@ def _bucket_windows(order: np.ndarray, window_of_sorted: np.ndarray, counts: np.
         segment = -1 - np.arange(num_chunks * chunk)
         packed = slot_of_sorted < num_chunks * chunk
         segment[slot_of_sorted[packed]] = window_of_sorted[packed]
-    gather_tensor = torch.from_numpy(gather_all).to(device)
-    valid = gather_tensor < num_tokens
-    buckets, offset = [], 0
-    if num_chunks:
-        offset = num_chunks * chunk
-        buckets.append(Bucket(gather_tensor[:offset], valid[:offset].view(num_chunks, chunk), chunk,
-                              chunk > matmul_max, torch.from_numpy(segment).to(device).view(num_chunks, chunk)))
+    # Each bucket's mask, and for the matrix products its additive bias, made here in numpy.
+    valid = gather_all < num_tokens
+    bounds = [(0, num_chunks * chunk, chunk, segment)] if num_chunks else []
+    offset = num_chunks * chunk
     for slots, num_windows in zip(sizes.tolist(), windows_in_bucket.tolist()):
         if num_windows:
-            end = offset + num_windows * slots
-            buckets.append(Bucket(gather_tensor[offset:end], valid[offset:end].view(num_windows, slots), slots,
-                                  slots > matmul_max))
-            offset = end
+            bounds.append((offset, offset + num_windows * slots, slots, None))
+            offset += num_windows * slots
+    gather_tensor = torch.from_numpy(gather_all).to(device)
+    buckets = []
+    for start, end, slots, labels in bounds:
+        key_valid = valid[start:end].reshape(-1, slots)
+        labels = None if labels is None else labels.reshape(-1, slots)
+        mask = key_mask(key_valid, labels)
+        fused = slots > matmul_max
+        additive = None if fused else torch.from_numpy(np.where(mask, np.float32(0), np.float32(-np.inf))).to(device)
+        buckets.append(Bucket(gather_tensor[start:end], torch.from_numpy(key_valid).to(device), slots, fused,
+                              None if labels is None else torch.from_numpy(labels).to(device),
+                              torch.from_numpy(np.ascontiguousarray(mask)).to(device), additive))
     return WindowPartition(buckets, gather_tensor, torch.from_numpy(scatter_index).to(device), position,
                            order, window_of_sorted, capacity)
 
