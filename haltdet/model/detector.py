@@ -280,7 +280,8 @@ class Detector(nn.Module):
         proposals, frame, proposal_labels = training_proposals(first, gt_boxes, gt_labels, train.refine_proposals,
                                                                train.refine_jitter, seeds=jitter_seeds)
         points = output.tokens.points
-        prediction = self.refiner(points.points, points.batch_index, proposals, frame, proposal_labels)
+        prediction = self.refiner(points.points, points.batch_index, proposals, frame, proposal_labels,
+                                  index=output.tokens.point_index)
         targets = refinement_targets(proposals, frame, proposal_labels, gt_boxes, gt_labels, train.refine_match_iou)
         parts = refinement_loss(prediction, proposals, targets)
         total = (train.refine_weight * parts["refine_box"] + train.refine_flip_weight * parts["refine_flip"]
@@ -345,7 +346,7 @@ class Detector(nn.Module):
         c, points = self.config, output.tokens.points
         return refine_detections(self.refiner, points.points, points.batch_index, detections,
                                  c.refine_rectify, c.nms_iou, c.max_detections, c.refine_passes, c.refine_min_score,
-                                 c.refine_mirror)
+                                 c.refine_mirror, output.tokens.point_index)
 
     @torch.no_grad()
     def detect(self, points: PointBatch | np.ndarray | torch.Tensor) -> list[Detections] | Detections:

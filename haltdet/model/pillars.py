@@ -79,6 +79,63 @@ def _as_cloud(cloud, index: int) -> torch.Tensor:
     return cloud.float()
 
 
+class PointIndex:
+    """Points arranged to find those near boxes by binary search: the points sorted by the
+    cell of a grid of square cells they fall in, by (frame, row, column) and in input order
+    within a cell, beside their sorted cell keys. The points within `radius` of a centre
+    are then, for each row the square around it spans, one run of keys from its first
+    column to its last: index arithmetic and binary search, no loop over boxes. The
+    pillar net makes one from its own sort of the points into pillars (`PillarFeatureNet`,
+    kept on `Tokens`); `of_points` makes one for any points.
+
+    keys: (N,) int64 ascending, (frame * rows + row) * cols + column of each indexed point;
+    point_ids: (N,) the indexed points' rows in the points, in the same order;
+    origin: the (x, y) corner of cell (0, 0); cell: the cells' side, metres.
+    """
+
+    def __init__(self, keys: torch.Tensor, point_ids: torch.Tensor, origin: tuple[float, float],
+                 cell: float, rows: int, cols: int):
+        self.keys, self.point_ids = keys, point_ids
+        self.origin, self.cell, self.rows, self.cols = origin, cell, rows, cols
+
+    @classmethod
+    def of_points(cls, points: torch.Tensor, batch_index: torch.Tensor, cell: float = 1.0) -> "PointIndex":
+        """The index of the finite points (P, 4) of frames `batch_index` (P,), on cells of
+        `cell` metres from the points' least x and y."""
+        finite = torch.nonzero(torch.isfinite(points).all(1)).flatten()  # NaN would compare false
+        xy = points.detach().index_select(0, finite)[:, :2]
+        origin = xy.amin(0) if finite.numel() else xy.new_zeros(2)
+        cells = torch.floor((xy - origin) / cell).long()
+        cols, rows = (cells.amax(0) + 1).tolist() if finite.numel() else (1, 1)
+        keys, order = torch.sort((batch_index.index_select(0, finite) * rows + cells[:, 1]) * cols + cells[:, 0],
+                                 stable=True)
+        return cls(keys, finite.index_select(0, order), (float(origin[0]), float(origin[1])), cell, rows, cols)
+
+    def candidates(self, frame: torch.Tensor, centres: torch.Tensor, radius: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pairs (box, point) of boxes in frames `frame` (K,) with centres (K, 2) and the
+        indexed points of their frame in the cells that the square of half side `radius`
+        (K,) around each centre touches: every point within `radius` of its centre, and
+        others near it (those the caller's exact test removes)."""
+        device = centres.device
+        origin = centres.new_tensor(self.origin)
+        low = torch.floor((centres - radius[:, None] - origin) / self.cell).long()
+        high = torch.floor((centres + radius[:, None] - origin) / self.cell).long()
+        first_col, last_col = low[:, 0].clamp(0, self.cols - 1), high[:, 0].clamp(0, self.cols - 1)
+        first_row, last_row = low[:, 1].clamp(min=0), high[:, 1].clamp(max=self.rows - 1)
+        num_rows = (last_row - first_row + 1).clamp(min=0)
+        box_of_run = torch.repeat_interleave(torch.arange(centres.shape[0], device=device), num_rows)
+        row = first_row[box_of_run] + torch.arange(box_of_run.numel(), device=device) \
+            - (torch.cumsum(num_rows, 0) - num_rows)[box_of_run]
+        base = (frame[box_of_run] * self.rows + row) * self.cols
+        start = torch.searchsorted(self.keys, base + first_col[box_of_run])
+        end = torch.searchsorted(self.keys, base + last_col[box_of_run], right=True)
+        size = end - start
+        run = torch.repeat_interleave(torch.arange(size.numel(), device=device), size)
+        rank = torch.arange(run.numel(), device=device) - (torch.cumsum(size, 0) - size)[run]
+        return box_of_run[run], self.point_ids[start[run] + rank]
+
+
 @dataclass
 class Tokens:
     """Sparse pillar tokens.
@@ -92,6 +149,7 @@ class Tokens:
     non-empty pillars by max_pillars.
     points: the points that entered the features, a PointBatch (the second stage reads
     them: bounded by the same caps), or None.
+    point_index: those points' `PointIndex` on the pillar grid, or None.
     """
 
     features: torch.Tensor
@@ -102,6 +160,7 @@ class Tokens:
     points_capped: int = 0
     pillars_capped: int = 0
     points: PointBatch | None = None
+    point_index: PointIndex | None = None
 
 
 class PillarFeatureNet(nn.Module):
@@ -132,14 +191,21 @@ class PillarFeatureNet(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def _pillars(self, points: torch.Tensor, batch_index: torch.Tensor):
-        """(ix, iy, sorted unique pillar keys, pillar of each point) of in-range points."""
+        """(ix, iy, sorted unique pillar keys, pillar of each point, the points' index on
+        the pillar grid) of in-range points."""
         cell = ((points[:, :2] - self.range_min[:2]) / self.pillar_size).floor().long()
         ix = cell[:, 0].clamp_(0, self.grid_x - 1)
         iy = cell[:, 1].clamp_(0, self.grid_y - 1)
         key = (batch_index * self.grid_y + iy) * self.grid_x + ix
-        # Sorted unique keys give tokens ordered by (frame, iy, ix): deterministic.
-        unique_keys, pillar_of_point = torch.unique(key, sorted=True, return_inverse=True)
-        return ix, iy, unique_keys, pillar_of_point
+        # Sorted unique keys give tokens ordered by (frame, iy, ix): deterministic. The sort
+        # (stable) is kept as the points' index for the second stage.
+        sorted_keys, order = torch.sort(key, stable=True)
+        unique_keys, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
+        pillar_of_point = torch.empty_like(order)
+        pillar_of_point[order] = torch.repeat_interleave(torch.arange(unique_keys.numel(), device=key.device), counts)
+        origin = (float(self.point_cloud_range[0]), float(self.point_cloud_range[1]))
+        index = PointIndex(sorted_keys, order, origin, self.pillar_size, self.grid_y, self.grid_x)
+        return ix, iy, unique_keys, pillar_of_point, index
 
     def _kept_pillars(self, unique_keys: torch.Tensor) -> torch.Tensor | None:
         """Bool per pillar under max_pillars (the nearest to the sensor), None if no cap binds."""
@@ -176,17 +242,19 @@ class PillarFeatureNet(nn.Module):
         valid &= points[:, 3].isfinite()  # coordinates: NaN fails the range test
         points, batch_index = points[valid], batch_index[valid]
         in_range = points.shape[0]
-        ix, iy, unique_keys, pillar_of_point = self._pillars(points, batch_index)
+        ix, iy, unique_keys, pillar_of_point, index = self._pillars(points, batch_index)
         pillars = unique_keys.numel()
         kept = self._kept_pillars(unique_keys)
         if kept is not None:
             keep = kept[pillar_of_point]
             points, batch_index = points[keep], batch_index[keep]
-            ix, iy, unique_keys, pillar_of_point = self._pillars(points, batch_index)
+            ix, iy, unique_keys, pillar_of_point, index = self._pillars(points, batch_index)
         keep = self._kept_points(unique_keys, pillar_of_point)
         if keep is not None:  # every pillar keeps at least one point: the pillars stay
             points, ix, iy, pillar_of_point = points[keep], ix[keep], iy[keep], pillar_of_point[keep]
             batch_index = batch_index[keep]
+            stays = keep.index_select(0, index.point_ids)  # the index's kept points, renumbered
+            index.keys, index.point_ids = index.keys[stays], (torch.cumsum(keep, 0) - 1)[index.point_ids[stays]]
         xyz = points[:, :3]
         num_pillars = unique_keys.numel()
 
@@ -215,7 +283,7 @@ class PillarFeatureNet(nn.Module):
         return Tokens(pooled, coords, batch.batch_size, points_used=points.shape[0],
                       points_dropped=total - in_range, points_capped=in_range - points.shape[0],
                       pillars_capped=pillars - num_pillars,
-                      points=PointBatch(points, batch_index, batch.batch_size))
+                      points=PointBatch(points, batch_index, batch.batch_size), point_index=index)
 
     def pool(self, features: torch.Tensor, pillar_of_point: torch.Tensor, num_pillars: int) -> torch.Tensor:
         """Point features (P, 9) -> pillar features (num_pillars, C): each layer, then a max

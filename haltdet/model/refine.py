@@ -36,11 +36,11 @@ from torch import nn
 from haltdet.boxes import iou_3d_paired, iou_bev, wrap_angle
 from haltdet.distributed import batch_count
 from haltdet.model.head import Detections, nms_per_class
+from haltdet.model.pillars import PointIndex
 
 NUM_CLASSES = 3
 POINT_FEATURES = 7  # box-frame x, y, z; the same over the half sizes; intensity
 RESIDUAL_DIM = 7  # along, across, z, log l, log w, log h ratios, heading change
-CANDIDATE_STRIP = 1.0  # metres of x per strip of the point index that finds a box's points
 
 
 @dataclass
@@ -67,17 +67,9 @@ def gather_box_points(points: torch.Tensor, batch_index: torch.Tensor, boxes: to
     device = points.device
     boxes = boxes.float()
     radius = 0.5 * torch.sqrt((boxes[:, 3] + 2 * context) ** 2 + (boxes[:, 4] + 2 * context) ** 2)
-    pair_box, pair_point = [], []
     if boxes.shape[0] and points.shape[0]:
-        index = PointIndex(points, batch_index) if index is None else index
-        for frame in torch.unique(box_frame).tolist():  # a loop over the batch's frames, not over boxes
-            box_ids = torch.nonzero(box_frame == frame).flatten()
-            box_pairs, point_pairs = index.candidates(frame, boxes[box_ids, :2].detach(),
-                                                      radius[box_ids].detach() + 0.01)
-            pair_box.append(box_ids[box_pairs])
-            pair_point.append(point_pairs)
-    if pair_box:
-        pair_box, pair_point = torch.cat(pair_box), torch.cat(pair_point)
+        index = PointIndex.of_points(points, batch_index) if index is None else index
+        pair_box, pair_point = index.candidates(box_frame, boxes[:, :2].detach(), radius.detach() + 0.01)
     else:
         pair_box = pair_point = torch.zeros(0, dtype=torch.long, device=device)
     # index_select rather than subscripts: several times faster for rows on a CPU
@@ -102,68 +94,6 @@ def gather_box_points(points: torch.Tensor, batch_index: torch.Tensor, boxes: to
         local, half, pair_box, p = (t.index_select(0, keep) for t in (local, half, pair_box, p))
     features = torch.cat([local, local / half.clamp(min=0.05), p[:, 3:4].clamp(0, 1)], dim=1)
     return BoxPoints(features, pair_box, counts, local / (half + context).clamp(min=0.05))
-
-
-class PointIndex:
-    """The points of a batch arranged to find the points near boxes by binary search.
-
-    Per frame (made at its first query, then kept): its finite points sorted by strip
-    (CANDIDATE_STRIP metres of x, counted from the frame's least x) and by y within it, so
-    that the points of one strip in a range of y are one contiguous run. Made once, it
-    serves every set of boxes on the same points (each refinement pass, each view)."""
-
-    def __init__(self, points: torch.Tensor, batch_index: torch.Tensor):
-        self.points, self.batch_index = points.detach(), batch_index
-        self._frames: dict[int, tuple] = {}
-
-    def _frame(self, frame: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int]:
-        """(sorted keys, their points, the (x, y) origin, the key's span per strip, strips)."""
-        if frame not in self._frames:
-            point_ids = torch.nonzero(self.batch_index == frame).flatten()
-            own = self.points.index_select(0, point_ids)
-            finite = torch.isfinite(own).all(1)  # NaN would compare false
-            point_ids, xy = point_ids[finite], own[finite, :2]
-            if point_ids.numel():
-                low, high = xy.amin(0), xy.amax(0)
-            else:
-                low = high = xy.new_zeros(2)
-            span = float(high[1] - low[1]) + 1.0  # > any y - low[1]: strips never overlap in key
-            strip = torch.floor((xy[:, 0] - low[0]) / CANDIDATE_STRIP)
-            # Every key and bound is a non-negative double, and non-negative doubles order as
-            # their bit patterns read as int64: an integer sort, several times faster on a CPU.
-            key, order = torch.sort(_as_int((strip.double() * span + (xy[:, 1] - low[1]).double())), stable=True)
-            strips = int(torch.floor((high[0] - low[0]) / CANDIDATE_STRIP)) + 1
-            self._frames[frame] = (key, point_ids.index_select(0, order), low, span, strips)
-        return self._frames[frame]
-
-    def candidates(self, frame: int, centres: torch.Tensor, radius: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pairs (box, point) of boxes with centres (K, 2) in `frame` and the points of that
-        frame in each box's bounding square (half side `radius`, (K,)): every point within
-        `radius` of a centre (and a few more at most, where a square reaches past the
-        frame's points). Each box's candidates are one run per strip it covers: index
-        arithmetic only, no loop over boxes."""
-        key, point_ids, low, span, num_strips = self._frame(frame)
-        device = centres.device
-        first = torch.floor((centres[:, 0] - radius - low[0]) / CANDIDATE_STRIP).long().clamp(min=0)
-        last = torch.floor((centres[:, 0] + radius - low[0]) / CANDIDATE_STRIP).long().clamp(max=num_strips - 1)
-        strips = (last - first + 1).clamp(min=0)
-        box_of_run = torch.repeat_interleave(torch.arange(centres.shape[0], device=device), strips)
-        run_strip = first[box_of_run] + torch.arange(box_of_run.numel(), device=device) \
-            - (torch.cumsum(strips, 0) - strips)[box_of_run]
-        base = run_strip.double() * span
-        y, r = (centres[box_of_run, 1] - low[1]).double(), radius[box_of_run].double()
-        start = torch.searchsorted(key, _as_int(base + (y - r).clamp(0, span - 1)))
-        end = torch.searchsorted(key, _as_int(base + (y + r).clamp(0, span - 1)), right=True)
-        size = end - start
-        run = torch.repeat_interleave(torch.arange(size.numel(), device=device), size)
-        rank = torch.arange(run.numel(), device=device) - (torch.cumsum(size, 0) - size)[run]
-        return box_of_run[run], point_ids[start[run] + rank]
-
-
-def _as_int(keys: torch.Tensor) -> torch.Tensor:
-    """Non-negative float64 `keys` as int64 of the same order (their bit patterns)."""
-    return keys.view(torch.int64)
 
 
 def _max_per_group(values: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
@@ -351,15 +281,15 @@ def refinement_loss(output: torch.Tensor, proposals: torch.Tensor, targets: Refi
 def refine_detections(refiner: BoxRefiner, points: torch.Tensor, batch_index: torch.Tensor,
                       detections: list[Detections], rectify: list[float], nms_iou: list[float],
                       max_detections: int, passes: int = 1, min_score: float = 0.0,
-                      mirror: bool = False) -> list[Detections]:
+                      mirror: bool = False, index: PointIndex | None = None) -> list[Detections]:
     """Refine every frame's detections with score >= min_score (the others are dropped)
     `passes` times (each pass starts from the last one's boxes and is followed by NMS
     within each class: refined duplicates can overlap more); then scores become
     score^(1 - a) * IoU^a with the last pass's IoU (a = rectify[class]). `mirror`: see
-    `BoxRefiner.forward`."""
+    `BoxRefiner.forward`. index: the points' `PointIndex` (made here if not given)."""
     detections = [Detections(d.boxes[keep], d.scores[keep], d.labels[keep])
                   for d, keep in ((d, d.scores >= min_score) for d in detections)]
-    index = PointIndex(points, batch_index)  # one for every pass
+    index = PointIndex.of_points(points, batch_index) if index is None else index  # one for every pass
     for done in range(passes):
         if not sum(len(d.boxes) for d in detections):
             return detections

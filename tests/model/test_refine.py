@@ -15,8 +15,8 @@ from haltdet.checkpoint import load_checkpoint
 from haltdet.config import ModelConfig, load_config
 from haltdet.model.detector import Detector
 from haltdet.model.head import Detections
-from haltdet.model.pillars import PointBatch
-from haltdet.model.refine import (RESIDUAL_DIM, BoxRefiner, PointIndex, apply_residual, gather_box_points, jitter_boxes,
+from haltdet.model.pillars import PointBatch, PointIndex
+from haltdet.model.refine import (RESIDUAL_DIM, BoxRefiner, apply_residual, gather_box_points, jitter_boxes,
                                   refine_detections, refinement_loss, refinement_targets, training_proposals)
 from haltdet.train import train
 
@@ -99,7 +99,7 @@ def test_one_point_index_serves_every_set_of_boxes():
     g = torch.Generator().manual_seed(4)
     points = _cloud(8000, 5)
     frame = torch.zeros(len(points), dtype=torch.long)
-    index = PointIndex(points, frame)
+    index = PointIndex.of_points(points, frame)
     lo, hi = points[:, :2].amin(0), points[:, :2].amax(0)
     for spread in (1.0, 1.6, 4.0):  # boxes around the points' extent, then mostly far outside
         centre = (lo + hi) / 2 + (torch.rand(30, 2, generator=g) - 0.5) * (hi - lo) * spread
@@ -111,7 +111,30 @@ def test_one_point_index_serves_every_set_of_boxes():
         assert torch.equal(shared.features, fresh.features) and torch.equal(shared.box, fresh.box)
         inside = points_in_boxes(points, boxes, margin=0.4)
         assert shared.counts.tolist() == inside.sum(1).tolist()
-    assert list(index._frames) == [0]  # the frame was indexed once
+
+
+@pytest.mark.parametrize("caps", [(0, 0, 0), (3000, 0, 0), (0, 8000, 0), (0, 0, 2)])
+def test_the_pillar_nets_point_index_finds_what_a_fresh_one_finds(caps):
+    """The index the pillar net makes from its own sort of the points (on `Tokens`), with
+    each input cap binding in turn (max_pillars, max_points, max_points_per_pillar),
+    gathers the same points around boxes as an index made afresh from the points it kept,
+    over two frames."""
+    from haltdet.model.pillars import PillarFeatureNet
+
+    g = torch.Generator().manual_seed(6)
+    net = PillarFeatureNet([-12.8, -12.8, -4.0, 12.8, 12.8, 3.0], 0.32, [8, 16], *caps).eval()
+    clouds = [_cloud(12000, 7), _cloud(10000, 8)]
+    with torch.no_grad():
+        tokens = net(PointBatch.from_list(clouds))
+    kept = tokens.points
+    assert tokens.pillars_capped + tokens.points_capped > 0 or caps == (0, 0, 0)
+    boxes = torch.cat([torch.rand(24, 2, generator=g) * 24 - 12, torch.rand(24, 1, generator=g) - 1.5,
+                       torch.rand(24, 3, generator=g) * 4 + 0.3, torch.rand(24, 1, generator=g) * 6 - 3], 1)
+    box_frame = torch.arange(24) % 2
+    from_net = gather_box_points(kept.points, kept.batch_index, boxes, box_frame, 0.4, 0, tokens.point_index)
+    fresh = gather_box_points(kept.points, kept.batch_index, boxes, box_frame, 0.4, 0)
+    assert torch.equal(from_net.features, fresh.features) and torch.equal(from_net.box, fresh.box)
+    assert from_net.counts.sum() > 100
 
 
 def test_applying_the_targets_gives_the_ground_truth_boxes():
