@@ -292,17 +292,21 @@ def test_folded_batch_norm_at_inference_equals_the_modules(memory_format, sparse
     assert calls  # in training the batch norm module runs (its batch statistics)
 
 
-def test_sparse_map_convolutions_equal_the_dense_ones(monkeypatch):
+@pytest.mark.parametrize("tap_products_below", [0.0, 2.0])
+def test_sparse_map_convolutions_equal_the_dense_ones(tap_products_below, monkeypatch):
     """Three 3x3 convolutions on a `SparseMap` (a few occupied cells, some on the edges
     and corners of the maps, a non-zero background) equal the dense convolutions with
     zero padding on the whole map; the support grows by one cell per convolution (and the
     map's border ring, where the padding enters); once it exceeds SPARSE_SUPPORT_MAX of
-    the cells the dense convolution takes over."""
+    the cells the dense convolution takes over. Both ways of computing a sparse
+    convolution: gathered neighbourhoods (TAP_PRODUCTS_BELOW 0) and per-tap products
+    summed per cell (2: always)."""
     import torch.nn.functional as F
 
     from haltdet.model import head as head_module
     from haltdet.model.head import SparseMap
 
+    monkeypatch.setattr(head_module, "TAP_PRODUCTS_BELOW", tap_products_below)
     torch.manual_seed(0)
     batch, height, width, channels = 2, 30, 26, 5
     cells = torch.tensor([0, 3 * width + 7, 12 * width + 12, 13 * width + 12, height * width - 1,
