@@ -200,9 +200,8 @@ class PillarFeatureNet(nn.Module):
         # Sorted unique keys give tokens ordered by (frame, iy, ix): deterministic. The sort
         # (stable) is kept as the points' index for the second stage.
         sorted_keys, order = torch.sort(key, stable=True)
-        unique_keys, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
-        pillar_of_point = torch.empty_like(order)
-        pillar_of_point[order] = torch.repeat_interleave(torch.arange(unique_keys.numel(), device=key.device), counts)
+        unique_keys, pillar_of_sorted = torch.unique_consecutive(sorted_keys, return_inverse=True)
+        pillar_of_point = torch.empty_like(order).index_copy_(0, order, pillar_of_sorted)
         origin = (float(self.point_cloud_range[0]), float(self.point_cloud_range[1]))
         index = PointIndex(sorted_keys, order, origin, self.pillar_size, self.grid_y, self.grid_x)
         return ix, iy, unique_keys, pillar_of_point, index
