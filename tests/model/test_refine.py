@@ -15,7 +15,7 @@ from haltdet.checkpoint import load_checkpoint
 from haltdet.config import ModelConfig, load_config
 from haltdet.model.detector import Detector
 from haltdet.model.head import Detections
-from haltdet.model.pillars import PointBatch, PointIndex
+from haltdet.model.pillars import PillarFeatureNet, PointBatch, PointIndex
 from haltdet.model.refine import (RESIDUAL_DIM, BoxRefiner, apply_residual, gather_box_points, jitter_boxes,
                                   refine_detections, refinement_loss, refinement_targets, training_proposals)
 from haltdet.train import train
@@ -119,8 +119,6 @@ def test_the_pillar_nets_point_index_finds_what_a_fresh_one_finds(caps):
     each input cap binding in turn (max_pillars, max_points, max_points_per_pillar),
     gathers the same points around boxes as an index made afresh from the points it kept,
     over two frames."""
-    from haltdet.model.pillars import PillarFeatureNet
-
     g = torch.Generator().manual_seed(6)
     net = PillarFeatureNet([-12.8, -12.8, -4.0, 12.8, 12.8, 3.0], 0.32, [8, 16], *caps).eval()
     clouds = [_cloud(12000, 7), _cloud(10000, 8)]
