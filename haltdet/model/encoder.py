@@ -399,8 +399,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bucket: 
     products and a softmax over an additive bias; long ones: the fused kernel."""
     if bucket.fused:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.mask)
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-    logits = logits + bucket.bias(q.dtype)
+    # scaled and masked in place: no copy of q, no second logits tensor
+    logits = (q @ k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5).add_(bucket.bias(q.dtype))
     weights = short_softmax(logits) if bucket.slots < SHORT_ROW else torch.softmax(logits, dim=-1)
     return weights @ v
 
