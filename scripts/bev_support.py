@@ -19,7 +19,7 @@ import statistics
 import torch
 
 from haltdet.bench import bench_cloud, load_spec
-from haltdet.model.head import grown_support
+from haltdet.model.head import grown_cells
 from haltdet.model.pillars import PointBatch
 
 
@@ -29,12 +29,11 @@ def support_shares(model, points: torch.Tensor) -> list[float]:
         tokens = model.pillar_net(PointBatch.from_list([points]))
     stride = model.bev.stride
     height, width = model.grid[0] // stride, model.grid[1] // stride
-    support = torch.zeros(1, height, width, dtype=torch.bool)
-    support[0, tokens.coords[:, 1] // stride, tokens.coords[:, 2] // stride] = True
+    cells = torch.unique(tokens.coords[:, 1] // stride * width + tokens.coords[:, 2] // stride).numpy()
     shares = []
     for _ in range(len(model.bev.net) // 3):  # the backbone's 3x3 convolutions, then the head's
-        support = grown_support(support)
-        shares.append(float(support.sum()) / support.numel())
+        cells = grown_cells(cells, (1, height, width))
+        shares.append(cells.size / (height * width))
     return shares
 
 

@@ -189,15 +189,6 @@ def grown_cells(cells: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return np.flatnonzero(inside)
 
 
-def grown_support(support: torch.Tensor) -> torch.Tensor:
-    """`grown_cells` on a (B, H, W) bool map of the cells where the map can differ from
-    the background: the same as a (B, H, W) bool map."""
-    cells = grown_cells(support.reshape(-1).nonzero().squeeze(1).cpu().numpy(), tuple(support.shape))
-    grown = torch.zeros(support.numel(), dtype=torch.bool)
-    grown[torch.from_numpy(cells)] = True
-    return grown.view(support.shape).to(support.device)
-
-
 def _bordered(cells: np.ndarray, height: int, width: int) -> np.ndarray:
     """Flat cells of (B, height, width) maps -> the same cells' flat indices in the maps
     with a one-cell border, (B, height + 2, width + 2)."""
