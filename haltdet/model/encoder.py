@@ -49,12 +49,13 @@ PACK_SPARSE = 1 / 16
 SHORT_ROW = 16
 
 
-def attention_plan() -> tuple[int, tuple[float, ...]]:
+def attention_plan() -> tuple[float, tuple[float, ...]]:
     """(largest bucket, in slots, that attends by matrix products rather than the fused
     kernel; the bucket capacities), for the current thread count. Measured by
     scripts/attention_kernels.py: the fused kernel gains little from a second thread, the
-    matrix products do; at one thread they win only on short rows."""
-    return (108 if torch.get_num_threads() > 1 else SHORT_ROW - 1), BUCKET_FRACTIONS
+    matrix products do (at two threads every bucket); at one thread they win only on
+    short rows."""
+    return (math.inf if torch.get_num_threads() > 1 else SHORT_ROW - 1), BUCKET_FRACTIONS
 
 
 @dataclass
