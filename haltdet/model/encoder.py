@@ -300,7 +300,9 @@ def partition_groups(coords: torch.Tensor, window_size: int, shift: int, channel
     total_groups = int(groups.sum().item())
     gather_all = torch.full((total_groups * group,), num_tokens, dtype=torch.long, device=device)
     gather_all[scatter_index] = torch.arange(num_tokens, device=device)
-    buckets = [Bucket(gather_all, (gather_all < num_tokens).view(total_groups, group), group)] if total_groups else []
+    fused = group > attention_plan()[0]  # the kernel the windows' buckets would use
+    valid = (gather_all < num_tokens).view(total_groups, group)
+    buckets = [Bucket(gather_all, valid, group, fused)] if total_groups else []
     return WindowPartition(buckets, gather_all, scatter_index,
                            _in_window_position(shifted_y, shifted_x, window_size, channels))
 
