@@ -116,18 +116,26 @@ class SparseMap:
     cells: torch.Tensor
     shape: tuple[int, int, int]
 
-    def slots(self) -> torch.Tensor:
-        """(B * H * W + 1,) the row of each cell, then the zero row's (for `outside`)."""
-        num_cells = math.prod(self.shape)
-        background = self.cells.numel()
-        slots = torch.full((num_cells + 1,), background, dtype=torch.long, device=self.cells.device)
-        slots[self.cells] = torch.arange(background, device=self.cells.device)
-        slots[-1] = background + 1
+    def bordered_slots(self) -> np.ndarray:
+        """(B, H + 2, W + 2) the row each cell of the maps with a one-cell border reads: its
+        own (the support's), the background's, or, on the border, the zero row."""
+        batch, height, width = self.shape
+        cells = self.cells.cpu().numpy()
+        background = cells.size
+        slots = np.full((batch, height + 2, width + 2), background, dtype=np.int64)
+        slots[:, [0, -1]] = background + 1
+        slots[:, :, [0, -1]] = background + 1
+        slots.reshape(-1)[_bordered(cells, height, width)] = np.arange(background)
         return slots
+
+    def slots(self) -> torch.Tensor:
+        """(B * H * W,) the row of each cell."""
+        inside = np.ascontiguousarray(self.bordered_slots()[:, 1:-1, 1:-1]).reshape(-1)
+        return torch.from_numpy(inside).to(self.rows.device)
 
     def dense_rows(self) -> torch.Tensor:
         """(B * H * W, C) every cell's vector."""
-        return self.rows.index_select(0, self.slots()[:-1])
+        return self.rows.index_select(0, self.slots())
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -147,14 +155,8 @@ class SparseMap:
         grown = grown_cells(cells, self.shape)
         if grown.size > SPARSE_SUPPORT_MAX * num_cells:
             return F.conv2d(self.tensor, weight, bias, 1, 1).relu_()
-        # the row each cell of the bordered maps reads: its own, the background's, or (on
-        # the border) the zero row
         background = cells.size
-        slots = np.full((batch, height + 2, width + 2), background, dtype=np.int64)
-        slots[:, [0, -1]] = background + 1
-        slots[:, :, [0, -1]] = background + 1
-        slots.reshape(-1)[_bordered(cells, height, width)] = np.arange(background)
-        index = slots.reshape(-1)[_bordered(grown, height, width)[:, None] + _taps(width)]
+        index = self.bordered_slots().reshape(-1)[_bordered(grown, height, width)[:, None] + _taps(width)]
         channels, out_channels = self.rows.shape[1], weight.shape[0]
         rows = torch.empty(grown.size + 2, out_channels, dtype=self.rows.dtype, device=self.rows.device)
         if background < TAP_PRODUCTS_BELOW * grown.size:
@@ -299,7 +301,7 @@ class CenterHead(nn.Module):
         weight = torch.cat([self.heatmap.weight.flatten(1), self.regression.weight.flatten(1)])
         bias = torch.cat([self.heatmap.bias, self.regression.bias])
         if isinstance(shared, SparseMap):  # on the support and the background row, then spread
-            maps = torch.addmm(bias, shared.rows[:-1], weight.t()).index_select(0, shared.slots()[:-1])
+            maps = torch.addmm(bias, shared.rows[:-1], weight.t()).index_select(0, shared.slots())
             maps = maps.view(*shared.shape, -1).permute(0, 3, 1, 2)
         elif shared.is_contiguous():
             b, c, h, w = shared.shape
