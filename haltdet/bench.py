@@ -93,7 +93,7 @@ def flat_group_encoder(encoder, features: torch.Tensor, coords: torch.Tensor, gr
     Not the same outputs as the window encoder (groups straddle windows)."""
     from haltdet.model.encoder import attention_plan, sine_encoding
 
-    matmul_max = attention_plan()[0]
+    matmul_max = attention_plan(features.device)[0]
 
     size, channels = encoder.window_size, features.shape[1]
     num_tokens = features.shape[0]

@@ -49,12 +49,15 @@ PACK_SPARSE = 1 / 16
 SHORT_ROW = 16
 
 
-def attention_plan() -> tuple[float, tuple[float, ...]]:
+def attention_plan(device: torch.device | str = "cpu") -> tuple[float, tuple[float, ...]]:
     """(largest bucket, in slots, that attends by matrix products rather than the fused
-    kernel; the bucket capacities), for the current thread count. Measured by
-    scripts/attention_kernels.py: the fused kernel gains little from a second thread, the
-    matrix products do (at two threads every bucket); at one thread they win only on
-    short rows."""
+    kernel; the bucket capacities), for the device and, on a CPU, the current thread
+    count. Measured on CPUs by scripts/attention_kernels.py: the fused kernel gains little
+    from a second thread, the matrix products do (at two threads every bucket); at one
+    thread they win only on short rows. Other devices use the fused kernel for every
+    bucket, one kernel launch where the products take five (not measured here)."""
+    if torch.device(device).type != "cpu":
+        return 0, BUCKET_FRACTIONS
     return (math.inf if torch.get_num_threads() > 1 else SHORT_ROW - 1), BUCKET_FRACTIONS
 
 
@@ -197,7 +200,7 @@ def _bucket_windows(order: np.ndarray, window_of_sorted: np.ndarray, counts: np.
     # window to the smallest bucket that holds it. The buckets' slots are laid out one
     # after the other (bucket by bucket, window by window), all at once: no loop over
     # buckets but the final slicing.
-    matmul_max, fractions = attention_plan()
+    matmul_max, fractions = attention_plan(device)
     sparse = num_tokens <= PACK_SPARSE * capacity * counts.size
     chunk = math.ceil(capacity * PACK_FRACTION) if sparse else 0
     sizes = np.array(sorted({max(1, math.ceil(capacity * f)) for f in fractions} - set(range(chunk + 1))))
@@ -300,7 +303,7 @@ def partition_groups(coords: torch.Tensor, window_size: int, shift: int, channel
     total_groups = int(groups.sum().item())
     gather_all = torch.full((total_groups * group,), num_tokens, dtype=torch.long, device=device)
     gather_all[scatter_index] = torch.arange(num_tokens, device=device)
-    fused = group > attention_plan()[0]  # the kernel the windows' buckets would use
+    fused = group > attention_plan(device)[0]  # the kernel the windows' buckets would use
     valid = (gather_all < num_tokens).view(total_groups, group)
     buckets = [Bucket(gather_all, valid, group, fused)] if total_groups else []
     return WindowPartition(buckets, gather_all, scatter_index,

@@ -43,10 +43,10 @@ def reference_attention(attention: WindowAttention, x, coords, window_size, shif
 @pytest.mark.parametrize("shift", [0, 3])
 @pytest.mark.parametrize("num_tokens", [1, 40, 700, 3000])
 def test_window_attention_matches_per_window_reference(shift, num_tokens, pack, matmul_max, monkeypatch):
-    """Both attention kernels (`encoder.attention_plan` picks them by thread count), with
+    """Both attention kernels (`encoder.attention_plan` picks them by device and thread count), with
     small windows packed into chunks or each padded."""
     fractions = encoder.attention_plan()[1]
-    monkeypatch.setattr(encoder, "attention_plan", lambda: (matmul_max, fractions))
+    monkeypatch.setattr(encoder, "attention_plan", lambda device="cpu": (matmul_max, fractions))
     monkeypatch.setattr(encoder, "PACK_FRACTION", pack)
     monkeypatch.setattr(encoder, "PACK_SPARSE", 1.0)  # every token set sparse
     torch.manual_seed(1)
