@@ -100,12 +100,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         mean = totals[:channels] / count
         centred = xf - mean[None, :, None, None]
         var = all_reduce_sum(centred.pow(2).sum(dim=(0, 2, 3))) / count
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.detach(), factor)
-                self.running_var.lerp_(var.detach() * count / (count - 1).clamp(min=1), factor)
+        update_running_stats(self, mean, var, count)
         scale = torch.rsqrt(var + self.eps)
         if self.affine:
             scale = scale * self.weight
@@ -113,6 +108,37 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if self.affine:
             out = out + self.bias[None, :, None, None]
         return out.to(x.dtype)
+
+
+def update_running_stats(norm: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
+                         count: torch.Tensor) -> None:
+    """Update `norm`'s running statistics as BatchNorm2d does, from a batch's mean and
+    biased variance over `count` values per channel (the running variance is unbiased)."""
+    if not norm.track_running_stats:
+        return
+    norm.num_batches_tracked.add_(1)
+    factor = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+    with torch.no_grad():
+        norm.running_mean.lerp_(mean.detach(), factor)
+        norm.running_var.lerp_(var.detach() * count / (count - 1).clamp(min=1), factor)
+
+
+def batch_norm_rows(norm: nn.BatchNorm2d, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """`norm` in training on a map given by its distinct vectors: rows (R, C), row r
+    standing for counts[r] (float) of the map's cells. The batch statistics are those of
+    every cell (over the global batch under DDP, as `GlobalBatchNorm2d`'s); returns the
+    normalised rows (R, C). The running statistics are updated."""
+    channels = rows.shape[1]
+    totals = all_reduce_sum(torch.cat([counts @ rows, counts.sum()[None]]))
+    count = totals[-1].detach()
+    mean = totals[:channels] / count
+    centred = rows - mean
+    var = all_reduce_sum(counts @ centred.square()) / count
+    update_running_stats(norm, mean, var, count)
+    scale = torch.rsqrt(var + norm.eps)
+    if norm.affine:
+        return torch.addcmul(norm.bias, centred, scale * norm.weight)
+    return centred * scale
 
 
 def sync_batchnorm(module: nn.Module) -> nn.Module:

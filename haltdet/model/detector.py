@@ -189,10 +189,11 @@ class Detector(nn.Module):
         # the layout `train` gave the dense stage
         memory_format = torch.contiguous_format if self.training else torch.channels_last
         features = self.bev_features(encoded)
-        # At inference in float32 on a CPU the 3x3 convolutions skip the background
-        # (head.SparseMap); on a GPU and in bfloat16 they run dense.
-        sparse = (not self.training and features.device.type == "cpu"
-                  and self.config.inference_dtype == "float32" and features.dtype == torch.float32)
+        # In float32 on a CPU, training or inference, the 3x3 convolutions skip the
+        # background (head.SparseMap); on a GPU and in bfloat16 they run dense.
+        sparse = (features.device.type == "cpu" and features.dtype == torch.float32
+                  and not torch.is_autocast_enabled("cpu")
+                  and (self.training or self.config.inference_dtype == "float32"))
         with self.inference_precision():
             bev = self.bev(features, coords, batch_size, self.grid, memory_format, sparse)
             heatmap, regression = self.head(bev)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from haltdet.boxes import nms_bev
-from haltdet.distributed import batch_count
+from haltdet.distributed import batch_count, batch_norm_rows
 
 NUM_CLASSES = 3
 REGRESSION_DIM = 9  # dx, dy, z, log l, log w, log h, sin 2yaw, cos 2yaw, direction logit
@@ -73,24 +73,31 @@ def folded(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.T
 
 def conv_norm_relu(block: nn.Sequential, x):
     """A (Conv2d, BatchNorm2d, ReLU) block: in training as its modules run, at inference
-    as one folded convolution (`folded`) and the ReLU; on a `SparseMap` (inference) only
-    where the output can differ from the background (`SparseMap.conv3x3_relu`)."""
+    as one folded convolution (`folded`) and the ReLU; on a `SparseMap` only where the
+    output can differ from the background (`SparseMap.convolved` and
+    `SparseMap.normalised_relu` in training, `SparseMap.conv3x3_relu` at inference)."""
     conv, norm, _ = block
+    if isinstance(x, SparseMap):
+        if not norm.training:
+            return x.conv3x3_relu(*folded(conv, norm))
+        x = x.convolved(conv.weight)
+        return x.normalised_relu(norm) if isinstance(x, SparseMap) else block[1:](x)
     if norm.training:
         return block(x)
-    if isinstance(x, SparseMap):
-        return x.conv3x3_relu(*folded(conv, norm))
     return F.conv2d(x, *folded(conv, norm), conv.stride, conv.padding).relu_()
 
 
-# A BEV map at inference is mostly background: every empty cell starts at the same vector
-# (the first convolution's bias), and a 3x3 convolution maps a neighbourhood of equal
-# vectors inside the map to one new vector. So each 3x3 convolution is computed only at
-# the cells whose neighbourhood holds a non-background cell or the map's zero padding
-# (the support grows by one cell per convolution), as matrix products over the gathered
-# neighbourhoods, and the background is carried as one row. The same values as the dense
-# convolutions to float rounding, at a fraction of their cost on a CPU while the support
-# is small: above this share of the cells the dense convolution runs instead.
+# A BEV map is mostly background: every empty cell starts at the same vector (the first
+# convolution's bias, or its batch norm's image of zero in training), and a 3x3
+# convolution maps a neighbourhood of equal vectors inside the map to one new vector, as
+# batch norm and the ReLU map equal vectors to equal vectors. So each 3x3 convolution is
+# computed only at the cells whose neighbourhood holds a non-background cell or the map's
+# zero padding (the support grows by one cell per convolution), as matrix products over
+# the gathered neighbourhoods, and the background is carried as one row (in training its
+# batch-norm statistics count it once per background cell). The same values and
+# gradients as the dense convolutions to float rounding, at a fraction of their cost on a
+# CPU while the support is small: above this share of the cells the dense convolution
+# runs instead.
 SPARSE_SUPPORT_MAX = 0.5
 _GATHER_CELLS = 2048  # cells gathered per matrix product: one buffer of the same size every time
 # Where a convolution's input rows are fewer than this share of its output cells (the
@@ -156,7 +163,7 @@ class SparseMap:
         if grown.size > SPARSE_SUPPORT_MAX * num_cells:
             return F.conv2d(self.tensor, weight, bias, 1, 1).relu_()
         background = cells.size
-        index = self.bordered_slots().reshape(-1)[_bordered(grown, height, width)[:, None] + _taps(width)]
+        index = self.neighbourhoods(grown)
         channels, out_channels = self.rows.shape[1], weight.shape[0]
         rows = torch.empty(grown.size + 2, out_channels, dtype=self.rows.dtype, device=self.rows.device)
         if background < TAP_PRODUCTS_BELOW * grown.size:
@@ -175,6 +182,38 @@ class SparseMap:
         torch.addmv(bias, weight.sum((2, 3)), self.rows[-2], out=rows[-2])  # the background's image
         rows[-1] = 0
         return SparseMap(rows.relu_(), torch.from_numpy(grown).to(self.cells.device), self.shape)
+
+    def convolved(self, weight: torch.Tensor):
+        """conv2d(map, weight, padding=1) for a (C', C, 3, 3) weight, differentiable (for
+        training): a `SparseMap`, or the dense (B, C', H, W) map once the support is too
+        large, as `conv3x3_relu`."""
+        batch, height, width = self.shape
+        grown = grown_cells(self.cells.cpu().numpy(), self.shape)
+        if grown.size > SPARSE_SUPPORT_MAX * batch * height * width:
+            return F.conv2d(self.tensor.contiguous(), weight, None, 1, 1)
+        index = torch.from_numpy(self.neighbourhoods(grown).reshape(-1)).to(self.rows.device)
+        channels, out_channels = self.rows.shape[1], weight.shape[0]
+        gathered = self.rows.index_select(0, index).view(grown.size, 9 * channels)
+        support = gathered @ weight.permute(2, 3, 1, 0).reshape(9 * channels, out_channels)
+        background = weight.sum((2, 3)) @ self.rows[-2]
+        rows = torch.cat([support, background[None], support.new_zeros(1, out_channels)])
+        return SparseMap(rows, torch.from_numpy(grown).to(self.cells.device), self.shape)
+
+    def normalised_relu(self, norm: nn.BatchNorm2d) -> "SparseMap":
+        """relu(norm(map)) in training: the batch statistics of every cell of the maps,
+        the background's row counted once per background cell
+        (`distributed.batch_norm_rows`); the zero row stays zero."""
+        batch, height, width = self.shape
+        counts = self.rows.new_ones(self.rows.shape[0] - 1)
+        counts[-1] = batch * height * width - self.cells.numel()
+        rows = batch_norm_rows(norm, self.rows[:-1], counts).relu()
+        return SparseMap(torch.cat([rows, rows.new_zeros(1, rows.shape[1])]), self.cells, self.shape)
+
+    def neighbourhoods(self, cells: np.ndarray) -> np.ndarray:
+        """(N, 9) the rows the 3x3 neighbourhoods of the flat `cells` read, in the
+        kernel's order."""
+        _, height, width = self.shape
+        return self.bordered_slots().reshape(-1)[_bordered(cells, height, width)[:, None] + _taps(width)]
 
 
 def grown_cells(cells: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -231,8 +270,8 @@ class BEVBackbone(nn.Module):
         """Tokens (T, C) at (frame, iy, ix) of a (ny, nx) grid -> the strided convolution's
         output (B, channels, ny / stride, nx / stride), channels-last in memory; with the
         convolution's weight (channels, C, s, s) and bias (channels,) if given instead of
-        its own (no bias). sparse (with a bias): as a `SparseMap` whose support is the
-        occupied cells."""
+        its own (no bias). sparse: as a `SparseMap` whose support is the occupied cells
+        (the background row: the bias, or zero)."""
         s = self.stride
         weight = self.net[0].weight if weight is None else weight
         channels = weight.shape[0]
@@ -264,16 +303,21 @@ class BEVBackbone(nn.Module):
     def forward(self, features: torch.Tensor, coords: torch.Tensor, batch_size: int,
                 grid: tuple[int, int], memory_format=torch.channels_last, sparse: bool = False):
         """Tokens (T, C) at (frame, iy, ix) -> (B, channels, ny / stride, nx / stride).
-        At inference each convolution and its batch norm run as one (`folded`); with
-        `sparse`, on a `SparseMap`, which is returned."""
+        At inference each convolution and its batch norm run as one (`folded`). With
+        `sparse`, in training or at inference, on a `SparseMap`, which is returned (or the
+        dense map, where the support grew too large: `SparseMap.convolved`)."""
         if self.training:
-            bev = self.downsample(features, coords, batch_size, grid)
-            return self.net[1:](bev.contiguous(memory_format=memory_format))
-        bev = self.downsample(features, coords, batch_size, grid, *folded(self.net[0], self.net[1]), sparse=sparse)
-        if sparse:
-            bev.rows.relu_()
+            bev = self.downsample(features, coords, batch_size, grid, sparse=sparse)
+            if not sparse:
+                return self.net[1:](bev.contiguous(memory_format=memory_format))
+            bev = bev.normalised_relu(self.net[1])
         else:
-            bev = bev.contiguous(memory_format=memory_format).relu_()
+            bev = self.downsample(features, coords, batch_size, grid, *folded(self.net[0], self.net[1]),
+                                  sparse=sparse)
+            if sparse:
+                bev.rows.relu_()
+            else:
+                bev = bev.contiguous(memory_format=memory_format).relu_()
         for i in range(3, len(self.net), 3):
             bev = conv_norm_relu(self.net[i:i + 3], bev)
         return bev
@@ -293,7 +337,7 @@ class CenterHead(nn.Module):
         nn.init.constant_(self.heatmap.bias, -2.19)
 
     def forward(self, bev) -> tuple[torch.Tensor, torch.Tensor]:
-        """bev: (B, C, H, W), or a `SparseMap` at inference -> heatmap logits (B, 3, H, W)
+        """bev: (B, C, H, W) or a `SparseMap` -> heatmap logits (B, 3, H, W)
         and regression (B, 9, H, W)."""
         shared = conv_norm_relu(self.shared, bev)
         # The 1x1 convolutions as one matrix product in the map's memory layout (the

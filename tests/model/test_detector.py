@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from haltdet.config import ModelConfig
 from haltdet.model.detector import Detector, DetectorOutput
@@ -332,6 +333,49 @@ def test_sparse_map_convolutions_equal_the_dense_ones(tap_products_below, monkey
     taken_over = sparse.conv3x3_relu(weight, bias)
     assert not isinstance(taken_over, SparseMap)
     torch.testing.assert_close(taken_over, F.conv2d(dense, weight, bias, padding=1).relu_(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("support_max", [1.0, 0.3])
+def test_sparse_training_pass_equals_the_dense_one(support_max, monkeypatch):
+    """In training the BEV stage and the head on a `SparseMap` (support_max 1: every
+    convolution on the support; 0.3: the dense convolutions take over once the support
+    has grown) give the dense modules' outputs, the same gradients for the tokens and
+    every parameter, and the same running statistics (the background counted once per
+    background cell in the batch statistics). In float64, so that the comparison is
+    tight: the two sum in different orders."""
+    import copy
+
+    from haltdet.model import head as head_module
+    from haltdet.model.head import BEVBackbone, CenterHead
+
+    monkeypatch.setattr(head_module, "SPARSE_SUPPORT_MAX", support_max)
+    torch.manual_seed(0)
+    grid, batch_size, channels = (40, 36), 2, 8
+    dense_stage = nn.ModuleList([BEVBackbone(channels, 6, num_convs=2, stride=2), CenterHead(6, 5)])
+    dense_stage = dense_stage.double().train()
+    for norm in [m for m in dense_stage.modules() if isinstance(m, nn.BatchNorm2d)]:
+        nn.init.uniform_(norm.weight, 0.5, 2)
+        nn.init.uniform_(norm.bias, -1, 1)
+    sparse_stage = copy.deepcopy(dense_stage)
+    cells = torch.randperm(batch_size * grid[0] * grid[1])[:60]
+    coords = torch.stack([cells // (grid[0] * grid[1]), cells // grid[1] % grid[0], cells % grid[1]], 1)
+    features = torch.randn(len(cells), channels, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(batch_size, 12, grid[0] // 2, grid[1] // 2, dtype=torch.float64)
+    outputs, gradients = [], []
+    for stage, sparse in ((dense_stage, False), (sparse_stage, True)):
+        bev = stage[0](features, coords, batch_size, grid, torch.contiguous_format, sparse)
+        assert isinstance(bev, head_module.SparseMap) == (sparse and support_max == 1.0)
+        heatmap, regression = stage[1](bev)
+        output = torch.cat([heatmap, regression], 1)
+        parameters = [features, *stage.parameters()]
+        outputs.append(output)
+        gradients.append(torch.autograd.grad((output * upstream).sum(), parameters))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-10, atol=1e-10)
+    assert len(gradients[0]) == len(gradients[1])
+    for ours, reference in zip(gradients[1], gradients[0]):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+    for (name, ours), (_, reference) in zip(sparse_stage.named_buffers(), dense_stage.named_buffers()):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10, msg=name)
 
 
 def test_pillar_max_pool_gradient_is_autograds_for_scatter_max():
