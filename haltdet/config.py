@@ -80,6 +80,10 @@ class ModelConfig:
     # a halted key's attention gradient: the change attending to it would make (bounded),
     # not the derivative at gate 0 (unbounded when its logit exceeds the attended keys')
     halting_secant: bool = True
+    # with the attention path (both | attention): the share of its gradient the gates receive
+    # (1 = all of it; the forward values do not change). `haltdet gradcheck` measures what
+    # each share does to the pseudo-gradient
+    halting_attention_weight: float = 1.0
     halt_stage_embedding: bool = False  # add a learned embedding of the halting stage
     # second stage (haltdet/model/refine.py): refine every detection from the raw points
     # around it; scores become score^(1-a) * IoU^a with the refiner's IoU (a per class)
@@ -172,6 +176,8 @@ class ModelConfig:
                "equal-size groups are not combined with halting (model.halting_layers)")
         _check(self.halting_gradient in GRADIENT_PATHS, "model.halting_gradient",
                f"must be one of {', '.join(GRADIENT_PATHS)}")
+        _check(0.0 <= self.halting_attention_weight <= 1.0, "model.halting_attention_weight",
+               "must be in [0, 1]")
         _check(self.halting_rule in HALTING_RULES, "model.halting_rule", f"must be one of {', '.join(HALTING_RULES)}")
         _check(self.halting_rule != "act" or (not self.halting_keep_ratio and not self.halting_max_tokens
                                               and self.halting_scorer != "random"),

@@ -27,9 +27,13 @@ from tqdm import tqdm
 from haltdet.config import GRADIENT_PATHS, ModelConfig
 from haltdet.model.encoder import SparseWindowEncoder
 
-# The training passes compared: each gradient path with the secant attention gradient for
-# halted keys (the default), and both paths with the exact derivative at gate 0 instead.
-VARIANTS = {path: (path, True) for path in GRADIENT_PATHS} | {"both_tangent": ("both", False)}
+ATTENTION_WEIGHTS = (0.25, 0.5)
+# The training passes compared, as (gradient path, secant, attention weight): each gradient
+# path with the secant attention gradient for halted keys (the default); both paths with
+# the exact derivative at gate 0 instead; both paths with a share of the attention path's
+# gradient (model.halting_attention_weight).
+VARIANTS = ({path: (path, True, 1.0) for path in GRADIENT_PATHS} | {"both_tangent": ("both", False, 1.0)}
+            | {f"both_w{w}": ("both", True, w) for w in ATTENTION_WEIGHTS})
 
 # The small encoder of every case: two halting stages, windows of 6 x 6 pillars over an
 # 18 x 18 grid (9 windows before shifting), about 9 tokens per window.
@@ -141,14 +145,14 @@ def run_case(seed: int, temperature: float, eps: float, probes: int = 12) -> dic
     encoder.train()
     result = {}
     pseudo, candidates = {}, None
-    for path, (gradient, secant) in VARIANTS.items():
-        encoder.halting.gradient, encoder.halting.secant = gradient, secant
+    for path, (gradient, secant, weight) in VARIANTS.items():
+        encoder.halting.gradient, encoder.halting.secant, encoder.halting.attention_weight = gradient, secant, weight
         encoder.zero_grad()
         # Every path halts the same tokens; the first one's candidates are everyone's.
         grads, found = factor_gradients(encoder, features, coords, loss_weights, candidates)
         candidates = candidates or found
         pseudo[path] = grads
-    encoder.halting.gradient, encoder.halting.secant = "both", True
+    encoder.halting.gradient, encoder.halting.secant, encoder.halting.attention_weight = "both", True, 1.0
     encoder.halting.relaxation = temperature
     relaxed, _ = factor_gradients(encoder, features, coords, loss_weights, candidates)
     generator = torch.Generator().manual_seed(seed)
@@ -199,6 +203,8 @@ def format_report(report: dict) -> str:
              "cosine of the pseudo-gradient against the relaxed gradient (and its finite differences)",
              f"{'path':<13} {'median':>8} {'p10':>8} {'fd median':>10} {'fd p10':>8}"]
     default = ModelConfig.halting_gradient
+    if ModelConfig.halting_attention_weight != 1.0 and default == "both":
+        default = f"{default}_w{ModelConfig.halting_attention_weight}"
     for path, row in report["paths"].items():
         name = f"{path} *" if path == default else path
         lines.append(f"{name:<13} {row['cosine_median']:8.3f} {row['cosine_p10']:8.3f} "

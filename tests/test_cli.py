@@ -330,7 +330,7 @@ def test_gradcheck_writes_cosines_per_path(tmp_path, capsys):
     assert main(["gradcheck", "--cases", "2", "--json", str(out), "--quiet"]) == 0
     report = json.loads(out.read_text())
     assert report["cases"] == 2
-    assert set(report["paths"]) == {"both", "attention", "residual", "hard", "both_tangent"}
+    assert set(report["paths"]) == {"both", "attention", "residual", "hard", "both_tangent", "both_w0.25", "both_w0.5"}
     for row in report["paths"].values():
         assert -1 <= row["cosine_median"] <= 1 and row["cosine_p10"] <= row["cosine_median"]
     printed = capsys.readouterr().out

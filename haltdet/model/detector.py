@@ -74,6 +74,7 @@ class Detector(nn.Module):
                                            config.num_layers, config.window_size, config.dropout,
                                            config.halting_layers, config.halting_scorer, config.halting_gradient,
                                            config.halting_secant, config.halting_rule, config.group_size)
+        self.encoder.halting.attention_weight = config.halting_attention_weight
         self.second_stage = True  # False: decode scores the first stage's boxes alone
         self.data_source: str | None = None  # what it was trained on, when loaded from a checkpoint
         self.configure()

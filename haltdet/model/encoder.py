@@ -559,7 +559,7 @@ class SparseWindowEncoder(nn.Module):
             if not all_scores:  # before the first stage every token is active
                 x = layer(x, partition)
                 continue
-            updated = layer(x, partition, gate if halting.attention_path else active, halting.secant)
+            updated = layer(x, partition, halting.key_gate(gate, active), halting.secant)
             g = (gate if halting.residual_path else active.float()).to(x.dtype)[:, None]
             x = g * updated + (1 - g) * x
         if state is None:

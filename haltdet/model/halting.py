@@ -25,7 +25,8 @@ enters twice (`TokenHalting.gradient` chooses which entries carry the gradient):
 * attention: key j's attention weight is `g_j exp(l_ij) / sum_k g_k exp(l_ik)` (a query
   always attends to itself), so a score learns how much the other tokens lose when it halts
   (for a halted key the change that attending to it would make, not the unbounded
-  derivative at gate 0: `secant`, `encoder.gated_attention`);
+  derivative at gate 0: `secant`, `encoder.gated_attention`); `attention_weight` scales
+  this path's share of the gradient (`key_gate`);
 * residual: `x = g * layer(x) + (1 - g) * x`, so a score learns how much its own
   feature would still change.
 
@@ -215,6 +216,7 @@ class TokenHalting(nn.Module):
         self.keep_ratios: list[float] | None = None
         self.max_tokens = 0
         self.gradient = gradient
+        self.attention_weight = 1.0  # the share of the attention path's gradient (`key_gate`)
         self._secant = secant
         self.relaxation: float | None = None
         self.paused = False
@@ -235,6 +237,17 @@ class TokenHalting(nn.Module):
         if self.rule == "act":
             return False
         return self.relaxation is not None or self.gradient in ("both", "attention")
+
+    def key_gate(self, gate: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """What a masked-pass attention weighs each key by: its gate (float), with
+        `attention_weight` of the gate's gradient (the same forward values), or, without
+        the attention path, whether it is active (bool)."""
+        if not self.attention_path:
+            return active
+        if self.attention_weight == 1.0 or self.relaxation is not None:
+            return gate
+        hard = gate.detach()
+        return hard + self.attention_weight * (gate - hard)
 
     @property
     def secant(self) -> bool:

@@ -249,6 +249,24 @@ def test_pseudo_gradient_is_the_derivative_with_respect_to_the_gate(gradient):
     torch.testing.assert_close(grads[-1][:12], numeric[-1], atol=1e-6, rtol=1e-5)
 
 
+def test_attention_weight_scales_the_attention_paths_share():
+    """The last stage's pseudo-gradient with both paths and attention weight w is the
+    residual path's plus w times the attention path's, with the same forward values. (An
+    earlier stage's also flows through the later stage's straight-through factor, whose
+    gradient depends on the paths too: there the paths' shares do not simply add.)"""
+    parts = {}
+    for gradient, weight in (("residual", 1.0), ("attention", 1.0), ("both", 0.3), ("both", 1.0)):
+        encoder, features, coords, loss_weights = random_case(3)
+        encoder.train()
+        encoder.halting.gradient, encoder.halting.attention_weight = gradient, weight
+        parts[gradient, weight] = factor_gradients(encoder, features, coords, loss_weights)[0]
+        parts[gradient, weight, "out"] = encoder(features, coords).features.detach()
+    both, residual, attention = parts["both", 0.3][-1], parts["residual", 1.0][-1], parts["attention", 1.0][-1]
+    assert attention.abs().max() > 1e-3
+    torch.testing.assert_close(both, residual + 0.3 * attention, rtol=1e-9, atol=1e-12)
+    assert torch.equal(parts["both", 0.3, "out"], parts["both", 1.0, "out"])
+
+
 def test_gradcheck_pseudo_gradient_follows_the_relaxation():
     report = gradcheck(cases=6, progress=False)
     # The finite differences check the relaxation's own gradient.
