@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Retrains and re-evaluates every point of docs/results_scratch.md: the baseline, the halting
-# model at several thresholds, the larger halting encoder, the token-reduction peers on the
+# model at several thresholds, halting_large (halting on 0.24 m pillars), the token-reduction peers on the
 # same backbone (random dropping, top-k, cumulative ACT halting, coarser pillars), the
 # FlatFormer-style equal-size token groups encoder, the
 # baseline at other sizes and the ablations, each trained from the first step for the
@@ -11,7 +11,7 @@
 #
 # Cost: 19 first-stage runs at one thread each on a 2-core CPU, two at a time (LANES=2, one
 # core each): the baseline took 81 min and the halting model 110 min on one machine, 3 h
-# and 5 h on a slower one, the larger encoders longer: one to two days, then ~3 h of
+# and 5 h on a slower one, the larger models longer: one to two days, then ~3 h of
 # evaluation (on 800 validation frames) and timing. Run it from
 # the repository root, in the background:
 #   nohup bash scripts/reproduce_results.sh > runs/reproduce_results.log 2>&1 &

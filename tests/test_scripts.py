@@ -62,7 +62,7 @@ def test_reproduce_results_runs_build_and_the_specs_name_them():
     assert runs["gradient_hard"].model.halting_gradient == "hard"
     refine = load_config("halting_large_refine")
     assert refine.train.refine_only and Detector(refine.model).refiner is not None
-    assert refine.model.d_model == runs["halting_large_s0"].model.d_model == 96
+    assert refine.model.pillar_size == runs["halting_large_s0"].model.pillar_size == 0.24
     trained = {f"runs/results/{name}/final.pt" for name in runs} | {"runs/results/halting_large_refine/final.pt"}
     for spec in ("pareto_spec.yaml", "pareto_two_stage_spec.yaml"):
         loaded = load_spec(ROOT / "docs" / "results" / spec)
