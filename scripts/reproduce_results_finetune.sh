@@ -7,9 +7,9 @@
 # training. Points: the baseline and the halting model (two seeds each, the halting model
 # at three thresholds; at a sparsity weight of 1 too, one seed), random dropping, top-k,
 # cumulative ACT halting, coarser pillars, equal-size token groups and the ablations.
-# Models of another width or depth (the size points, halting_large) cannot start from the
-# baseline's weights; they are in scripts/reproduce_results.sh, which trains everything
-# from the first step (about 40 h).
+# Models of another width, depth or pillar size (the size points; halting_large, on 0.24 m
+# pillars) are not fine-tuned from the baseline's weights; they are in
+# scripts/reproduce_results.sh, which trains everything from the first step (about 40 h).
 #
 # Cost: 16 runs of 8-19 min at one thread, two at a time (LANES=2, one core each), about
 # 115 min; then `haltdet pareto` (evaluation on data/val, 200 frames, two at a time, and one
