@@ -1,6 +1,7 @@
 """The shipped checkpoints load, are deterministic and detect objects on a frame they never saw."""
 
 import numpy as np
+import pytest
 import torch
 
 from haltdet.boxes import iou_3d
@@ -45,9 +46,12 @@ def test_bundled_baseline_finds_vehicles_on_an_unseen_frame():
     assert not config.model.halting_layers and config.model.refine
 
 
-def test_bundled_halting_model_halts_background_first():
-    # 16 of 22 at IoU 0.7 on this frame (its first stage alone: 7; the baseline: 17).
-    model, config, frame = assert_finds_vehicles("halting", iou=0.7, fraction=0.6)
+@pytest.mark.parametrize("name, fraction", [
+    ("halting", 0.6),  # 16 of 22 at IoU 0.7 on this frame (its first stage alone: 7; the baseline: 17)
+    ("halting_large", 0.6),  # 16 of 22 (its first stage alone: 8)
+])
+def test_bundled_halting_models_halt_background_first(name, fraction):
+    model, config, frame = assert_finds_vehicles(name, iou=0.7, fraction=fraction)
     assert config.model.halting_layers
     with torch.no_grad():
         output = model(PointBatch.from_list([torch.from_numpy(frame.points)]))
@@ -57,6 +61,16 @@ def test_bundled_halting_model_halts_background_first():
     assert all(a >= b for a, b in zip(active, active[1:]))  # a halted token never resumes
     assert active[-1] < 0.5 * active[0]  # it does halt most tokens of a frame ...
     assert stats["foreground_mean_layers"] > stats["background_mean_layers"]  # ... background first
+
+
+def test_bundled_halting_large_is_the_preset_on_finer_pillars():
+    """`halting_large` is what `haltdet train --config halting_large_refine` makes: its
+    embedded config is the preset's, field for field."""
+    from haltdet.config import load_config
+
+    _, config = load_model("halting_large")
+    assert config == load_config("halting_large_refine")
+    assert config.model.pillar_size == 0.24 < load_model("halting")[1].model.pillar_size
 
 
 def test_demo_runs_the_halting_model_with_no_arguments(tmp_path, monkeypatch, capsys):

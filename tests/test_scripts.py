@@ -25,7 +25,7 @@ def test_train_bundled_script_parses_with_the_cli():
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
     commands = [line.split("$HALTDET", 1)[1] for line in SCRIPT.read_text().splitlines()
                 if "$HALTDET " in line and not line.lstrip().startswith("#")]
-    assert len(commands) == 8  # 2 x data synth, 4 x train, 2 x eval
+    assert len(commands) == 12  # 3 x data synth, 6 x train, 3 x eval
     parser = build_parser()
     for command in commands:
         args = parser.parse_args(shlex.split(command.replace('"$RUNS', '"runs')))
