@@ -186,13 +186,6 @@ def cmd_eval(args) -> None:
     if (args.threshold or args.keep_ratio or args.max_tokens is not None) and not model.halting:
         raise HaltdetError(f"{args.checkpoint}: --threshold/--keep-ratio/--max-tokens need a "
                            "halting model; this one has no halting stages")
-    if (args.first_stage or args.refine_passes or args.refine_mirror is not None) and model.refiner is None:
-        raise HaltdetError(f"{args.checkpoint}: --first-stage/--refine-passes/--refine-mirror need a model with a "
-                           "second stage (model.refine)")
-    model.configure(halting_threshold=args.threshold, halting_keep_ratio=args.keep_ratio,
-                    halting_max_tokens=args.max_tokens, refine_passes=args.refine_passes,
-                    refine_mirror=args.refine_mirror, second_stage=False if args.first_stage else None)
-    two_stage = model.refiner is not None and model.second_stage
     against = None
     if args.against:  # with its own settings (NAME@T,bfloat16: halting thresholds, precision)
         from haltdet.bench import load_spec
@@ -200,6 +193,18 @@ def cmd_eval(args) -> None:
         against = load_spec(args.against, _device(args.device))
         if args.first_stage and against.refiner is not None:  # first stage against first stage
             against.configure(second_stage=False)
+    # --first-stage scores first stages: a one-stage model is one already, unless nothing
+    # in the comparison has a second stage.
+    if args.first_stage and model.refiner is None and (against is None or against.refiner is None):
+        raise HaltdetError(f"{args.checkpoint}: --first-stage needs a model with a second stage "
+                           "(model.refine), or --against one")
+    if (args.refine_passes or args.refine_mirror is not None) and model.refiner is None:
+        raise HaltdetError(f"{args.checkpoint}: --refine-passes/--refine-mirror need a model with a "
+                           "second stage (model.refine)")
+    model.configure(halting_threshold=args.threshold, halting_keep_ratio=args.keep_ratio,
+                    halting_max_tokens=args.max_tokens, refine_passes=args.refine_passes, refine_mirror=args.refine_mirror,
+                    second_stage=False if args.first_stage and model.refiner is not None else None)
+    two_stage = model.refiner is not None and model.second_stage
     start = time.perf_counter()
     result = evaluate_model(model, args.data, args.batch_size, args.device, progress=not args.quiet,
                             bootstrap=args.bootstrap, camera_view=not args.whole_scene, against=against)
@@ -498,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also the split's evaluation noise: the spread of mAPH_L2 over N sets of frames "
                         "drawn from it with replacement (default 0: off)")
     p.add_argument("--first-stage", action="store_true",
-                   help="score the head's boxes without the model's second stage (refiner)")
+                   help="score the head's boxes without the model's second stage (refiner), and so "
+                        "--against's; a one-stage model is its own first stage")
     p.add_argument("--refine-passes", type=_count(1), help="refinement passes (default: the model's)")
     p.add_argument("--refine-mirror", action=argparse.BooleanOptionalAction,
                    help="average the refiner over each box's points and their left-right mirror (default: "

@@ -107,9 +107,16 @@ def test_eval_of_a_two_stage_model_with_and_without_its_refiner(tiny_run, capsys
     tuned = load_checkpoint(tiny_run / "from_two" / "final.pt")["model"]
     assert tuned and not any(k.startswith("refiner.") for k in tuned)
     assert [results[k]["refine_mirror"] for k in ("default", "one", "first", "plain")] == [True, True, False, False]
-    assert main(["eval", "--checkpoint", str(tiny_run / "run" / "final.pt"), "--data", str(tiny_run / "val"),
-                 "--first-stage", "--quiet"]) == 2  # a one-stage model: a clear error
-    assert "need a model with a second stage" in capsys.readouterr().err
+    one_stage = str(tiny_run / "run" / "final.pt")
+    assert main(["eval", "--checkpoint", one_stage, "--data", str(tiny_run / "val"),
+                 "--first-stage", "--quiet"]) == 2  # nothing with a second stage: a clear error
+    assert "needs a model with a second stage" in capsys.readouterr().err
+    # A one-stage model is its own first stage: against a two-stage model's first stage.
+    seen.clear()
+    assert main(["eval", "--checkpoint", one_stage, "--data", str(tiny_run / "val"), "--json", str(out),
+                 "--quiet", "--against", refined, "--first-stage"]) == 0
+    assert seen == [(True, False)]
+    assert json.loads(out.read_text())["against"]["mAPH_L2"] == results["first"]["mAPH_L2"]
 
 
 def test_detect_and_demo(tiny_run, tmp_path, capsys):
