@@ -202,7 +202,8 @@ def cmd_eval(args) -> None:
         raise HaltdetError(f"{args.checkpoint}: --refine-passes/--refine-mirror need a model with a "
                            "second stage (model.refine)")
     model.configure(halting_threshold=args.threshold, halting_keep_ratio=args.keep_ratio,
-                    halting_max_tokens=args.max_tokens, refine_passes=args.refine_passes, refine_mirror=args.refine_mirror,
+                    halting_max_tokens=args.max_tokens, refine_passes=args.refine_passes,
+                    refine_mirror=args.refine_mirror,
                     second_stage=False if args.first_stage and model.refiner is not None else None)
     two_stage = model.refiner is not None and model.second_stage
     start = time.perf_counter()
