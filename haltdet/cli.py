@@ -186,6 +186,9 @@ def cmd_eval(args) -> None:
     if (args.threshold or args.keep_ratio or args.max_tokens is not None) and not model.halting:
         raise HaltdetError(f"{args.checkpoint}: --threshold/--keep-ratio/--max-tokens need a "
                            "halting model; this one has no halting stages")
+    if (args.refine_passes or args.refine_mirror is not None) and model.refiner is None:
+        raise HaltdetError(f"{args.checkpoint}: --refine-passes/--refine-mirror need a model with a "
+                           "second stage (model.refine)")
     against = None
     if args.against:  # with its own settings (NAME@T,bfloat16: halting thresholds, precision)
         from haltdet.bench import load_spec
@@ -198,9 +201,6 @@ def cmd_eval(args) -> None:
     if args.first_stage and model.refiner is None and (against is None or against.refiner is None):
         raise HaltdetError(f"{args.checkpoint}: --first-stage needs a model with a second stage "
                            "(model.refine), or --against one")
-    if (args.refine_passes or args.refine_mirror is not None) and model.refiner is None:
-        raise HaltdetError(f"{args.checkpoint}: --refine-passes/--refine-mirror need a model with a "
-                           "second stage (model.refine)")
     model.configure(halting_threshold=args.threshold, halting_keep_ratio=args.keep_ratio,
                     halting_max_tokens=args.max_tokens, refine_passes=args.refine_passes,
                     refine_mirror=args.refine_mirror,
