@@ -85,6 +85,10 @@ class ModelConfig:
     # each share does to the pseudo-gradient
     halting_attention_weight: float = 1.0
     halt_stage_embedding: bool = False  # add a learned embedding of the halting stage
+    # a stage also keeps the candidates within this many pillars (Chebyshev, same frame) of
+    # a token its scores keep (0: the scores alone decide; the cap still bounds the result).
+    # Settable at inference, but part of what a model is trained with (docs/design.md)
+    halting_dilation: int = 0
     # second stage (haltdet/model/refine.py): refine every detection from the raw points
     # around it; scores become score^(1-a) * IoU^a with the refiner's IoU (a per class)
     refine: bool = False
@@ -179,6 +183,9 @@ class ModelConfig:
         _check(0.0 <= self.halting_attention_weight <= 1.0, "model.halting_attention_weight",
                "must be in [0, 1]")
         _check(self.halting_rule in HALTING_RULES, "model.halting_rule", f"must be one of {', '.join(HALTING_RULES)}")
+        _check(0 <= self.halting_dilation <= 8, "model.halting_dilation", "must be 0..8 pillars")
+        _check(self.halting_dilation == 0 or self.halting_rule == "threshold", "model.halting_dilation",
+               "applies to the threshold rule (model.halting_rule: threshold)")
         _check(self.halting_rule != "act" or (not self.halting_keep_ratio and not self.halting_max_tokens
                                               and self.halting_scorer != "random"),
                "model.halting_rule", "act decides by cumulative probability: no keep ratios, cap or random scorer")
@@ -489,9 +496,9 @@ def yaml_problem(err: yaml.YAMLError) -> str:
 
 # ModelConfig keys that change inference only (`Detector.configure`, `--set` of the
 # inference commands).
-INFERENCE_SETTINGS = ("halting_threshold", "halting_keep_ratio", "halting_max_tokens", "score_threshold",
-                      "max_detections", "nms_iou", "cross_class_iou", "refine_passes", "refine_min_score",
-                      "refine_mirror", "inference_dtype")
+INFERENCE_SETTINGS = ("halting_threshold", "halting_keep_ratio", "halting_max_tokens", "halting_dilation",
+                      "score_threshold", "max_detections", "nms_iou", "cross_class_iou", "refine_passes",
+                      "refine_min_score", "refine_mirror", "inference_dtype")
 INFERENCE_DTYPES = ("float32", "bfloat16")
 
 

@@ -66,6 +66,13 @@ def test_act_rule_refuses_what_it_cannot_use(knob):
         ModelConfig(halting_layers=[2, 4], **{"halting_rule": "act", **knob}).validate()
 
 
+@pytest.mark.parametrize("settings", [{"halting_dilation": -1}, {"halting_dilation": 9},
+                                      {"halting_dilation": 1, "halting_rule": "act"}])
+def test_dilation_refuses_what_it_cannot_do(settings):
+    with pytest.raises(ConfigError, match="model.halting_dilation"):
+        ModelConfig(halting_layers=[2, 4], **settings).validate()
+
+
 def test_malformed_yaml_is_one_line_saying_where(tmp_path):
     (tmp_path / "bad.yaml").write_text("model:\n  d_model: [3\n")
     with pytest.raises(ConfigError) as err:

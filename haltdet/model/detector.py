@@ -139,6 +139,7 @@ class Detector(nn.Module):
         halting.thresholds = config.stage_thresholds()
         halting.keep_ratios = per_stage(config.halting_keep_ratio, stages) or None
         halting.max_tokens = config.halting_max_tokens
+        halting.dilation = config.halting_dilation
         if second_stage is not None:
             self.second_stage = second_stage
 

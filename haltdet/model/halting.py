@@ -121,6 +121,29 @@ def select_per_frame(scores: torch.Tensor, frame: torch.Tensor, candidates: torc
     return keep & (rank < limit.long()[frame])
 
 
+def with_neighbours(keep: torch.Tensor, candidates: torch.Tensor, coords: torch.Tensor,
+                    radius: int) -> torch.Tensor:
+    """`keep` (T,) bool, plus the `candidates` within `radius` pillars (Chebyshev distance,
+    same frame) of a kept token; coords (T, 3) (frame, iy, ix). Each of the (2r + 1)^2
+    offsets is a binary search of the tokens' cells among the kept ones: no grid."""
+    if radius <= 0 or not bool(keep.any()):
+        return keep
+    span = int(coords[:, 1:].max()) + 2 * radius + 1
+    frame, y, x = coords[:, 0], coords[:, 1] + radius, coords[:, 2] + radius
+
+    def cell(dy: int, dx: int) -> torch.Tensor:
+        return (frame * span + y + dy) * span + x + dx
+
+    kept = cell(0, 0)[keep].sort().values
+    near = torch.zeros_like(keep)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            key = cell(dy, dx)
+            found = kept[torch.searchsorted(kept, key).clamp_(max=kept.numel() - 1)]
+            near |= found == key
+    return keep | (candidates & near)
+
+
 @dataclass
 class StageDecision:
     """One halting stage's outcome for every token.
@@ -197,6 +220,8 @@ class TokenHalting(nn.Module):
       sigmoid((score - threshold) / T) and nothing is removed (`haltdet gradcheck`).
     rule: "threshold" (the method) or "act" (`CumulativeHalting`, whose thresholds are the
       cumulative halting levels; the gate then carries no gradient).
+    dilation: a stage also keeps the candidates within this many pillars of a token its
+      scores keep (`with_neighbours`; the threshold rule).
     paused: in training, every stage keeps every token it decides on and no gradient
       reaches the scores (`train.halting_start`: the steps before halting begins).
     """
@@ -220,6 +245,7 @@ class TokenHalting(nn.Module):
         self._secant = secant
         self.relaxation: float | None = None
         self.paused = False
+        self.dilation = 0
 
     def __len__(self) -> int:
         return len(self.halting_layers)
@@ -285,7 +311,13 @@ class TokenHalting(nn.Module):
         if self.relaxation is not None:
             return StageDecision(scores, active, torch.sigmoid((scores - threshold) / self.relaxation))
         ratio = self.keep_ratios[stage] if self.keep_ratios else None
-        keep = select_per_frame(scores.detach(), coords[:, 0], active, threshold, ratio, self.max_tokens)
+        if not self.dilation:
+            keep = select_per_frame(scores.detach(), coords[:, 0], active, threshold, ratio, self.max_tokens)
+        else:  # the scores' choice, its neighbours, then the cap (the lowest scores leave first)
+            keep = select_per_frame(scores.detach(), coords[:, 0], active, threshold, ratio, 0)
+            keep = with_neighbours(keep, active, coords, self.dilation)
+            if self.max_tokens:
+                keep = select_per_frame(scores.detach(), coords[:, 0], keep, -math.inf, None, self.max_tokens)
         # (scores - scores.detach()) is exactly 0 forward: the factor stays exactly 0/1.
         return StageDecision(scores, keep, keep.float() + (scores - scores.detach()))
 

@@ -11,7 +11,8 @@ import torch
 from haltdet.config import ModelConfig, TrainConfig
 from haltdet.model.detector import Detector
 from haltdet.gradcheck import factor_gradients, finite_differences, gradcheck, random_case
-from haltdet.model.halting import score_supervision_loss, select_per_frame, sparsity_loss, token_weights
+from haltdet.model.halting import (score_supervision_loss, select_per_frame, sparsity_loss, token_weights,
+                                   with_neighbours)
 from haltdet.model.pillars import PointBatch
 
 HALTING = dict(point_cloud_range=[-19.2, -19.2, -4.0, 19.2, 19.2, 3.0], d_model=32,
@@ -127,6 +128,55 @@ def test_keep_ratio_and_cap_equal_in_both_passes(knobs, gradient):
             after_first = int((removed.halted_at[in_frame] > 1).sum())
             assert after_first == int(np.ceil(0.6 * int(in_frame.sum())))
             assert alive == int(np.ceil(0.5 * after_first))
+
+
+@pytest.mark.parametrize("radius", [1, 2])
+def test_with_neighbours_keeps_the_candidates_near_a_kept_token(radius):
+    """Against every pair's Chebyshev distance: a candidate stays if a kept token of its
+    frame lies within `radius` pillars; a token that is not a candidate never joins."""
+    g = torch.Generator().manual_seed(radius)
+    cells = torch.randperm(2 * 30 * 30, generator=g)[:700].sort().values
+    coords = torch.stack([cells // 900, (cells // 30) % 30, cells % 30], dim=1)
+    candidates = torch.rand(700, generator=g) < 0.8
+    keep = candidates & (torch.rand(700, generator=g) < 0.1)
+    grown = with_neighbours(keep, candidates, coords, radius)
+    distance = (coords[:, None, 1:] - coords[None, keep, 1:]).abs().amax(-1)
+    same_frame = coords[:, None, 0] == coords[None, keep, 0]
+    expected = keep | (candidates & ((distance <= radius) & same_frame).any(1))
+    assert torch.equal(grown, expected)
+    assert int(grown.sum()) > int(keep.sum())  # the case is not trivial
+    assert torch.equal(with_neighbours(keep, candidates, coords, 0), keep)
+
+
+@pytest.mark.parametrize("knobs", [dict(thresholds=[0.6, 0.6]), dict(thresholds=[0.6, 0.6], max_tokens=700)])
+@pytest.mark.parametrize("gradient", ["both", "residual"])
+def test_dilation_equal_in_both_passes_and_under_the_cap(knobs, gradient):
+    """A stage that also keeps its kept tokens' neighbours: the masked training pass still
+    equals the removal pass, it keeps more tokens than without, and the cap still holds."""
+    plain = make_model(3, halting_gradient=gradient)
+    model = make_model(3, halting_gradient=gradient, halting_dilation=1)
+    for m in (plain, model):
+        m.set_halting(**knobs)
+    with torch.no_grad():
+        masked = model(BATCH, masked=True).encoded
+        removed = model(BATCH, masked=False).encoded
+        alone = plain(BATCH, masked=False).encoded
+        plain.configure(halting_dilation=1)  # the same model, the setting changed at inference
+        configured = plain(BATCH, masked=False).encoded
+    assert torch.equal(masked.halted_at, removed.halted_at)
+    assert torch.equal(configured.halted_at, removed.halted_at)
+    torch.testing.assert_close(masked.features, removed.features, atol=1e-5, rtol=1e-5)
+    # The first stage sees the same features with or without: its neighbours only add.
+    first, first_alone = removed.halted_at > 1, alone.halted_at > 1
+    if "max_tokens" not in knobs:
+        assert bool((first | ~first_alone).all())
+    tokens = model.pillar_net(BATCH)
+    for frame in range(2):
+        in_frame = tokens.coords[:, 0] == frame
+        if "max_tokens" in knobs:
+            assert int((removed.halted_at[in_frame] > 1).sum()) <= knobs["max_tokens"]
+        else:
+            assert int((removed.halted_at[in_frame] > 1).sum()) > int((alone.halted_at[in_frame] > 1).sum())
 
 
 def test_halting_is_monotone_and_deterministic():
