@@ -311,13 +311,11 @@ class TokenHalting(nn.Module):
         if self.relaxation is not None:
             return StageDecision(scores, active, torch.sigmoid((scores - threshold) / self.relaxation))
         ratio = self.keep_ratios[stage] if self.keep_ratios else None
-        if not self.dilation:
-            keep = select_per_frame(scores.detach(), coords[:, 0], active, threshold, ratio, self.max_tokens)
-        else:  # the scores' choice, its neighbours, then the cap (the lowest scores leave first)
-            keep = select_per_frame(scores.detach(), coords[:, 0], active, threshold, ratio, 0)
-            keep = with_neighbours(keep, active, coords, self.dilation)
-            if self.max_tokens:
-                keep = select_per_frame(scores.detach(), coords[:, 0], keep, -math.inf, None, self.max_tokens)
+        # The scores' choice, its neighbours, then the cap (the lowest scores leave first).
+        keep = select_per_frame(scores.detach(), coords[:, 0], active, threshold, ratio, 0)
+        keep = with_neighbours(keep, active, coords, self.dilation)
+        if self.max_tokens:
+            keep = select_per_frame(scores.detach(), coords[:, 0], keep, -math.inf, None, self.max_tokens)
         # (scores - scores.detach()) is exactly 0 forward: the factor stays exactly 0/1.
         return StageDecision(scores, keep, keep.float() + (scores - scores.detach()))
 
