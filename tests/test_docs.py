@@ -22,7 +22,8 @@ def test_every_bad_input_case_names_existing_tests():
 
 
 @pytest.mark.parametrize("page, run", [("results.md", "budget"), ("results_capacity.md", "capacity"),
-                                       ("results_finetune.md", "finetune"), ("results_bundled.md", "bundled")])
+                                       ("results_finetune.md", "finetune"), ("results_bundled.md", "bundled"),
+                                       ("results_depth.md", "depth")])
 def test_results_pages_are_generated_from_their_pareto_json(page, run):
     """Each results page is the table `haltdet pareto` writes from its docs/results/RUN/pareto.json,
     unedited; the json's points are the spec's."""

@@ -388,3 +388,77 @@ def test_bev_support_script_counts_the_cells_the_dense_stage_computes(monkeypatc
     lines = result.stdout.splitlines()
     assert [line.split()[0] for line in lines[1:]] == ["bench", "bench", "median"]
     assert [float(v) for v in lines[1].split()[3:]] == pytest.approx(shares, abs=1e-3)
+
+
+def test_encoder_bound_products_are_the_work_bench_counts():
+    """scripts/encoder_bound.py times exactly the products whose operations `haltdet bench`
+    counts as the encoder's useful work (`encoder_flop`), and prints the bound beside the
+    encoder as run and the flat-group peer, and with --profile N the N costliest operators;
+    halting models are refused."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from encoder_bound import products
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    from haltdet.bench import bench_cloud, encoder_flop, load_spec
+    from haltdet.model.pillars import PointBatch
+
+    model = load_spec("baseline", "cpu")
+    with torch.no_grad():
+        tokens = model.pillar_net(PointBatch.from_list([bench_cloud(10_000)]))
+        encoded = model.encoder(tokens.features, tokens.coords, 1)
+    work = products(model.encoder, tokens.features, tokens.coords)
+    assert {kind for kind, _, _ in work} == {"linear", "attention"}
+    assert sum(flop for _, flop, _ in work) == encoder_flop(model.encoder, tokens.coords, encoded.halted_at)
+    script = [sys.executable, str(ROOT / "scripts" / "encoder_bound.py")]
+    result = subprocess.run(script + ["--frames", "1", "--repeats", "1", "--threads", "1", "--profile", "3"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split("profiled encoder")[1].strip().splitlines()) == 1 + 3
+    for words in ("dense matmul peak", "encoder as run", "of the peak (the bound)", "flat-group peer"):
+        assert words in result.stdout
+    refused = subprocess.run(script + ["halting", "--frames", "1"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "halts tokens" in refused.stderr
+
+
+def test_reproduce_results_depth_runs_build_match_the_budget_scripts_and_the_spec_names_them():
+    """scripts/reproduce_results_depth.sh: bash parses it, every run continues the baseline's
+    snapshot with the budget script's fine-tune arguments, a run named as one of
+    scripts/reproduce_results_budget.sh has its settings (they share runs/budget), and its
+    spec names exactly its runs."""
+    from haltdet.config import load_config
+    from haltdet.model.detector import Detector
+    from haltdet.pareto import load_spec
+
+    def run_lists(path):
+        text = path.read_text()
+        runs = {}
+        for block in text.split("RUN_LIST=(")[1:]:
+            for line in block.split(")\n", 1)[0].splitlines():
+                if line.strip().startswith('"'):
+                    name, config, overrides = line.strip().strip('"').split("|")
+                    runs[name] = (config, overrides)
+        return text, runs
+
+    script = ROOT / "scripts" / "reproduce_results_depth.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text, runs = run_lists(script)
+    budget_text, budget = run_lists(ROOT / "scripts" / "reproduce_results_budget.sh")
+    assert runs["baseline_s1"] == budget["baseline_s1"]
+    fine_tune = text.split('FRESH_ARGS=(--init "$RUNS/baseline_s1/step_2900.pt")')[1].split("run_lanes")[0]
+    assert fine_tune.strip() in budget_text  # the same fine-tune arguments
+    for name in set(runs) & set(budget):
+        assert runs[name] == budget[name], name
+    configs = {name: load_config(config, shlex.split(overrides)[1::2]) for name, (config, overrides) in runs.items()}
+    weights = Detector(configs["baseline_s1"].model).state_dict()
+    for name, config in configs.items():
+        model = Detector(config.model).state_dict()
+        assert all(".halting." in key for key in set(model) - set(weights)), name
+    assert configs["size_shallow_s2"].model.num_layers == 4 and configs["size_shallow_s2"].train.seed == 2
+    assert configs["halting_after3"].model.halting_layers == [3, 5]
+    assert configs["target_residual_s2"].train.sparsity_target == 0.4
+    assert not configs["baseline_restart"].model.halting_layers
+    spec = load_spec(ROOT / "docs" / "results" / "pareto_depth_spec.yaml")
+    named = {p["checkpoint"] for p in spec["points"]}
+    assert named == {f"runs/budget/{name}/final.pt" for name in runs if name != "baseline_s1"}
+    assert "pareto docs/results/pareto_depth_spec.yaml" in text and f"--out {spec['data']} " in text
