@@ -126,6 +126,15 @@ def flat_group_encoder(encoder, features: torch.Tensor, coords: torch.Tensor, gr
     return x
 
 
+def window_counts(encoder, coords: torch.Tensor, layer: int) -> torch.Tensor:
+    """Tokens in each non-empty window of the layer's shift, for tokens `coords` (T, 3)."""
+    shift = encoder.shift_of_layer(layer)
+    window_y, window_x = (torch.div(coords[:, k] + shift, encoder.window_size, rounding_mode="floor")
+                          for k in (1, 2))
+    span = int(max(window_y.max(), window_x.max())) + 1
+    return torch.unique((coords[:, 0] * span + window_y) * span + window_x, return_counts=True)[1]
+
+
 def encoder_flop(encoder, coords: torch.Tensor, halted_at: torch.Tensor) -> float:
     """Useful floating-point operations of the encoder's layers on these tokens: per
     token-layer the linear layers (query/key, value, output, FFN), per window and layer
@@ -138,11 +147,7 @@ def encoder_flop(encoder, coords: torch.Tensor, halted_at: torch.Tensor) -> floa
         active = coords[halted_at > i]
         if not len(active):
             continue
-        shift = encoder.shift_of_layer(i)
-        window_y, window_x = (torch.div(active[:, k] + shift, encoder.window_size, rounding_mode="floor")
-                              for k in (1, 2))
-        span = int(max(window_y.max(), window_x.max())) + 1
-        counts = torch.unique((active[:, 0] * span + window_y) * span + window_x, return_counts=True)[1].double()
+        counts = window_counts(encoder, active, i).double()
         total += per_token * len(active) + 4 * channels * float((counts ** 2).sum())  # Q K^T and A V
     return total
 

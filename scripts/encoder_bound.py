@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from haltdet.bench import bench_cloud, encoder_flop, flat_group_encoder, load_spec, matmul_peak
+from haltdet.bench import bench_cloud, encoder_flop, flat_group_encoder, load_spec, matmul_peak, window_counts
 from haltdet.model.pillars import PointBatch
 
 
@@ -47,15 +47,6 @@ def best_time(function, repeats: int) -> float:
     return best
 
 
-def window_sizes(encoder, coords: torch.Tensor, layer: int) -> torch.Tensor:
-    """Tokens per window of the layer's shift (as `encoder_flop` counts them)."""
-    shift = encoder.shift_of_layer(layer)
-    window_y, window_x = (torch.div(coords[:, k] + shift, encoder.window_size, rounding_mode="floor")
-                          for k in (1, 2))
-    span = int(max(window_y.max(), window_x.max())) + 1
-    return torch.unique((coords[:, 0] * span + window_y) * span + window_x, return_counts=True)[1]
-
-
 def products(encoder, features: torch.Tensor, coords: torch.Tensor) -> list[tuple[str, float, object]]:
     """(kind, floating-point operations, a call computing it) for every product one pass of
     all layers over these tokens needs: "linear" per layer and weight, "attention" per layer
@@ -65,15 +56,15 @@ def products(encoder, features: torch.Tensor, coords: torch.Tensor) -> list[tupl
     num_tokens, channels = features.shape
     ffn, heads = layer.ffn[0].out_features, layer.attention.num_heads
     generator = torch.Generator().manual_seed(0)
-    inputs = {channels: features.contiguous(), ffn: torch.randn(num_tokens, ffn, generator=generator)}
-    weights = [torch.randn(n_in, n_out, generator=generator) * 0.1
-               for n_in, n_out in ((channels, 3 * channels), (channels, channels), (channels, ffn), (ffn, channels))]
+    tokens, hidden = features.contiguous(), torch.randn(num_tokens, ffn, generator=generator)
+    # query, key and value in one product; the output projection; the FFN's two
+    linear = [(x, torch.randn(x.shape[1], n_out, generator=generator) * 0.1)
+              for x, n_out in ((tokens, 3 * channels), (tokens, channels), (tokens, ffn), (hidden, channels))]
     work = []
     for i in range(len(encoder.layers)):
-        for weight in weights:  # query, key and value in one product; output; the FFN's two
-            x = inputs[weight.shape[0]]
+        for x, weight in linear:
             work.append(("linear", 2.0 * num_tokens * weight.numel(), lambda x=x, w=weight: x @ w))
-        for size, windows in zip(*torch.unique(window_sizes(encoder, coords, i), return_counts=True)):
+        for size, windows in zip(*torch.unique(window_counts(encoder, coords, i), return_counts=True)):
             n, w = int(size), int(windows)
             q, k, v = torch.randn(3, w, heads, n, channels // heads, generator=generator)
             work.append(("attention", 4.0 * channels * n * n * w,
@@ -87,7 +78,7 @@ def score_entries(encoder, coords: torch.Tensor) -> tuple[float, float]:
     exact = padded = 0.0
     partitions = encoder.partitions(coords)
     for i in range(len(encoder.layers)):
-        exact += float((window_sizes(encoder, coords, i).double() ** 2).sum())
+        exact += float((window_counts(encoder, coords, i).double() ** 2).sum())
         padded += sum(b.num_windows * b.slots ** 2 for b in partitions[encoder.shift_of_layer(i)].buckets)
     scale = len(encoder.layers) * coords.shape[0]
     return exact / scale, padded / scale
