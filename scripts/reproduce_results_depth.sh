@@ -5,14 +5,15 @@
 # learning rate 5e-4, one-cycle, 5 % warm-up). Points: the 6-layer baseline continued so
 # (the control); the baseline with 4 layers (the snapshot's first four) and the halting
 # model with lambda adapted to 0.4 of the token-layers, three seeds each; the halting
-# model with its stages one layer later (before layers 3 and 5), two seeds. The runs have
+# model with its stages one layer later (before layers 3 and 5) and one layer earlier
+# (before layers 1 and 3), two seeds each. The runs have
 # the names and settings of scripts/reproduce_results_budget.sh under the same
 # runs/budget, so either script reuses what the other trained.
 #
 # Cost, one thread per run on a 2-core CPU: the baseline's run from the first step where
-# runs/budget has no snapshot (all 4,000 steps, about 75 min), then 9 runs of 18-28 min
-# two at a time (about 110 min), then `haltdet pareto` (9 evaluations on data/val800, about
-# 4 min each, two at a time, and one interleaved bench of about 2 min). About 3.5 hours.
+# runs/budget has no snapshot (all 4,000 steps, about 75 min), then 11 runs of 18-28 min
+# two at a time (about 135 min), then `haltdet pareto` (11 evaluations on data/val800, about
+# 4 min each, two at a time, and one interleaved bench of about 3 min). About 4 hours.
 # Run it from the repository root, in the background:
 #   nohup bash scripts/reproduce_results_depth.sh > runs/reproduce_results_depth.log 2>&1 &
 # It can be stopped and started again (scripts/lanes.sh). The timing at the end needs the
@@ -43,6 +44,8 @@ RUN_LIST=(
   "target_residual_s2|halting|--set train.sparsity_target=0.4 --set train.seed=2"
   "halting_after3|halting|--set model.halting_layers=[3,5]"
   "halting_after3_s1|halting|--set model.halting_layers=[3,5] --set train.seed=1"
+  "halting_after1|halting|--set model.halting_layers=[1,3]"
+  "halting_after1_s1|halting|--set model.halting_layers=[1,3] --set train.seed=1"
 )
 FRESH_ARGS=(--init "$RUNS/baseline_s1/step_2900.pt")
 COMMON_ARGS=(--set train.max_steps=1100 --set train.lr=0.0005 --set train.warmup_fraction=0.05

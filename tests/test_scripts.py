@@ -456,6 +456,7 @@ def test_reproduce_results_depth_runs_build_match_the_budget_scripts_and_the_spe
         assert all(".halting." in key for key in set(model) - set(weights)), name
     assert configs["size_shallow_s2"].model.num_layers == 4 and configs["size_shallow_s2"].train.seed == 2
     assert configs["halting_after3"].model.halting_layers == [3, 5]
+    assert configs["halting_after1_s1"].model.halting_layers == [1, 3] and configs["halting_after1_s1"].train.seed == 1
     assert configs["target_residual_s2"].train.sparsity_target == 0.4
     assert not configs["baseline_restart"].model.halting_layers
     spec = load_spec(ROOT / "docs" / "results" / "pareto_depth_spec.yaml")
