@@ -4,16 +4,17 @@
 # (seed 1): 1,100 steps with the halting fine-tune's schedule (configs/halting.yaml:
 # learning rate 5e-4, one-cycle, 5 % warm-up). Points: the 6-layer baseline continued so
 # (the control); the baseline with 4 layers (the snapshot's first four) and the halting
-# model with lambda adapted to 0.4 of the token-layers, three seeds each; the halting
+# model with lambda adapted to 0.4 of the token-layers, three seeds each; the baseline with
+# 8 layers (two added from their initialisation), two seeds; the halting
 # model with its stages one layer later (before layers 3 and 5) and one layer earlier
 # (before layers 1 and 3), two seeds each. The runs have
 # the names and settings of scripts/reproduce_results_budget.sh under the same
 # runs/budget, so either script reuses what the other trained.
 #
 # Cost, one thread per run on a 2-core CPU: the baseline's run from the first step where
-# runs/budget has no snapshot (all 4,000 steps, about 75 min), then 11 runs of 18-28 min
-# two at a time (about 135 min), then `haltdet pareto` (11 evaluations on data/val800, about
-# 4 min each, two at a time, and one interleaved bench of about 3 min). About 4 hours.
+# runs/budget has no snapshot (all 4,000 steps, about 75 min), then 13 runs of 18-28 min
+# two at a time (about 160 min), then `haltdet pareto` (13 evaluations on data/val800, about
+# 4 min each, two at a time, and one interleaved bench of about 3 min). About 4.5 hours.
 # Run it from the repository root, in the background:
 #   nohup bash scripts/reproduce_results_depth.sh > runs/reproduce_results_depth.log 2>&1 &
 # It can be stopped and started again (scripts/lanes.sh). The timing at the end needs the
@@ -39,6 +40,8 @@ RUN_LIST=(
   "size_shallow|baseline|--set model.num_layers=4"
   "size_shallow_s1|baseline|--set model.num_layers=4 --set train.seed=1"
   "size_shallow_s2|baseline|--set model.num_layers=4 --set train.seed=2"
+  "size_deep|baseline|--set model.num_layers=8"
+  "size_deep_s1|baseline|--set model.num_layers=8 --set train.seed=1"
   "target_residual|halting|--set train.sparsity_target=0.4"
   "target_residual_s1|halting|--set train.sparsity_target=0.4 --set train.seed=1"
   "target_residual_s2|halting|--set train.sparsity_target=0.4 --set train.seed=2"

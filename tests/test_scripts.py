@@ -451,11 +451,14 @@ def test_reproduce_results_depth_runs_build_match_the_budget_scripts_and_the_spe
         assert runs[name] == budget[name], name
     configs = {name: load_config(config, shlex.split(overrides)[1::2]) for name, (config, overrides) in runs.items()}
     weights = Detector(configs["baseline_s1"].model).state_dict()
-    for name, config in configs.items():
+    for name, config in configs.items():  # what the snapshot lacks: scorers, or layers added on top
         model = Detector(config.model).state_dict()
-        assert all(".halting." in key for key in set(model) - set(weights)), name
+        added = tuple(f"encoder.layers.{i}." for i in range(configs["baseline_s1"].model.num_layers,
+                                                             config.model.num_layers))
+        assert all(".halting." in key or key.startswith(added) for key in set(model) - set(weights)), name
     assert configs["size_shallow_s2"].model.num_layers == 4 and configs["size_shallow_s2"].train.seed == 2
     assert configs["halting_after3"].model.halting_layers == [3, 5]
+    assert configs["size_deep_s1"].model.num_layers == 8 and not configs["size_deep_s1"].model.halting_layers
     assert configs["halting_after1_s1"].model.halting_layers == [1, 3] and configs["halting_after1_s1"].train.seed == 1
     assert configs["target_residual_s2"].train.sparsity_target == 0.4
     assert not configs["baseline_restart"].model.halting_layers
